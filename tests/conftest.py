@@ -1,0 +1,21 @@
+"""Shared fixtures. Eight emulated CPU devices, so the real 8-way pmap runs in every test session."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny fixture of scripts/make_tiny_data.py: data/, data_config.json, model/."""
+    from make_tiny_data import build_fixture
+    out = tmp_path_factory.mktemp("tiny")
+    build_fixture(str(out), lines_per_file=2000, seed=0)
+    return out
