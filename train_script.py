@@ -16,6 +16,7 @@ train loop, main. A copy of it is left in OUTPUT as the record of how the model 
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -23,7 +24,9 @@ import json
 import multiprocessing
 import os
 import queue
+import shlex
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -36,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import tqdm
 import transformers
 from flax import traverse_util
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
@@ -62,7 +67,14 @@ def parse_args(argv=None):
                    help="starting checkpoint: a Hub name or a local folder")
     p.add_argument("--steps", type=int, default=540_000, help="training steps")
     p.add_argument("--save_steps", type=int, default=10_000,
-                   help="export a sentence-transformers model to OUTPUT/<step> every this many steps")
+                   help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the whole "
+                        "training state to OUTPUT/checkpoints/<step> every this many steps")
+    p.add_argument("--keep_checkpoints", type=int, default=2,
+                   help="training-state checkpoints kept (the newest); exported models are all kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
+    p.add_argument("--resume_force", action="store_true",
+                   help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
     p.add_argument("--batch_size", type=int, default=128, help="pairs per device; global batch = this x devices")
     p.add_argument("--max_length", type=int, default=128, help="truncate every text to this many word pieces")
     p.add_argument("--nprocs", type=int, default=None, help="devices to use (default: all local devices)")
@@ -100,7 +112,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     positive = ["steps", "save_steps", "batch_size", "max_length", "datasets_per_batch", "log_steps",
-                "shuffle_buffer", "prefetch"]
+                "shuffle_buffer", "prefetch", "keep_checkpoints"]
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -112,6 +124,10 @@ def check_args(args):
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues OUTPUT and --overwrite deletes it: pass one of them")
+    if args.resume_force and not args.resume:
+        raise UserError("--resume_force only works with --resume")
 
 
 # ============================================================================================
@@ -329,6 +345,14 @@ def _init_tokenizer(tokenizer_json, max_length, pad_id):
     _tokenizer.enable_padding(length=max_length, pad_id=pad_id)
 
 
+def _init_worker_process(*tokenizer_args):
+    # Ctrl-C reaches the whole process group: the trainer finishes its step and checkpoints, so
+    # its workers must not die first; the trainer ends them when it exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _init_tokenizer(*tokenizer_args)
+
+
 def tokenize_columns(columns, shape):
     """Texts by column -> [(input_ids, attention_mask)] per column, each int32 [*shape, length]."""
     out = []
@@ -354,7 +378,7 @@ def tokenizer_pool(tokenizer, args):
     # spawn: forking a process that runs JAX's threads is unsafe
     return concurrent.futures.ProcessPoolExecutor(
         args.num_workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_tokenizer, initargs=init)
+        initializer=_init_worker_process, initargs=init)
 
 
 def background_batches(texts, pool, workers, shape, depth):
@@ -739,14 +763,175 @@ Each batch draws its sources with probability weight / {total_weight:,} (the sha
 """
 
 
+def command_line():
+    return " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else " ".join(sys.argv)
+
+
 def start_run_record(args, entries, output):
     """As the original did: a copy of this script with the command appended, and the config used."""
-    command = " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else " ".join(sys.argv)
+    command = command_line()
     shutil.copyfile(__file__, os.path.join(output, "train_script.py"))
     with open(os.path.join(output, "train_script.py"), "a") as f:
         f.write(f"\n\n# Script was called via:\n# {command}\n")
     write_json(os.path.join(output, "data_config.json"), entries)
     return command
+
+
+def record_resume(args, step):
+    """A resumed run adds its command line to the record of the run it continues."""
+    command = command_line()
+    with open(os.path.join(args.output, "train_script.py"), "a") as f:
+        f.write(f"# Resumed at step {step} via:\n# {command}\n")
+    return command
+
+
+# ============================================================================================
+# Checkpoints: the whole training state, and where a run starts
+# ============================================================================================
+# OUTPUT/checkpoints/<step>/ holds two items: "state" (parameters, AdamW moments, step counter)
+# and "meta" (every data stream's position after the last consumed batch, and the flags that make
+# the run what it is). Orbax writes a checkpoint into a temporary folder and renames it when it is
+# complete, so a kill at any moment leaves the whole checkpoint or none. Nothing else is needed to
+# continue exactly: the sources of a batch derive from (seed, step), dropout keys from (seed,
+# step, device).
+
+# The flags a resumed run must share with its checkpoint to compute the same thing; the others
+# (logging, saving, workers, prefetch, --data_folder) only change how it is computed or reported.
+RUN_FLAGS = ("model", "steps", "batch_size", "max_length", "datasets_per_batch", "scale", "symmetric_loss",
+             "lr", "warmup_steps", "weight_decay", "dropout", "seed", "shuffle_buffer", "cache_small_sources")
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after a checkpoint; exit status 128 + the signal number."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+def run_identity(args, entries, devices):
+    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices."""
+    identity = {f"--{name}": getattr(args, name) for name in RUN_FLAGS}
+    identity.update({"data config": entries, "devices": len(devices) * jax.process_count(),
+                     "processes": jax.process_count()})
+    return identity
+
+
+def checkpoint_manager(args):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=args.keep_checkpoints,
+        enable_async_checkpointing=False,  # a save that fails (a full disk) fails at its own step
+        cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
+
+
+def save_checkpoint(checkpoints, state, text, sources, identity):
+    """Checkpoints the state after `text`'s batch, from process 0's copy of the replicated state."""
+    step = text.step + 1
+    first_copy = jax.device_get(jax.tree_util.tree_map(
+        lambda x: x[0], {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
+    # every process reads its own stride of each file, so each has its own positions
+    positions = multihost_utils.process_allgather(np.array([text.stream_state[s.name] for s in sources]))
+    meta = {"step": step, "run": identity,
+            "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
+    intact = checkpoints.all_steps()
+    try:
+        checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+        kept = f"the checkpoint of step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
+        raise UserError(f"cannot write the checkpoint of step {step} to {checkpoints.directory} "
+                        f"({first_line(e)}); {kept}") from e
+
+
+def restore_checkpoint(checkpoints, fresh, identity, force):
+    """The newest checkpoint that reads whole, as (host state, meta); None if there is none.
+
+    A damaged one (truncated by a copy, a failing disk) is skipped with a warning for the one
+    before, and renamed <step>.unreadable so that the resumed run can write that step again.
+    A checkpoint of a different run is refused, unless `force`."""
+    steps = sorted(checkpoints.all_steps(), reverse=True)
+    target = {"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step}
+    for tried, step in enumerate(steps):
+        folder = os.path.join(checkpoints.directory, str(step))
+        try:
+            meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            check_same_run(meta["run"], identity, folder, force)
+            state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        except UserError:
+            raise
+        except Exception as e:
+            print(f"warning: checkpoint {folder} is unreadable ({first_line(e)}); trying the one before",
+                  file=sys.stderr)
+            continue
+        for unreadable in steps[:tried]:
+            folder = os.path.join(checkpoints.directory, str(unreadable))
+            shutil.rmtree(folder + ".unreadable", ignore_errors=True)
+            os.replace(folder, folder + ".unreadable")
+        checkpoints.reload()
+        return fresh.replace(**state), meta
+    if steps:
+        raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
+    return None
+
+
+def check_same_run(saved, identity, folder, force):
+    changed = [name if name == "data config" else f"{name} ({saved.get(name)!r} in the checkpoint, now {now!r})"
+               for name, now in identity.items() if saved.get(name) != now]
+    if not changed:
+        return
+    if not force:
+        raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
+                        f"pass the checkpoint's flags, or --resume_force to continue regardless")
+    print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
+
+
+def initial_state(args, model, checkpoints, identity):
+    """Where the run starts, decided here only, in this order:
+
+    1. with --resume, the newest readable checkpoint in OUTPUT: its state and stream positions;
+    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
+    Returns (host TrainState, {source name: position} for this process)."""
+    fresh = jax.device_get(init_state(model, args))
+    found = restore_checkpoint(checkpoints, fresh, identity, args.resume_force) if args.resume else None
+    if found is None:
+        if args.resume:
+            print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
+        return fresh, {}
+    state, meta = found
+    if meta["step"] >= args.steps:
+        raise UserError(f"--resume: the checkpoint of step {meta['step']} already reached --steps {args.steps}")
+    print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
+    streams = meta["stream"]
+    return state, streams[jax.process_index()] if jax.process_index() < len(streams) else {}
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """A list that receives the first SIGTERM (a preemption notice) or SIGINT.
+
+    The loop polls it after each step, checkpoints and stops; a second signal stops at once."""
+    received = []
+
+    def request_stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum))
+        print(f"\n{received[0].name}: finishing the step, then writing a checkpoint (again to stop at once)",
+              file=sys.stderr)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command():
+    """This run's command line with --resume (and without --overwrite)."""
+    argv = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+    return shlex.join(["python", sys.argv[0], *argv, "--resume"])
 
 
 # ============================================================================================
@@ -761,15 +946,23 @@ def train(args, model, tokenizer, config, sources, entries, devices):
     global_batch = args.batch_size * len(devices) * processes
     local_batch = args.batch_size * len(devices)
     writer = process == 0
-    command = start_run_record(args, entries, args.output) if writer else None
+    identity = run_identity(args, entries, devices)
+    checkpoints = checkpoint_manager(args)
+    host_state, positions = initial_state(args, model, checkpoints, identity)
+    first_step = int(host_state.step)
+    command = None
+    if writer:
+        command = start_run_record(args, entries, args.output) if first_step == 0 else record_resume(args, first_step)
     versions = {m.__name__: m.__version__ for m in (jax, flax, optax, transformers)}
 
     sharding = device_sharding(devices)
-    state = replicate(init_state(model, args), sharding, len(devices))
+    state = replicate(host_state, sharding, len(devices))
     train_step = make_train_step(model, args, devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
+    for source in sources:
+        source.position = tuple(positions.get(source.name, (0, 0)))
     texts = text_batches(sources, args, global_batch,
-                         (process * local_batch, (process + 1) * local_batch), (process, processes))
+                         (process * local_batch, (process + 1) * local_batch), (process, processes), first_step)
 
     def export(step):
         if writer:
@@ -779,33 +972,40 @@ def train(args, model, tokenizer, config, sources, entries, devices):
             folder = os.path.join(args.output, "final" if step == args.steps else str(step))
             export_sentence_transformer(folder, params, config, tokenizer, args, run)
 
-    with tokenizer_pool(tokenizer, args) as pool:
-        batches = background_batches(texts, pool, max(1, args.num_workers),
-                                     (len(devices), args.batch_size), args.prefetch)
-
+    with (tokenizer_pool(tokenizer, args) as pool, stop_requests() as stop,
+          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers),
+                                                (len(devices), args.batch_size), args.prefetch)) as batches):
         def next_batch():
             batch = next(batches)
             return batch, to_devices(batch.columns, sharding)
 
-        window, waited, window_start = [], 0.0, time.perf_counter()
-        bar = tqdm.trange(0, args.steps, disable=not writer, dynamic_ncols=True)
+        window, waited, window_start, skipped = [], 0.0, time.perf_counter(), 0
+        bar = tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
+                        disable=not writer, dynamic_ncols=True)
         batch, columns = next_batch()
         for step in bar:
             state, measured = train_step(state, columns, dropout_key)
-            window.append((batch.text, measured))
+            done = batch.text
+            window.append((done, measured))
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
                 wait_start = time.perf_counter()
                 batch, columns = next_batch()
                 waited += time.perf_counter() - wait_start
-            if (step + 1) % args.log_steps == 0 or step + 1 == args.steps:
-                log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
+            checkpoint_now = (step + 1) % args.save_steps == 0 or step + 1 == args.steps or bool(stop)
+            # the window is checked before a checkpoint, so a run that must stop never writes one
+            if (step + 1) % args.log_steps == 0 or checkpoint_now:
+                skipped += log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
                 window, waited, window_start = [], 0.0, time.perf_counter()
+            if checkpoint_now:
+                save_checkpoint(checkpoints, state, done, sources, identity)
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
+            if stop:
+                raise Interrupted(f"{stop[0].name} at step {step + 1}, checkpoint written; resume with: "
+                                  f"{resume_command()}", stop[0])
         export(args.steps)
-        batches.close()
-    print(f"done: {args.steps} steps; the step was compiled {make_train_step.traces} time(s); "
-          f"model in {os.path.join(args.output, 'final')}")
+    print(f"done: {args.steps} steps, {skipped} skipped as non-finite; the step was compiled "
+          f"{make_train_step.traces} time(s); model in {os.path.join(args.output, 'final')}")
 
 
 def log_window(bar, window, waited, seconds, global_batch):
@@ -826,6 +1026,7 @@ def log_window(bar, window, waited, seconds, global_batch):
     bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
                     pairs_s=f"{line['pairs/s']:.0f}", wait=f"{line['data_wait']:.0%}")
     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    return line["skipped"]
 
 
 # ============================================================================================
@@ -842,9 +1043,10 @@ def choose_devices(args):
 
 
 def prepare_output(args):
-    if os.path.exists(args.output) and os.listdir(args.output):
+    if os.path.exists(args.output) and os.listdir(args.output) and not args.resume:
         if not args.overwrite:
-            raise UserError(f"{args.output} exists and is not empty; pass --overwrite to replace it")
+            raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
+                            "or --overwrite to replace it")
         shutil.rmtree(args.output)
     os.makedirs(args.output, exist_ok=True)
 
@@ -876,3 +1078,6 @@ if __name__ == "__main__":
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
