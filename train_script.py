@@ -347,10 +347,17 @@ def _init_tokenizer(tokenizer_json, max_length, pad_id):
 
 def _init_worker_process(*tokenizer_args):
     # Ctrl-C reaches the whole process group: the trainer finishes its step and checkpoints, so
-    # its workers must not die first; the trainer ends them when it exits.
+    # its workers must not die first; they end with the trainer, even one killed with -9.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _init_tokenizer(*tokenizer_args)
+
+
+def _exit_with_parent(parent):
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def tokenize_columns(columns, shape):

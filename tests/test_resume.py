@@ -1,0 +1,249 @@
+"""Checkpoints and resume: a run killed (-9 or SIGTERM) and resumed ends with the parameters of
+an uninterrupted run; damaged checkpoints, changed flags, NaN steps, a full disk and a crashed
+producer are each handled without losing the last good checkpoint.
+
+Every run is tiny (the fixture's pairs, its 2-layer model, 16 word pieces, 2 pairs per device on
+the 8 emulated devices, 12 steps, a checkpoint every 4) and trains in-process where the behaviour
+is not about the process itself."""
+import errno
+import gzip
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+from safetensors.numpy import load_file
+
+import train_script
+
+STEPS, SAVE_STEPS = 12, 4
+
+
+def run_args(output, config, data, model, *extra):
+    return [str(config), str(output), "--model", str(model), "--data_folder", str(data),
+            "--steps", str(STEPS), "--save_steps", str(SAVE_STEPS), "--log_steps", str(SAVE_STEPS),
+            "--batch_size", "2", "--max_length", "16", "--lr", "1e-3", "--warmup_steps", "2",
+            "--num_workers", "0", *extra]
+
+
+def tiny_args(tiny, output, *extra):
+    return run_args(output, tiny / "data_config_pairs.json", tiny / "data", tiny / "model", *extra)
+
+
+def final_params(output):
+    return load_file(os.path.join(output, "final", "model.safetensors"))
+
+
+def assert_same_params(got, expected):
+    assert got.keys() == expected.keys()
+    worst = max(float(np.max(np.abs(got[k] - expected[k]))) for k in expected)
+    assert worst <= 1e-6, f"parameters differ by up to {worst}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_the_step_once(tmp_path_factory):
+    """Every run here compiles the same step: JAX's persistent cache, here and in the subprocesses,
+    compiles it once rather than a dozen times."""
+    folder = str(tmp_path_factory.mktemp("jax-cache"))
+    settings = {"jax_compilation_cache_dir": folder, "jax_persistent_cache_min_compile_time_secs": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in settings.items():
+            jax.config.update(name, value)
+            env.setenv(name.upper(), str(value))
+        compilation_cache.reset_cache()
+        yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """A run from step 0 to STEPS in one go: what every interrupted run must end with."""
+    output = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    train_script.main(tiny_args(tiny, output))
+    return output
+
+
+def start_script(args, log, **popen):
+    """train_script.py as its own process (the 8 emulated devices come with the environment)."""
+    return subprocess.Popen([sys.executable, train_script.__file__, *args], stdout=log, stderr=log, **popen)
+
+
+def wait_for_checkpoint(process, output, step, log_path):
+    folder = output / "checkpoints" / str(step)
+    deadline = time.monotonic() + 600
+    while not folder.is_dir():
+        assert process.poll() is None, f"the run ended before checkpoint {step}:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+        time.sleep(0.1)
+
+
+def test_kill_9_then_resume_ends_with_the_uninterrupted_parameters(tiny, tmp_path, uninterrupted, capsys):
+    output, log_path = tmp_path / "run", tmp_path / "log"
+    with open(log_path, "w") as log:
+        process = start_script(tiny_args(tiny, output), log)
+        try:
+            wait_for_checkpoint(process, output, SAVE_STEPS, log_path)
+        finally:
+            process.kill()
+            process.wait()
+    assert not (output / "final").exists(), "the run finished before it was killed: nothing was tested"
+
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    assert re.search(r"resuming at step \d+ from", capsys.readouterr().out)
+    assert_same_params(final_params(output), final_params(uninterrupted))
+
+
+def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tiny, tmp_path, uninterrupted, capsys):
+    output, log_path = tmp_path / "run", tmp_path / "log"
+    # tokenizer worker processes, and the signal sent to the whole process group, as a terminal's
+    # Ctrl-C or a container's stop does: the workers must outlive the final step and checkpoint
+    args = [*tiny_args(tiny, output), "--num_workers", "1"]
+    with open(log_path, "w") as log:
+        process = start_script(args, log, start_new_session=True)
+        try:
+            wait_for_checkpoint(process, output, SAVE_STEPS, log_path)
+            os.killpg(process.pid, signal.SIGTERM)
+            returncode = process.wait(timeout=300)
+        finally:
+            process.kill()
+    last_line = log_path.read_text().strip().splitlines()[-1]
+    assert returncode == 128 + signal.SIGTERM, last_line
+    stopped = re.fullmatch(r"stopped: SIGTERM at step (\d+), checkpoint written; resume with: (.*)", last_line)
+    assert stopped, last_line
+    step = int(stopped[1])
+    assert SAVE_STEPS <= step < STEPS and (output / "checkpoints" / str(step)).is_dir()
+
+    command = shlex.split(stopped[2])
+    assert command[:2] == ["python", train_script.__file__] and command[-1] == "--resume"
+    train_script.main(command[2:])
+    assert f"resuming at step {step} from" in capsys.readouterr().out
+    assert_same_params(final_params(output), final_params(uninterrupted))
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tiny, tmp_path, uninterrupted, capsys):
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    newest = output / "checkpoints" / str(STEPS)
+    largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    captured = capsys.readouterr()
+    assert f"warning: checkpoint {newest} is unreadable" in captured.err
+    assert f"resuming at step {STEPS - SAVE_STEPS} from" in captured.out
+    assert_same_params(final_params(output), final_params(uninterrupted))
+    # the damaged one is set aside and its step written again
+    assert (output / "checkpoints" / f"{STEPS}.unreadable").is_dir() and newest.is_dir()
+
+
+@pytest.mark.parametrize("change, culprit", [
+    (["--batch_size", "4"], "--batch_size"),
+    (["--seed", "7"], "--seed"),
+    (["--nprocs", "4"], "devices"),
+    (["--max_length", "32"], "--max_length"),
+    ("reweighted mixture", "data config"),
+])
+def test_resume_of_a_different_run_is_refused(tiny, tmp_path, uninterrupted, change, culprit):
+    args = tiny_args(tiny, uninterrupted, "--resume")
+    if change == "reweighted mixture":
+        entries = json.loads((tiny / "data_config_pairs.json").read_text())
+        entries[0]["weight"] += 1
+        args[0] = str(tmp_path / "reweighted.json")
+        (tmp_path / "reweighted.json").write_text(json.dumps(entries))
+    else:
+        args += change
+    with pytest.raises(train_script.UserError, match=f"differs from the checkpoint .* in {culprit}.*--resume_force"):
+        train_script.main(args)
+
+
+def test_a_nan_step_is_skipped_and_counted(tiny, tmp_path, capsys):
+    # The crafted input: a model whose [UNK] embedding is NaN, and one source whose texts all hold
+    # a character outside the fixture's vocabulary (so [UNK]); no other fixture text has [UNK].
+    from transformers import AutoTokenizer, FlaxAutoModel
+    model = FlaxAutoModel.from_pretrained(tiny / "model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    assert tokenizer("\u2603")["input_ids"][1] == tokenizer.unk_token_id
+    params = model.params
+    embedding = np.array(params["embeddings"]["word_embeddings"]["embedding"])
+    embedding[tokenizer.unk_token_id] = np.nan
+    params["embeddings"]["word_embeddings"]["embedding"] = embedding
+    model.save_pretrained(tmp_path / "model", params=params)
+    tokenizer.save_pretrained(tmp_path / "model")
+
+    shutil.copytree(tiny / "data", tmp_path / "data")
+    with gzip.open(tmp_path / "data" / "snowmen.jsonl.gz", "wt") as f:
+        for i in range(200):
+            f.write(json.dumps([f"snowman {i} \u2603", f"a snowman number {i}"]) + "\n")
+    entries = json.loads((tiny / "data_config_pairs.json").read_text())
+    entries.append({"name": "snowmen.jsonl.gz", "lines": 200, "weight": 2})
+    (tmp_path / "config.json").write_text(json.dumps(entries))
+
+    args = run_args(tmp_path / "run", tmp_path / "config.json", tmp_path / "data", tmp_path / "model")
+    # which steps see a snowman: the dry run streams the same batches without a model
+    train_script.main([*args, "--dry_run", str(STEPS), "--dump_batches", str(tmp_path / "batches.jsonl")])
+    batches = [json.loads(line) for line in (tmp_path / "batches.jsonl").read_text().splitlines()]
+    poisoned = sum(any("\u2603" in text for row in b["rows"] for text in row["texts"]) for b in batches)
+    assert 0 < poisoned < STEPS, "the seed gives no poisoned batch (or only those): pick another weight"
+    capsys.readouterr()
+
+    train_script.main(args)
+    out = capsys.readouterr().out
+    assert f"{poisoned} skipped as non-finite" in out
+    assert sum(int(n) for n in re.findall(r"skipped=(\d+)", out)) == poisoned
+    trained = final_params(tmp_path / "run")
+    assert all(np.isfinite(v).all() for k, v in trained.items() if k != "embeddings.word_embeddings.weight")
+    start = model.params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
+    assert not np.allclose(trained["encoder.layer.0.attention.self.query.weight"], np.asarray(start).T)
+
+
+def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_loads(
+        tiny, tmp_path, uninterrupted, monkeypatch, capsys):
+    write_json = ocp.handlers.JsonCheckpointHandler._save_fn
+
+    async def disk_full_at_the_second_checkpoint(self, meta, directory):
+        if meta["step"] == 2 * SAVE_STEPS:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await write_json(self, meta, directory)
+
+    monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", disk_full_at_the_second_checkpoint)
+    output = tmp_path / "run"
+    with pytest.raises(train_script.UserError) as failed:
+        train_script.main(tiny_args(tiny, output))
+    message = str(failed.value)
+    assert "\n" not in message and os.strerror(errno.ENOSPC) in message
+    assert f"checkpoint of step {2 * SAVE_STEPS}" in message and f"step {SAVE_STEPS} is intact" in message
+    monkeypatch.undo()
+
+    # the resumed run starts from the checkpoint before the failed one and ends as if never stopped
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    assert f"resuming at step {SAVE_STEPS} from" in capsys.readouterr().out
+    assert_same_params(final_params(output), final_params(uninterrupted))
+
+
+def test_a_producer_crash_stops_the_run_with_its_error_and_keeps_the_checkpoint(
+        tiny, tmp_path, uninterrupted, monkeypatch):
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    shutil.rmtree(output / "checkpoints" / str(STEPS))
+
+    def tokenizer_crash(columns, shape):
+        raise MemoryError("the tokenizer ran out of memory")
+
+    monkeypatch.setattr(train_script, "tokenize_columns", tokenizer_crash)
+    with pytest.raises(RuntimeError, match="the data producer failed: MemoryError: the tokenizer ran out"):
+        train_script.main(tiny_args(tiny, output, "--resume"))
+    checkpoints = ocp.CheckpointManager(output / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
+    assert checkpoints.all_steps() == [STEPS - SAVE_STEPS]
