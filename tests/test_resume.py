@@ -231,6 +231,7 @@ def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint
     train_script.main(tiny_args(tiny, output, "--resume"))
     assert f"resuming at step {SAVE_STEPS} from" in capsys.readouterr().out
     assert_same_params(final_params(output), final_params(uninterrupted))
+    assert not [p for p in (output / "checkpoints").iterdir() if not p.name.isdigit()], "a partial save is left"
 
 
 def test_a_producer_crash_stops_the_run_with_its_error_and_keeps_the_checkpoint(
