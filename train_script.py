@@ -871,10 +871,9 @@ def restore_checkpoint(checkpoints, fresh, identity, force):
             print(f"warning: checkpoint {folder} is unreadable ({first_line(e)}); trying the one before",
                   file=sys.stderr)
             continue
-        for unreadable in steps[:tried]:
-            folder = os.path.join(checkpoints.directory, str(unreadable))
-            shutil.rmtree(folder + ".unreadable", ignore_errors=True)
-            os.replace(folder, folder + ".unreadable")
+        for damaged in (os.path.join(checkpoints.directory, str(s)) for s in steps[:tried]):
+            shutil.rmtree(damaged + ".unreadable", ignore_errors=True)
+            os.replace(damaged, damaged + ".unreadable")
         checkpoints.reload()
         return fresh.replace(**state), meta
     if steps:
