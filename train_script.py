@@ -22,7 +22,9 @@ import itertools
 import json
 import multiprocessing
 import os
+import platform
 import queue
+import shlex
 import shutil
 import sys
 import threading
@@ -34,8 +36,11 @@ import flax.jax_utils
 import fsspec
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
+import safetensors
+import tokenizers
 import tqdm
 import transformers
 from flax import traverse_util
@@ -94,6 +99,8 @@ def parse_args(argv=None):
                    help="with --dry_run: write each global batch's texts and sources as a JSON line")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
     args = p.parse_args(argv)
+    # as typed, for the run record and the model card
+    args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
     check_args(args)
     return args
 
@@ -604,8 +611,15 @@ def init_state(model, args):
 # ============================================================================================
 
 # Model types whose Flax parameter tree mirrors the PyTorch module names (kernel/scale/embedding
-# aside), so the mapping below is exact; checked by loading the result with transformers.
-EXPORTABLE = ("bert", "roberta", "xlm-roberta")
+# aside), so the mapping below is exact, and whose Flax and PyTorch models compute the same
+# outputs; tests/test_export.py checks each with transformers and sentence-transformers. (ELECTRA's
+# names map too, but its Flax and PyTorch models disagree.) Each maps to the PyTorch class.
+EXPORTABLE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+              "distilbert": "DistilBertModel", "albert": "AlbertModel"}
+
+# sentence-transformers never runs here, so its "version" in the folder is that of the format:
+# the oldest release that reads every field written below (similarity_fn_name came with 3.0.0).
+SENTENCE_TRANSFORMERS_FORMAT = "3.0.0"
 
 
 def torch_state_dict(params):
@@ -622,31 +636,38 @@ def torch_state_dict(params):
 
 
 def export_sentence_transformer(folder, params, config, tokenizer, args, run):
-    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize."""
-    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
-    os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)
-    save_file(torch_state_dict(params), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize.
+
+    The folder is written under another name and renamed when complete: whenever a run stops,
+    OUTPUT/<step> is either a whole model or absent."""
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(os.path.join(partial, "1_Pooling"))
+    os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
+    save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
     config = config.__class__.from_dict(config.to_dict())
-    config.architectures = [config.model_type.title().replace("-", "").replace("Xlm", "XLM") + "Model"]
-    config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    write_json(os.path.join(folder, "modules.json"), [
+    config.architectures = [EXPORTABLE[config.model_type]]
+    config.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    write_json(os.path.join(partial, "modules.json"), [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
-    write_json(os.path.join(folder, "sentence_bert_config.json"),
+    write_json(os.path.join(partial, "sentence_bert_config.json"),
                {"max_seq_length": args.max_length, "do_lower_case": False})
-    write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+    write_json(os.path.join(partial, "1_Pooling", "config.json"), {
         "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
         "pooling_mode_lasttoken": False, "include_prompt": True})
-    write_json(os.path.join(folder, "config_sentence_transformers.json"), {
-        "__version__": {"sentence_transformers": "2.0.0", "transformers": transformers.__version__,
-                        "jax": jax.__version__},
+    write_json(os.path.join(partial, "config_sentence_transformers.json"), {
+        "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
+                        "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
         "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(model_card(config, args, run))
+    with open(os.path.join(partial, "README.md"), "w") as f:
+        f.write(model_card(folder, config, args, run))
+    shutil.rmtree(folder, ignore_errors=True)  # a step exported again (a resumed run) replaces the old one
+    os.replace(partial, folder)
 
 
 def write_json(path, value):
@@ -655,98 +676,193 @@ def write_json(path, value):
         f.write("\n")
 
 
-def model_card(config, args, run):
-    """A sentence-transformers style model card describing this run."""
-    total_weight = sum(e["weight"] for e in run["mixture"])
-    sources = "\n".join(
-        f"| {e['name']} | {e.get('lines', 0):,} | {e['weight']} | {e['weight'] / total_weight:.2%} |"
-        for e in run["mixture"])
-    loss = ("symmetric in-batch cross-entropy (anchor->positive and positive->anchor, averaged)"
-            if args.symmetric_loss else "in-batch cross-entropy (anchor->candidates)")
-    name = os.path.basename(os.path.normpath(args.output))
-    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+def library_versions():
+    modules = (jax, jaxlib, flax, optax, transformers, tokenizers, safetensors, np)
+    return {"python": platform.python_version(), **{m.__name__: m.__version__ for m in modules}}
+
+
+def source_group(name):
+    """The card's summary counts a folder of files (stackexchange_title_body/*) as one source."""
+    return name.split("/")[0] if "/" in name else name.split(".")[0]
+
+
+def mixture_table(mixture, pairs_drawn, group=None):
+    """The mixture as a Markdown table, one row per file or (with `group`) per group of files.
+
+    A file's expected share of the training pairs is weight / total weight. That is the chance
+    that it is a batch's first source; the other sources are drawn in proportion to weight among
+    the files of the same format, which gives every slot of a batch the same chance."""
+    total_weight = sum(e["weight"] for e in mixture)
+    rows = collections.defaultdict(lambda: [0, 0, 0])  # files, lines, weight
+    for e in mixture:
+        row = rows[group(e["name"]) if group else e["name"]]
+        row[0], row[1], row[2] = row[0] + 1, row[1] + e.get("lines", 0), row[2] + e["weight"]
+    if group:
+        rows = dict(sorted(rows.items(), key=lambda item: -item[1][2]))
+    head, rule = ("| source | files |", "|---|---:|") if group else ("| file |", "|---|")
+    table = [head + " lines | weight | share of pairs | pairs drawn (expected) |", rule + "---:|---:|---:|---:|"]
+    for name, (files, lines, weight) in rows.items():
+        share = weight / total_weight
+        first = f"| {name} | {files} |" if group else f"| {name} |"
+        table.append(f"{first} {lines:,} | {weight:,} | {share:.2%} | {share * pairs_drawn:,.0f} |")
+    return "\n".join(table)
+
+
+def model_card(folder, config, args, run):
+    """A model card in the format of sentence-transformers' own, describing this run."""
+    mixture = run["mixture"]
+    pairs_drawn = run["step"] * run["global_batch"]
+    groups = {source_group(e["name"]) for e in mixture}
+    data = mixture_table(mixture, pairs_drawn)
+    if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
+        data = (f"{mixture_table(mixture, pairs_drawn, source_group)}\n\n"
+                f"<details><summary>All {len(mixture)} files</summary>\n\n{data}\n\n</details>")
+    local_base = os.path.isdir(args.model)
+    base = f"`{args.model}` (a local folder)" if local_base else f"[{args.model}](https://huggingface.co/{args.model})"
+    loss = "in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss)"
+    if args.symmetric_loss:
+        loss += ("; for pairs, averaged with that of each positive against all anchors "
+                 "(MultipleNegativesSymmetricRankingLoss)")
+    progress = ("the end of the run" if run["step"] == args.steps else
+                f"an intermediate export at step {run['step']:,} of {args.steps:,}")
+    device = jax.local_devices()[0]  # the kind of device the run used
+    versions = "\n".join(f"- {name}: {version}" for name, version in run["versions"].items())
     return f"""---
+{"" if local_base else f"base_model: {args.model}{chr(10)}"}library_name: sentence-transformers
 pipeline_tag: sentence-similarity
-library_name: sentence-transformers
 tags:
 - sentence-transformers
 - feature-extraction
 - sentence-similarity
-base_model: {args.model}
+- jax
 ---
 
-# {name}
+# {os.path.basename(os.path.normpath(args.output))}
 
-A [sentence-transformers](https://www.sbert.net) model: it maps sentences and paragraphs to a
-{config.hidden_size}-dimensional dense vector space (mean pooling, L2-normalised), for semantic search,
-clustering and similarity. It was trained with `train_script.py` (JAX/Flax), the reproduction of
-how all-MiniLM-L12-v1 was trained; this export is from step {run['step']:,} of {args.steps:,}.
+This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on {len(mixture)}
+data files. It maps sentences & paragraphs to a {config.hidden_size}-dimensional dense vector space and
+can be used for semantic textual similarity, semantic search, paraphrase mining, text classification,
+clustering, and more. It was trained with `train_script.py` (JAX/Flax), the reproduction of how
+all-MiniLM-L12-v1 was trained; this folder holds {progress}.
 
-## Usage (sentence-transformers)
+## Model Details
+
+### Model Description
+- **Model Type:** Sentence Transformer
+- **Base model:** {base}
+- **Maximum Sequence Length:** {args.max_length} tokens
+- **Output Dimensionality:** {config.hidden_size} dimensions
+- **Similarity Function:** Cosine Similarity
+- **Training Data:** {len(mixture)} files, listed below
+
+### Full Model Architecture
+
+```
+SentenceTransformer(
+  (0): Transformer({{'max_seq_length': {args.max_length}, 'do_lower_case': False}}) with Transformer model: {EXPORTABLE[config.model_type]}
+  (1): Pooling({{'word_embedding_dimension': {config.hidden_size}, 'pooling_mode_mean_tokens': True}})
+  (2): Normalize()
+)
+```
+
+## Usage
+
+### Direct Usage (Sentence Transformers)
+
+```bash
+pip install -U sentence-transformers
+```
 
 ```python
 from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("{name}")
-embeddings = model.encode(["This is an example sentence", "Each sentence is converted"])
+
+model = SentenceTransformer("{folder}")
+sentences = ["This is an example sentence", "Each sentence is converted"]
+embeddings = model.encode(sentences)
+print(embeddings.shape)  # (2, {config.hidden_size})
+print(model.similarity(embeddings, embeddings))
 ```
 
-## Usage (transformers)
+### Direct Usage (Transformers)
+
+Without sentence-transformers: run the transformer, average the token embeddings over the
+attention mask, and normalise.
 
 ```python
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = AutoModel.from_pretrained("{name}")
-batch = tokenizer(["This is an example sentence"], padding=True, truncation=True,
-                  max_length={args.max_length}, return_tensors="pt")
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+model = AutoModel.from_pretrained("{folder}")
+batch = tokenizer(["This is an example sentence", "Each sentence is converted"], padding=True,
+                  truncation=True, max_length={args.max_length}, return_tensors="pt")
 with torch.no_grad():
-    hidden = model(**batch).last_hidden_state
+    tokens = model(**batch).last_hidden_state
 mask = batch["attention_mask"].unsqueeze(-1).float()
-embeddings = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
+embeddings = F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
 ```
 
-## Training
+## Training Details
+
+### Training Data
+
+Each batch is filled by {args.datasets_per_batch} files in equal shares, drawn in proportion to their
+weights (files after the first only among those with the same number of columns). A file's share
+of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that share of
+the {pairs_drawn:,} pairs of the {run['step']:,} steps behind this export. {len(mixture)} files in
+{len(groups)} sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
+
+{data}
+
+### Training Hyperparameters
 
 | | |
 |---|---|
-| base model | `{args.model}` |
 | steps | {run['step']:,} of {args.steps:,} |
-| global batch | {run['global_batch']:,} ({args.batch_size} per device x {run['devices']} devices) |
-| sources per batch | {args.datasets_per_batch} |
-| learning rate | {args.lr} (AdamW, weight decay {args.weight_decay}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0) |
+| global batch | {run['global_batch']:,} ({args.batch_size} per device x {run['devices']} devices, {device.device_kind}) |
+| optimizer | AdamW, lr {args.lr}, betas (0.9, 0.999), eps 1e-6, weight decay {args.weight_decay} (not on biases and LayerNorm) |
+| schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.steps:,} |
 | gradient clipping | global norm 1.0 |
-| max sequence length | {args.max_length} word pieces |
+| max sequence length | {args.max_length} tokens |
 | loss | {loss}, scale {args.scale}, candidates gathered over all devices |
+| dropout | {"the base model's" if args.dropout is None else args.dropout} |
 | seed | {args.seed} |
 
-Command:
+The exact command (the copy of `train_script.py` and `data_config.json` in the run's folder are
+the rest of the record):
 
-```
+```bash
 {run['command']}
 ```
 
-Libraries: {versions}.
+### Framework Versions
 
-### Data
+{versions}
 
-Each batch draws its sources with probability weight / {total_weight:,} (the share below).
+## Citation
 
-| source | lines | weight | share of batches |
-|---|---:|---:|---:|
-{sources}
+```bibtex
+@inproceedings{{reimers-2019-sentence-bert,
+    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
+    author = "Reimers, Nils and Gurevych, Iryna",
+    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
+    month = "11",
+    year = "2019",
+    publisher = "Association for Computational Linguistics",
+    url = "https://arxiv.org/abs/1908.10084",
+}}
+```
 """
 
 
 def start_run_record(args, entries, output):
     """As the original did: a copy of this script with the command appended, and the config used."""
-    command = " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else " ".join(sys.argv)
     shutil.copyfile(__file__, os.path.join(output, "train_script.py"))
     with open(os.path.join(output, "train_script.py"), "a") as f:
-        f.write(f"\n\n# Script was called via:\n# {command}\n")
+        f.write(f"\n\n# Script was called via:\n# {args.command}\n")
     write_json(os.path.join(output, "data_config.json"), entries)
-    return command
+    return args.command
 
 
 # ============================================================================================
@@ -762,7 +878,7 @@ def train(args, model, tokenizer, config, sources, entries, devices):
     local_batch = args.batch_size * len(devices)
     writer = process == 0
     command = start_run_record(args, entries, args.output) if writer else None
-    versions = {m.__name__: m.__version__ for m in (jax, flax, optax, transformers)}
+    versions = library_versions()
 
     sharding = device_sharding(devices)
     state = replicate(init_state(model, args), sharding, len(devices))
@@ -842,9 +958,18 @@ def choose_devices(args):
 
 
 def prepare_output(args):
+    """An empty OUTPUT. One in use is only replaced with --overwrite, and never if it holds an input."""
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"{args.output} exists and is not a folder")
     if os.path.exists(args.output) and os.listdir(args.output):
         if not args.overwrite:
             raise UserError(f"{args.output} exists and is not empty; pass --overwrite to replace it")
+        output = os.path.realpath(args.output)
+        inputs = {"the data config": args.data_config, "--data_folder": args.data_folder, "--model": args.model,
+                  "this script": __file__}
+        for what, path in inputs.items():
+            if os.path.exists(path) and os.path.commonpath([output, os.path.realpath(path)]) == output:
+                raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
         shutil.rmtree(args.output)
     os.makedirs(args.output, exist_ok=True)
 
