@@ -331,7 +331,8 @@ def test_evaluate_reports_spearman_on_sts_csv_and_jsonl(minilm, tmp_path, capsys
             f.write(json.dumps({"sentence1": a, "sentence2": b, "score": score}) + "\n")
     evaluate.main([minilm, str(tmp_path / "sts.csv"), str(tmp_path / "sts.jsonl")])
     reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    first, second = reference_embeddings(minilm, [a for a, _, _ in STS]), reference_embeddings(minilm, [b for _, b, _ in STS])
+    first = reference_embeddings(minilm, [a for a, _, _ in STS])
+    second = reference_embeddings(minilm, [b for _, b, _ in STS])
     cosine = (first * second).sum(1)
     gold = np.array([s for _, _, s in STS])
     # Spearman = Pearson correlation of the ranks
