@@ -903,11 +903,10 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
     metrics = open_metrics(args.output) if writer else None
     embed_step = make_embed_step(model, devices) if held_out else None
 
-    def evaluate(step):
+    def evaluate(step, tokens):
         """Scores the held-out rows (every process, on its own devices); returns the seconds it took."""
         started = time.perf_counter()
-        embeddings = embed_held_out(embed_step, state.params, held_out_tokens, sharding, len(devices),
-                                    args.batch_size)
+        embeddings = embed_held_out(embed_step, state.params, tokens, sharding, len(devices), args.batch_size)
         scores = score_held_out(held_out, embeddings)
         seconds = time.perf_counter() - started
         overall = " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
@@ -935,7 +934,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         bar = tqdm.trange(0, args.steps, disable=not writer, dynamic_ncols=True)
         if held_out:
             held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
-            evaluate(0)
+            evaluate(0, held_out_tokens)
         window, waited, window_start = [], 0.0, time.perf_counter()
         batches_per_source = collections.Counter()
         batch, columns = next_batch()
@@ -953,7 +952,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
                     write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
                 window, waited, window_start = [], 0.0, time.perf_counter()
             if held_out and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
-                window_start += evaluate(step + 1)  # evaluation time is not training throughput
+                window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
         export(args.steps)
@@ -974,7 +973,10 @@ def log_window(bar, window, waited, seconds, global_batch):
             raise RuntimeError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
                                f"(sources {', '.join(text.sources)}); updates were skipped")
     finite = [m for m in measured if m["finite"][0]]
-    mean = lambda key: float(np.mean([m[key][0] for m in finite])) if finite else float("nan")  # noqa: E731
+
+    def mean(key):
+        return float(np.mean([m[key][0] for m in finite])) if finite else float("nan")
+
     line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
             "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
             "data_wait": waited / seconds, "skipped": len(measured) - len(finite)}
