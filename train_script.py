@@ -40,6 +40,7 @@ import jaxlib
 import numpy as np
 import optax
 import safetensors
+import tensorboardX
 import tokenizers
 import tqdm
 import transformers
@@ -98,6 +99,12 @@ def parse_args(argv=None):
     p.add_argument("--dump_batches", default=None, metavar="FILE",
                    help="with --dry_run: write each global batch's texts and sources as a JSON line")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
+    p.add_argument("--eval_steps", type=int, default=0,
+                   help="score held-out rows of every source by in-batch retrieval every this many steps "
+                        "(and at the start and the end); 0: off, and no row is held out")
+    p.add_argument("--eval_rows", type=int, default=1000,
+                   help="with --eval_steps: the first this many lines of every file are held out of training "
+                        "and used for evaluation")
     args = p.parse_args(argv)
     # as typed, for the run record and the model card
     args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
@@ -119,6 +126,11 @@ def check_args(args):
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
+    if args.eval_steps < 0:
+        raise UserError(f"--eval_steps must be 0 (off) or positive, got {args.eval_steps}")
+    if args.eval_steps and args.eval_rows < 2:
+        raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
+                        f"got {args.eval_rows}")
 
 
 # ============================================================================================
@@ -128,6 +140,8 @@ def check_args(args):
 # in blocks of --shuffle_buffer, each block by an RNG seeded from (seed, source, pass, block), so a
 # source's stream is a pure function of the seed and the file, and its position is two integers
 # (pass, lines consumed in the pass). That makes batches reproducible and a resumed run exact.
+# With --eval_steps, the first --eval_rows lines of every file are held out for evaluation: the
+# stream starts after them (positions count from there), so no training batch ever sees them.
 
 def load_data_config(path):
     """Reads and validates the mixture: a JSON list of {"name", "weight", "lines"}."""
@@ -192,15 +206,30 @@ def parse_row(record, draws):
     return tuple(record)
 
 
+def usable_row(line, draws, columns):
+    """The texts of one line if it parses into a row of `columns` texts, else None."""
+    try:
+        row = parse_row(json.loads(line), draws)
+    except ValueError:
+        return None
+    return row if row is not None and len(row) == columns else None
+
+
+def repeats_a_text(texts, seen):
+    """Whether a row repeats one of its texts or one of `seen`: as in the original, a text seen
+    twice among the candidates would be a false negative."""
+    return len(set(texts)) < len(texts) or not seen.isdisjoint(texts)
+
+
 def open_source(url):
     return fsspec.open(url, "rb", compression="infer")
 
 
-def read_lines(url, stride):
-    """All lines of a file that belong to this process (every stride[1]-th from stride[0])."""
+def read_lines(url, stride, skip=0):
+    """The lines of a file after the first `skip` that belong to this process (every stride[1]-th from stride[0])."""
     try:
         with open_source(url) as f:
-            yield from itertools.islice(f, stride[0], None, stride[1])
+            yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
 
@@ -228,6 +257,7 @@ class Source:
     weight: int
     columns: int
     block: int                      # lines shuffled together
+    held_out: int = 0               # first lines of the file, kept out of training for evaluation
     position: tuple = (0, 0)        # (pass over the file, lines consumed in this pass)
     invalid: int = 0                # lines skipped: not JSON, wrong shape, wrong column count
     duplicate: int = 0              # rows skipped: a text already in the batch
@@ -239,11 +269,8 @@ class Source:
             self.rows = self._stream(seed, stride)
         for position, line, draws in self.rows:
             self.position = position
-            try:
-                row = parse_row(json.loads(line), draws)
-            except ValueError:
-                row = None
-            if row is not None and len(row) == self.columns:
+            row = usable_row(line, draws, self.columns)
+            if row is not None:
                 return row
             self.invalid += 1
 
@@ -251,7 +278,7 @@ class Source:
         source_key = zlib.crc32(self.name.encode())
         pass_index, offset = self.position
         while True:
-            lines = read_lines(self.url, stride)
+            lines = read_lines(self.url, stride, skip=self.held_out)
             block_index, skip = divmod(offset, self.block)
             for _ in itertools.islice(lines, block_index * self.block):
                 pass
@@ -277,7 +304,8 @@ def open_sources(entries, args):
     for entry, url, row in zip(entries, urls, firsts):
         whole = 0 < entry.get("lines", 0) < args.cache_small_sources
         sources.append(Source(entry["name"], url, entry["weight"], len(row),
-                              block=entry["lines"] if whole else args.shuffle_buffer))
+                              block=entry["lines"] if whole else args.shuffle_buffer,
+                              held_out=args.eval_rows if args.eval_steps else 0))
     return sources
 
 
@@ -313,8 +341,7 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
             needed = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
             while needed > 0:
                 texts = source.next_row(args.seed, stride)
-                # As in the original: a text seen twice in a batch would be a false negative.
-                if len(set(texts)) < len(texts) or not in_batch.isdisjoint(texts):
+                if repeats_a_text(texts, in_batch):
                     source.duplicate += 1
                     continue
                 in_batch.update(texts)
@@ -607,6 +634,109 @@ def init_state(model, args):
 
 
 # ============================================================================================
+# Evals: the held-out rows of every source, ranked by the current model
+# ============================================================================================
+# Each anchor ranks the candidates (positives, and negatives for triplets) of all held-out rows of
+# its own source: an in-batch retrieval over a batch of --eval_rows rows drawn from that source
+# alone, fixed for the whole run, so scores at different steps are comparable. Accuracy is the
+# share of anchors that rank their own partner first; MRR@10 is the mean of 1/rank (0 past rank 10).
+
+MRR_CUTOFF = 10
+
+
+def held_out_rows(source, count):
+    """The usable rows among the first `count` lines of a source's file, rows repeating a text dropped.
+
+    Where a row format needs a random pick, the draws are seeded by the file name alone, so runs with
+    different --seed are scored on the same rows."""
+    lines = list(itertools.islice(read_lines(source.url, (0, 1)), count + 1))
+    if len(lines) <= count:
+        raise UserError(f"{source.url}: has only {len(lines)} lines, all held out by --eval_rows {count}; "
+                        "lower --eval_rows")
+    draws = np.random.default_rng(zlib.crc32(source.name.encode())).random((count, 2))
+    rows, seen = [], set()
+    for line, line_draws in zip(lines, draws):
+        row = usable_row(line, line_draws, source.columns)
+        if row is not None and not repeats_a_text(row, seen):
+            seen.update(row)
+            rows.append(row)
+    if len(rows) < 2:
+        raise UserError(f"{source.url}: fewer than 2 usable rows among its first {count} lines "
+                        "(--eval_rows); cannot evaluate on them")
+    return rows
+
+
+def load_held_out(sources, count):
+    """{source name: held-out rows}, read before training starts."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        rows = pool.map(functools.partial(held_out_rows, count=count), sources)
+        return {source.name: source_rows for source, source_rows in zip(sources, rows)}
+
+
+def held_out_texts(held_out):
+    """Every held-out text in one list: per source, all anchors, then all positives (then negatives)."""
+    return [text for rows in held_out.values() for column in zip(*rows) for text in column]
+
+
+def tokenize_held_out(held_out, pool, chunk):
+    """The held-out texts tokenized once, padded with empty texts to a multiple of `chunk`."""
+    texts = held_out_texts(held_out)
+    texts += [""] * (-len(texts) % chunk)
+    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts),)).result()
+    return ids, mask
+
+
+def make_embed_step(model, devices):
+    """The pmapped inference embedding (no dropout): (params, input_ids, attention_mask) -> embeddings."""
+    def embed_step(params, input_ids, attention_mask):
+        make_embed_step.traces += 1  # runs only when jax traces (and compiles) the function
+        return embed(model, params, input_ids, attention_mask)
+
+    make_embed_step.traces = 0
+    return jax.pmap(embed_step, axis_name=AXIS, devices=devices)
+
+
+def embed_held_out(embed_step, params, tokens, sharding, devices, per_device):
+    """Embeddings of all held-out texts, [texts, dim] on the host; every chunk is dispatched before
+    any is fetched, so the devices never wait for the host."""
+    ids, mask = tokens
+    chunk = devices * per_device
+    outputs = [embed_step(params, *to_devices((ids[i:i + chunk].reshape(devices, per_device, -1),
+                                               mask[i:i + chunk].reshape(devices, per_device, -1)), sharding))
+               for i in range(0, len(ids), chunk)]
+    return np.concatenate([np.asarray(out).reshape(chunk, -1) for out in jax.device_get(outputs)])
+
+
+def rank_of_partners(queries, candidates):
+    """The 1-based rank of candidates[i] among all candidates by dot product with queries[i]
+    (cosine similarity for normalised embeddings); ties count in the query's favour."""
+    ranks = []
+    for start in range(0, len(queries), 1024):  # bounds the score matrix held at once
+        scores = queries[start:start + 1024] @ candidates.T
+        true = scores[np.arange(len(scores)), np.arange(start, start + len(scores))]
+        ranks.append(1 + (scores > true[:, None]).sum(axis=1))
+    return np.concatenate(ranks)
+
+
+def retrieval_scores(ranks):
+    return {"accuracy": float(np.mean(ranks == 1)),
+            f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
+
+
+def score_held_out(held_out, embeddings):
+    """{source name: scores, ..., "overall": the mean of every score over the sources}."""
+    scores, start = {}, 0
+    for name, rows in held_out.items():
+        columns = []
+        for _ in rows[0]:
+            columns.append(embeddings[start:start + len(rows)])
+            start += len(rows)
+        scores[name] = retrieval_scores(rank_of_partners(columns[0], np.concatenate(columns[1:])))
+    scores["overall"] = {key: float(np.mean([s[key] for s in scores.values()])) for key in scores[name]}
+    return scores
+
+
+# ============================================================================================
 # Export: a sentence-transformers folder, written from the Flax parameters (no torch needed)
 # ============================================================================================
 
@@ -872,7 +1002,7 @@ def start_run_record(args, entries, output):
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
 
 
-def train(args, model, tokenizer, config, sources, entries, devices):
+def train(args, model, tokenizer, config, sources, entries, devices, held_out=None):
     process, processes = jax.process_index(), jax.process_count()
     global_batch = args.batch_size * len(devices) * processes
     local_batch = args.batch_size * len(devices)
@@ -886,6 +1016,20 @@ def train(args, model, tokenizer, config, sources, entries, devices):
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     texts = text_batches(sources, args, global_batch,
                          (process * local_batch, (process + 1) * local_batch), (process, processes))
+    metrics = open_metrics(args.output) if writer else None
+    embed_step = make_embed_step(model, devices) if held_out else None
+
+    def evaluate(step, tokens):
+        """Scores the held-out rows (every process, on its own devices); returns the seconds it took."""
+        started = time.perf_counter()
+        embeddings = embed_held_out(embed_step, state.params, tokens, sharding, len(devices), args.batch_size)
+        scores = score_held_out(held_out, embeddings)
+        seconds = time.perf_counter() - started
+        overall = " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
+        bar.write(f"eval step={step} {overall} ({seconds:.1f}s)")
+        if metrics:
+            write_metrics(metrics, {"step": step, "eval": scores, "eval_seconds": seconds})
+        return seconds
 
     def export(step):
         if writer:
@@ -903,23 +1047,34 @@ def train(args, model, tokenizer, config, sources, entries, devices):
             batch = next(batches)
             return batch, to_devices(batch.columns, sharding)
 
-        window, waited, window_start = [], 0.0, time.perf_counter()
         bar = tqdm.trange(0, args.steps, disable=not writer, dynamic_ncols=True)
+        if held_out:
+            held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
+            evaluate(0, held_out_tokens)
+        window, waited, window_start = [], 0.0, time.perf_counter()
+        batches_per_source = collections.Counter()
         batch, columns = next_batch()
         for step in bar:
             state, measured = train_step(state, columns, dropout_key)
             window.append((batch.text, measured))
+            batches_per_source.update(batch.text.sources)
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
                 wait_start = time.perf_counter()
                 batch, columns = next_batch()
                 waited += time.perf_counter() - wait_start
             if (step + 1) % args.log_steps == 0 or step + 1 == args.steps:
-                log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
+                line = log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
+                if metrics:
+                    write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
                 window, waited, window_start = [], 0.0, time.perf_counter()
+            if held_out and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
+                window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
         export(args.steps)
         batches.close()
+    if metrics:
+        close_metrics(metrics)
     print(f"done: {args.steps} steps; the step was compiled {make_train_step.traces} time(s); "
           f"model in {os.path.join(args.output, 'final')}")
 
@@ -933,15 +1088,50 @@ def log_window(bar, window, waited, seconds, global_batch):
         if bad_in_a_row >= MAX_BAD_STEPS:
             raise RuntimeError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
                                f"(sources {', '.join(text.sources)}); updates were skipped")
-    losses = [float(m["loss"][0]) for m in measured if m["finite"][0]]
-    last = measured[-1]
-    line = {"step": window[-1][0].step + 1, "loss": np.mean(losses) if losses else float("nan"),
-            "lr": float(last["lr"][0]), "grad_norm": float(last["grad_norm"][0]),
-            "pairs/s": len(window) * global_batch / seconds, "data_wait": waited / seconds,
-            "skipped": len(measured) - len(losses)}
+    finite = [m for m in measured if m["finite"][0]]
+
+    def mean(key):
+        return float(np.mean([m[key][0] for m in finite])) if finite else float("nan")
+
+    line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
+            "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
+            "data_wait": waited / seconds, "skipped": len(measured) - len(finite)}
     bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
-                    pairs_s=f"{line['pairs/s']:.0f}", wait=f"{line['data_wait']:.0%}")
+                    pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    return line
+
+
+# OUTPUT/metrics.jsonl gets one JSON line per --log_steps (and per evaluation); OUTPUT/tensorboard/
+# the same numbers as scalars, nested keys joined by "/". Appending lets a resumed run continue both.
+
+def open_metrics(output):
+    return (open(os.path.join(output, "metrics.jsonl"), "a"),
+            tensorboardX.SummaryWriter(os.path.join(output, "tensorboard")))
+
+
+def scalars(record, prefix=""):
+    """(tag, number) for every number of a nested record but its step: {"eval": {"overall": {"accuracy": 0.9}}}
+    -> ("eval/overall/accuracy", 0.9)."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from scalars(value, f"{prefix}{key}/")
+        elif key != "step":
+            yield prefix + key, value
+
+
+def write_metrics(metrics, record):
+    jsonl, board = metrics
+    jsonl.write(json.dumps(record) + "\n")
+    jsonl.flush()
+    for tag, value in scalars(record):
+        board.add_scalar(tag, value, record["step"])
+    board.flush()
+
+
+def close_metrics(metrics):
+    for sink in metrics:
+        sink.close()
 
 
 # ============================================================================================
@@ -984,6 +1174,7 @@ def main(argv=None):
                         f"{len(devices) * jax.process_count()} devices) cannot be split into "
                         f"--datasets_per_batch {args.datasets_per_batch} equal shares")
     sources = open_sources(entries, args)
+    held_out = load_held_out(sources, args.eval_rows) if args.eval_steps else None
     tokenizer, config = load_tokenizer_and_config(args)
     if args.dry_run is not None:
         return dry_run(sources, args, tokenizer, global_batch)
@@ -993,7 +1184,7 @@ def main(argv=None):
     if jax.process_index() == 0:
         prepare_output(args)
     model = load_model(args, config)
-    train(args, model, tokenizer, config, sources, entries, devices)
+    train(args, model, tokenizer, config, sources, entries, devices, held_out)
 
 
 if __name__ == "__main__":
