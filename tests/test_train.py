@@ -10,6 +10,10 @@ Run with -s to see the measured differences.
 """
 import gzip
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -25,6 +29,8 @@ from transformers import (AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, F
                           get_linear_schedule_with_warmup)
 
 import train_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.filterwarnings("ignore:The MultipleNegativesSymmetricRankingLoss is deprecated")
 
@@ -253,3 +259,124 @@ def test_a_tiny_model_learns_paraphrases_compiling_once(tiny, tmp_path, capsys, 
     assert train_script.make_train_step.traces == 1
     assert step_compiles and not later
     assert logged_steps == [40, 80, 120]
+
+
+# ============================================================================================
+# Flags
+# ============================================================================================
+
+def test_dropout_flag_sets_the_models_dropout(tiny, tmp_path):
+    """--dropout 0 makes training-mode embeddings deterministic; the checkpoint's 0.1 does not."""
+    def embeddings_with_two_keys(*flags):
+        args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path / "out"),
+                                        "--model", str(tiny / "model"), *flags])
+        tokenizer, config = train_script.load_tokenizer_and_config(args)
+        model = train_script.load_model(args, config)
+        t = tokenizer(["how do i cook rice in the kitchen?"], padding="max_length", max_length=16, return_tensors="np")
+        embed = jax.jit(lambda key: train_script.embed(model, model.params, t["input_ids"], t["attention_mask"], key))
+        return config, [np.asarray(embed(jax.random.PRNGKey(k))) for k in (0, 1)]
+
+    config, (a, b) = embeddings_with_two_keys()
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.1
+    assert np.abs(a - b).max() > 1e-3
+    config, (a, b) = embeddings_with_two_keys("--dropout", "0")
+    assert config.hidden_dropout_prob == config.attention_probs_dropout_prob == 0.0
+    assert np.array_equal(a, b)
+
+
+def test_symmetric_loss_flag():
+    def parse(*flags):
+        return train_script.parse_args(["config.json", "out", *flags]).symmetric_loss
+    assert parse() is True and parse("--symmetric_loss") is True and parse("--no-symmetric_loss") is False
+
+
+# ============================================================================================
+# Errors: one line, before compiling
+# ============================================================================================
+
+@pytest.fixture(scope="module")
+def torch_only_checkpoint(tiny, tmp_path_factory):
+    """The tiny model saved by PyTorch as pytorch_model.bin only, with its tokenizer."""
+    folder = tmp_path_factory.mktemp("torch_only")
+    config = BertConfig.from_pretrained(tiny / "model")
+    model = BertModel(config)
+    params = FlaxAutoModel.from_pretrained(tiny / "model").params
+    model.load_state_dict({k: torch.tensor(v) for k, v in train_script.torch_state_dict(params).items()})
+    model.save_pretrained(folder, safe_serialization=False)
+    AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(folder)
+    assert not {"model.safetensors", "flax_model.msgpack"} & set(os.listdir(folder))
+    return folder
+
+
+def test_pytorch_model_bin_loads_through_torch(tiny, tmp_path, torch_only_checkpoint):
+    args = train_script.parse_args(["config.json", str(tmp_path / "out"), "--model", str(torch_only_checkpoint)])
+    _, config = train_script.load_tokenizer_and_config(args)
+    loaded = traverse_util.flatten_dict(train_script.load_model(args, config).params)
+    original = traverse_util.flatten_dict(FlaxAutoModel.from_pretrained(tiny / "model").params)
+    assert loaded.keys() == original.keys()
+    assert max(np.abs(np.asarray(loaded[k]) - np.asarray(original[k])).max() for k in original) <= 1e-6
+
+
+def weightless_copy(tiny, tmp_path):
+    folder = tmp_path / "no_weights"
+    shutil.copytree(tiny / "model", folder, ignore=shutil.ignore_patterns("*.msgpack"))
+    return folder
+
+
+@pytest.mark.parametrize("flags, message", [
+    (lambda tiny, tmp: ["--model", str(tmp / "missing")], r"--model .*missing: cannot load it"),
+    (lambda tiny, tmp: ["--model", str(weightless_copy(tiny, tmp))], r"--model .*no_weights: cannot load its weights"),
+    (lambda tiny, tmp: ["--nprocs", "9"],
+     r"--nprocs 9 but only 8 cpu device\(s\).*XLA_FLAGS=--xla_force_host_platform_device_count=9"),
+    (lambda tiny, tmp: ["--max_length", "129"], r"--max_length 129 exceeds the 128 positions"),
+], ids=["missing-model", "model-without-weights", "too-many-devices", "max-length-beyond-positions"])
+def test_bad_input_fails_in_one_line_before_any_work(tiny, tmp_path, monkeypatch, flags, message):
+    def never(*_):
+        raise AssertionError("the step was built despite bad input")
+
+    monkeypatch.setattr(train_script, "make_train_step", never)
+    output = tmp_path / "out"
+    with pytest.raises(train_script.UserError, match=message) as error:
+        run(tiny, output, *flags(tiny, tmp_path))
+    assert "\n" not in str(error.value)
+    assert not output.exists()
+
+
+def run_script(*argv, block_torch=False, timeout=300):
+    """train_script.py as a user runs it, in a fresh process on 8 emulated devices."""
+    prelude = "import sys; sys.modules['torch'] = None; " if block_torch else ""  # `import torch` fails
+    code = prelude + f"import runpy; sys.argv = {['train_script.py', *map(str, argv)]!r}; " \
+                     "runpy.run_path('train_script.py', run_name='__main__')"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", "import sys; " + code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(result):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_pytorch_model_bin_without_torch_says_what_to_do(tiny, tmp_path, torch_only_checkpoint):
+    result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", torch_only_checkpoint,
+                        "--data_folder", tiny / "data", block_torch=True)
+    line = one_error_line(result)
+    assert "pytorch_model.bin" in line and "pip install torch" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_too_big_for_the_device_fails_in_one_line(tiny, tmp_path):
+    """A model with 131072 positions at --max_length 131072: one device's step needs terabytes
+    (attention scores are length x length), so the allocation fails at once on any machine."""
+    folder = tmp_path / "long_model"
+    shutil.copytree(tiny / "model", folder)
+    config = BertConfig.from_pretrained(folder)
+    config.max_position_embeddings = 131072
+    FlaxBertModel(config, seed=0).save_pretrained(folder)
+    result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", folder, "--data_folder",
+                        tiny / "data", "--nprocs", "1", "--batch_size", "2", "--max_length", "131072",
+                        "--steps", "1", "--num_workers", "0")
+    line = one_error_line(result)
+    assert "does not fit in device memory" in line and "lower --batch_size" in line
