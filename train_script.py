@@ -81,6 +81,7 @@ def parse_args(argv=None):
                    help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of AdamW")
     p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps, then linear decay to 0")
+    # 0.01 as the project specifies; the published script's transformers.AdamW used 0 (README)
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
     p.add_argument("--log_steps", type=int, default=100, help="fetch and print loss/lr every this many steps")
@@ -1054,8 +1055,13 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         window, waited, window_start = [], 0.0, time.perf_counter()
         batches_per_source = collections.Counter()
         batch, columns = next_batch()
+        compiled_formats = set()  # 2 (pairs) and 3 (triplets) columns each compile the step once
         for step in bar:
-            state, measured = train_step(state, columns, dropout_key)
+            if len(columns) in compiled_formats:
+                state, measured = train_step(state, columns, dropout_key)
+            else:
+                state, measured = compile_step(train_step, state, columns, dropout_key, args, bar)
+                compiled_formats.add(len(columns))
             window.append((batch.text, measured))
             batches_per_source.update(batch.text.sources)
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
@@ -1075,8 +1081,26 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         batches.close()
     if metrics:
         close_metrics(metrics)
-    print(f"done: {args.steps} steps; the step was compiled {make_train_step.traces} time(s); "
+    print(f"done: {args.steps} steps; the step was compiled {make_train_step.traces} time(s) "
+          f"(once per batch format: pairs, triplets); "
           f"model in {os.path.join(args.output, 'final')}")
+
+
+def compile_step(train_step, state, columns, dropout_key, args, bar):
+    """Runs a step that compiles (a new batch format) and waits for it, so that a batch too big
+    for the device fails here, as one line, rather than at the next fetch with a traceback."""
+    kind = {2: "pairs", 3: "triplets"}[len(columns)]
+    started = time.perf_counter()
+    try:
+        state, measured = jax.block_until_ready(train_step(state, columns, dropout_key))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise UserError(f"a step on {kind} with --batch_size {args.batch_size} per device and --max_length "
+                        f"{args.max_length} does not fit in device memory ({first_line(e)}); lower "
+                        "--batch_size (the global batch shrinks with it) or --max_length") from e
+    bar.write(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
+    return state, measured
 
 
 def log_window(bar, window, waited, seconds, global_batch):
@@ -1181,9 +1205,9 @@ def main(argv=None):
     if config.model_type not in EXPORTABLE:
         raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
                         f"not {config.model_type}")
-    if jax.process_index() == 0:
-        prepare_output(args)
     model = load_model(args, config)
+    if jax.process_index() == 0:  # only once the model loads: --overwrite must not lose a run for nothing
+        prepare_output(args)
     train(args, model, tokenizer, config, sources, entries, devices, held_out)
 
 
@@ -1191,4 +1215,5 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
