@@ -581,14 +581,15 @@ def loss_and_grads(model, args, params, columns, key):
     Each column is embedded with its own dropout key and scored by in_batch_loss; the gradient
     comes in one pass, or with --mini_batch_size chunk by chunk (GradCache)."""
     keys = jax.random.split(key, len(columns))
-    embed_column = lambda p, column, k: embed(model, p, *column, k)  # noqa: E731
+    embed_rows = functools.partial(embed, model)  # (params, ids, mask, dropout key) -> [rows, dim]
     loss_of = functools.partial(in_batch_loss, scale=args.scale, symmetric=args.symmetric_loss)
     if args.mini_batch_size is None:
-        return jax.value_and_grad(lambda p: loss_of([embed_column(p, c, k) for c, k in zip(columns, keys)]))(params)
-    return cached_loss_and_grads(embed_column, loss_of, params, columns, keys, args.mini_batch_size)
+        return jax.value_and_grad(
+            lambda p: loss_of([embed_rows(p, ids, mask, k) for (ids, mask), k in zip(columns, keys)]))(params)
+    return cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, args.mini_batch_size)
 
 
-def cached_loss_and_grads(embed_column, loss_of, params, columns, keys, mini_batch):
+def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch):
     """GradCache (Gao et al., 2021): the loss and gradient of the one-pass step, with the
     activations of only `mini_batch` rows alive at a time.
 
@@ -598,22 +599,18 @@ def cached_loss_and_grads(embed_column, loss_of, params, columns, keys, mini_bat
     the same dropout key, so the same function) and a vjp pulling that chunk's embedding gradient
     back to the parameters, summed over chunks by a scan so one chunk's activations live at a time.
     """
-    def chunks_of(column, key):  # rows [B, L] -> [B / M, M, L], and a dropout key per chunk
+    def chunks_of(column, key):  # ids, mask [B, L] -> [B / M, M, L] each, and a dropout key per chunk
         ids, mask = column
         return (ids.reshape(-1, mini_batch, ids.shape[-1]), mask.reshape(-1, mini_batch, mask.shape[-1]),
                 jax.random.split(key, len(ids) // mini_batch))
 
-    def embed_chunk(p, chunk):
-        ids, mask, key = chunk
-        return embed_column(p, (ids, mask), key)
-
     def add_chunk_grads(grads, chunk_and_cotangent):
         chunk, cotangent = chunk_and_cotangent
-        _, pull_back = jax.vjp(lambda p: embed_chunk(p, chunk), params)
+        _, pull_back = jax.vjp(lambda p: embed_rows(p, *chunk), params)
         return jax.tree_util.tree_map(jnp.add, grads, pull_back(cotangent)[0]), None
 
     chunks = [chunks_of(column, key) for column, key in zip(columns, keys)]
-    embeddings = [jax.lax.map(functools.partial(embed_chunk, params), c) for c in chunks]  # [B / M, M, dim]
+    embeddings = [jax.lax.map(lambda chunk: embed_rows(params, *chunk), c) for c in chunks]  # [B / M, M, dim]
     loss, cotangents = jax.value_and_grad(
         lambda e: loss_of([x.reshape(-1, x.shape[-1]) for x in e]))(embeddings)
     grads = jax.tree_util.tree_map(jnp.zeros_like, params)
