@@ -66,11 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=128, help="pairs per device; global batch = this x devices")
     p.add_argument("--mini_batch_size", type=int, default=None,
                    help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
-                        "so activation memory follows this, not --batch_size (same gradients; default: off)")
+                        "so activation memory follows this, not --batch_size (same gradients); None: one pass")
     p.add_argument("--max_length", type=int, default=128, help="truncate every text to this many word pieces")
     p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
                    help="pad each column of a batch to the smallest of these lengths that fits its longest text "
-                        "(--max_length is the last); default: pad everything to --max_length")
+                        "(--max_length is the last); None: every text padded to --max_length")
     p.add_argument("--nprocs", type=int, default=None, help="devices to use (default: all local devices)")
     p.add_argument("--datasets_per_batch", type=int, default=2,
                    help="sources that fill each global batch, in equal shares")
@@ -934,6 +934,9 @@ def main(argv=None):
         raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x "
                         f"{len(devices) * jax.process_count()} devices) cannot be split into "
                         f"--datasets_per_batch {args.datasets_per_batch} equal shares")
+    if len(args.pad_to_buckets) > 1 and jax.process_count() > 1:
+        # each process tokenizes only its rows, so processes could choose different lengths
+        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
     sources = open_sources(entries, args)
     tokenizer, config = load_tokenizer_and_config(args)
     if args.dry_run is not None:

@@ -189,9 +189,9 @@ def test_bfloat16_embeddings_stay_close_to_float32(setup):
     assert not np.array_equal(fp32, bf16)  # the bfloat16 model really computes in bfloat16
 
 
-def test_a_bfloat16_bucketed_gradcache_run_trains(tiny, capsys):
+def test_a_bfloat16_bucketed_gradcache_run_trains(tiny, tmp_path, capsys):
     """All three flags at once, through main: the loss falls, and buckets bound the compiled shapes."""
-    ts.main([str(tiny / "data_config_pairs.json"), str(tiny / "run"), "--model", str(tiny / "model"),
+    ts.main([str(tiny / "data_config_pairs.json"), str(tmp_path / "run"), "--model", str(tiny / "model"),
              "--data_folder", str(tiny / "data"), "--overwrite", "--max_length", str(MAX_LENGTH),
              "--batch_size", "4", "--mini_batch_size", "2", "--pad_to_buckets", "16", "--dtype", "bfloat16",
              "--steps", "40", "--lr", "1e-3", "--warmup_steps", "4", "--log_steps", "10", "--save_steps", "1000"])
