@@ -4,6 +4,7 @@ The references are the plain one-pass step (GradCache must give its loss and gra
 fully padded batch (buckets must not change the loss) and the float32 model (bfloat16 must stay
 close to it).
 """
+import argparse
 import functools
 import re
 
@@ -11,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 import train_script as ts
 
@@ -26,6 +26,10 @@ def flags(tiny, *extra):
     return ts.parse_args([str(tiny / "data_config_pairs.json"), str(tiny / "out"), "--model", str(tiny / "model"),
                           "--data_folder", str(tiny / "data"), "--max_length", str(MAX_LENGTH),
                           "--batch_size", str(PER_DEVICE), *extra])
+
+
+def changed(args, **values):
+    return argparse.Namespace(**{**vars(args), **values})
 
 
 def first_batch_texts(args):
@@ -63,7 +67,7 @@ def plain_and_cached(setup):
     columns = tokenized(args, tokenizer, texts)
     compiled = {}
     for mini_batch in (None, MINI):
-        step_args = ts.argparse.Namespace(**{**vars(args), "mini_batch_size": mini_batch})
+        step_args = changed(args, mini_batch_size=mini_batch)
         f = jax.pmap(functools.partial(ts.loss_and_grads, model, step_args), axis_name=ts.AXIS)
         compiled[mini_batch] = f.lower(params, columns, keys).compile()
     results = {m: c(params, columns, keys) for m, c in compiled.items()}
@@ -108,7 +112,7 @@ def test_gradcache_with_dropout_is_the_gradient_of_its_loss(tiny, setup):
     model = ts.load_model(args, ts.load_tokenizer_and_config(args)[1])
     columns = tokenized(args, tokenizer, texts)
     loss_and_grads = jax.pmap(functools.partial(ts.loss_and_grads, model, args), axis_name=ts.AXIS)
-    losses, grads = loss_and_grads(params, columns, keys)
+    _, grads = loss_and_grads(params, columns, keys)
     # the per-device gradients add up to the gradient of the summed per-device losses
     total = jax.tree_util.tree_map(lambda g: g.sum(0), grads)
     norm = np.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree_util.tree_leaves(total)))
@@ -127,7 +131,7 @@ def test_gradcache_with_dropout_is_the_gradient_of_its_loss(tiny, setup):
 def test_each_column_is_padded_to_the_smallest_bucket_that_fits(setup):
     args, tokenizer, _, _, _, texts = setup
     buckets = ts.bucket_lengths(BUCKETS, MAX_LENGTH)
-    bucketed = tokenized(ts.argparse.Namespace(**{**vars(args), "pad_to_buckets": buckets}), tokenizer, texts)
+    bucketed = tokenized(changed(args, pad_to_buckets=buckets), tokenizer, texts)
     full = tokenized(args, tokenizer, texts)
     for column, (ids, mask), (full_ids, full_mask) in zip(texts, bucketed, full):
         longest = max(len(tokenizer(t, truncation=True, max_length=MAX_LENGTH)["input_ids"]) for t in column)
@@ -141,7 +145,7 @@ def test_each_column_is_padded_to_the_smallest_bucket_that_fits(setup):
 def test_buckets_leave_the_loss_and_gradients_unchanged(setup, plain_and_cached):
     args, tokenizer, model, params, keys, texts = setup
     _, results = plain_and_cached
-    bucket_args = ts.argparse.Namespace(**{**vars(args), "pad_to_buckets": ts.bucket_lengths(BUCKETS, MAX_LENGTH)})
+    bucket_args = changed(args, pad_to_buckets=ts.bucket_lengths(BUCKETS, MAX_LENGTH))
     columns = tokenized(bucket_args, tokenizer, texts)
     # the first batch is reddit's short comments and stackexchange's long bodies: one column is cut
     assert [ids.shape[-1] for ids, _ in columns] == [24, MAX_LENGTH]
@@ -176,7 +180,7 @@ def test_mini_batch_must_divide_the_batch(tiny, mini):
 
 def test_bfloat16_embeddings_stay_close_to_float32(setup):
     args, tokenizer, model, _, _, texts = setup
-    bf16_model = ts.load_model(ts.argparse.Namespace(**{**vars(args), "dtype": "bfloat16"}), model.config)
+    bf16_model = ts.load_model(changed(args, dtype="bfloat16"), model.config)
     # master weights stay float32: the optimizer never sees bfloat16
     assert {p.dtype for p in jax.tree_util.tree_leaves(bf16_model.params)} == {jnp.dtype("float32")}
     ids, mask = (x.reshape(-1, x.shape[-1]) for x in tokenized(args, tokenizer, texts)[0])
