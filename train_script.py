@@ -70,7 +70,13 @@ def parse_args(argv=None):
     p.add_argument("--save_steps", type=int, default=10_000,
                    help="export a sentence-transformers model to OUTPUT/<step> every this many steps")
     p.add_argument("--batch_size", type=int, default=128, help="pairs per device; global batch = this x devices")
+    p.add_argument("--mini_batch_size", type=int, default=None,
+                   help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
+                        "so activation memory follows this, not --batch_size (same gradients); None: one pass")
     p.add_argument("--max_length", type=int, default=128, help="truncate every text to this many word pieces")
+    p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
+                   help="pad each column of a batch to the smallest of these lengths that fits its longest text "
+                        "(--max_length is the last); None: every text padded to --max_length")
     p.add_argument("--nprocs", type=int, default=None, help="devices to use (default: all local devices)")
     p.add_argument("--datasets_per_batch", type=int, default=2,
                    help="sources that fill each global batch, in equal shares")
@@ -87,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--log_steps", type=int, default=100, help="fetch and print loss/lr every this many steps")
     p.add_argument("--dropout", type=float, default=None,
                    help="override the model's dropout probabilities (default: keep the checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activations and matmuls; parameters, optimizer and loss stay float32")
     p.add_argument("--shuffle_buffer", type=int, default=10_000,
                    help="lines of a source shuffled together as it is streamed")
     p.add_argument("--cache_small_sources", type=int, default=0,
@@ -132,6 +140,25 @@ def check_args(args):
     if args.eval_steps and args.eval_rows < 2:
         raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
                         f"got {args.eval_rows}")
+    if args.mini_batch_size is not None and not (
+            1 <= args.mini_batch_size <= args.batch_size and args.batch_size % args.mini_batch_size == 0):
+        raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
+    args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
+
+
+def bucket_lengths(text, max_length):
+    """--pad_to_buckets "32,64" -> (32, 64, max_length): increasing, ending at --max_length."""
+    if text is None:
+        return (max_length,)
+    try:
+        buckets = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise UserError(f"--pad_to_buckets {text}: expected comma-separated lengths such as 32,64,128")
+    if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
+        raise UserError(f"--pad_to_buckets {text}: lengths must be positive and increasing")
+    if buckets[-1] > max_length:
+        raise UserError(f"--pad_to_buckets {text}: {buckets[-1]} exceeds --max_length {max_length}")
+    return tuple(buckets) if buckets[-1] == max_length else (*buckets, max_length)
 
 
 # ============================================================================================
@@ -352,26 +379,31 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
 
 
 # Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the
-# model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length.
+# model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length, then
+# cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
+# shapes (each compiled once), and short texts do not pay for 128 positions.
 
 _tokenizer = None
+_buckets = None
 
 
-def _init_tokenizer(tokenizer_json, max_length, pad_id):
-    global _tokenizer
+def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets):
+    global _tokenizer, _buckets
     _tokenizer = Tokenizer.from_str(tokenizer_json)
     _tokenizer.enable_truncation(max_length)
-    _tokenizer.enable_padding(length=max_length, pad_id=pad_id)
+    _tokenizer.enable_padding(length=max_length, pad_id=pad_id, direction="right")
+    _buckets = buckets
 
 
 def tokenize_columns(columns, shape):
-    """Texts by column -> [(input_ids, attention_mask)] per column, each int32 [*shape, length]."""
+    """Texts by column -> [(input_ids, attention_mask)] per column, each int32 [*shape, bucket]."""
     out = []
     for texts in columns:
         encodings = _tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int32)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
-        out.append((ids.reshape(*shape, -1), mask.reshape(*shape, -1)))
+        length = next(b for b in _buckets if b >= mask.sum(-1).max())
+        out.append((ids[:, :length].reshape(*shape, -1), mask[:, :length].reshape(*shape, -1)))
     return out
 
 
@@ -383,7 +415,7 @@ class Batch:
 
 def tokenizer_pool(tokenizer, args):
     """An executor whose workers tokenize: processes, or one thread with --num_workers 0."""
-    init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id)
+    init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets)
     if args.num_workers == 0:
         return concurrent.futures.ThreadPoolExecutor(1, initializer=_init_tokenizer, initargs=init)
     # spawn: forking a process that runs JAX's threads is unsafe
@@ -494,7 +526,7 @@ def load_tokenizer_and_config(args):
 def load_model(args, config):
     """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch."""
     try:
-        return FlaxAutoModel.from_pretrained(args.model, config=config)
+        return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args))
     except OSError as e:
         if "from_pt=True" not in str(e):
             raise UserError(f"--model {args.model}: cannot load its weights ({first_line(e)})")
@@ -503,7 +535,13 @@ def load_model(args, config):
     except ImportError:
         raise UserError(f"--model {args.model}: has only pytorch_model.bin weights, which need torch to "
                         "convert; pip install torch, or save the model as model.safetensors")
-    return FlaxAutoModel.from_pretrained(args.model, config=config, from_pt=True)
+    return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args), from_pt=True)
+
+
+def compute_dtype(args):
+    """The dtype of activations and matmuls. transformers' Flax models keep their parameters in
+    float32 whatever this is, so the optimizer updates float32 master weights."""
+    return jnp.dtype(args.dtype)
 
 
 def first_line(error):
@@ -572,6 +610,50 @@ def make_optimizer(args):
                     weight_decay=args.weight_decay, mask=decays))
 
 
+def loss_and_grads(model, args, params, columns, key):
+    """This device's loss over the global batch and its gradient w.r.t. params (before the pmean).
+
+    Each column is embedded with its own dropout key and scored by in_batch_loss; the gradient
+    comes in one pass, or with --mini_batch_size chunk by chunk (GradCache)."""
+    keys = jax.random.split(key, len(columns))
+    embed_rows = functools.partial(embed, model)  # (params, ids, mask, dropout key) -> [rows, dim]
+    loss_of = functools.partial(in_batch_loss, scale=args.scale, symmetric=args.symmetric_loss)
+    if args.mini_batch_size is None:
+        return jax.value_and_grad(
+            lambda p: loss_of([embed_rows(p, ids, mask, k) for (ids, mask), k in zip(columns, keys)]))(params)
+    return cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, args.mini_batch_size)
+
+
+def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch):
+    """GradCache (Gao et al., 2021): the loss and gradient of the one-pass step, with the
+    activations of only `mini_batch` rows alive at a time.
+
+    It is the chain rule split at the embeddings: (1) embed every chunk of rows, keeping no
+    activations; (2) the loss of the whole batch (in-batch negatives need all of it, all_gather
+    included) and its gradient w.r.t. the embeddings; (3) chunk by chunk, the forward again (with
+    the same dropout key, so the same function) and a vjp pulling that chunk's embedding gradient
+    back to the parameters, summed over chunks by a scan so one chunk's activations live at a time.
+    """
+    def chunks_of(column, key):  # ids, mask [B, L] -> [B / M, M, L] each, and a dropout key per chunk
+        ids, mask = column
+        return (ids.reshape(-1, mini_batch, ids.shape[-1]), mask.reshape(-1, mini_batch, mask.shape[-1]),
+                jax.random.split(key, len(ids) // mini_batch))
+
+    def add_chunk_grads(grads, chunk_and_cotangent):
+        chunk, cotangent = chunk_and_cotangent
+        _, pull_back = jax.vjp(lambda p: embed_rows(p, *chunk), params)
+        return jax.tree_util.tree_map(jnp.add, grads, pull_back(cotangent)[0]), None
+
+    chunks = [chunks_of(column, key) for column, key in zip(columns, keys)]
+    embeddings = [jax.lax.map(lambda chunk: embed_rows(params, *chunk), c) for c in chunks]  # [B / M, M, dim]
+    loss, cotangents = jax.value_and_grad(
+        lambda e: loss_of([x.reshape(-1, x.shape[-1]) for x in e]))(embeddings)
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for column_chunks, column_cotangents in zip(chunks, cotangents):
+        grads, _ = jax.lax.scan(add_chunk_grads, grads, (column_chunks, column_cotangents))
+    return loss, grads
+
+
 def make_train_step(model, args, devices):
     """The pmapped update: (state, columns, dropout key) -> (new state, measurements).
 
@@ -587,14 +669,8 @@ def make_train_step(model, args, devices):
     def train_step(state, columns, dropout_key):
         make_train_step.traces += 1  # runs only when jax traces (and compiles) the step
         key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), jax.lax.axis_index(AXIS))
-
-        def loss_fn(params):
-            keys = jax.random.split(key, len(columns))
-            embeddings = [embed(model, params, ids, mask, k) for (ids, mask), k in zip(columns, keys)]
-            return in_batch_loss(embeddings, args.scale, args.symmetric_loss)
-
         lr = schedule(state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = loss_and_grads(model, args, state.params, columns, key)
         grads = jax.lax.pmean(grads, AXIS)
         loss = jax.lax.pmean(loss, AXIS)
         grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
@@ -1197,6 +1273,9 @@ def main(argv=None):
         raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x "
                         f"{len(devices) * jax.process_count()} devices) cannot be split into "
                         f"--datasets_per_batch {args.datasets_per_batch} equal shares")
+    if len(args.pad_to_buckets) > 1 and jax.process_count() > 1:
+        # each process tokenizes only its rows, so processes could choose different lengths
+        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
     sources = open_sources(entries, args)
     held_out = load_held_out(sources, args.eval_rows) if args.eval_steps else None
     tokenizer, config = load_tokenizer_and_config(args)
