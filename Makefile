@@ -25,7 +25,7 @@ smoke: $(TINY)/data_config.json
 	$(EIGHT_CPU_DEVICES) $(PY) train_script.py $(TINY)/data_config.json build/smoke \
 		--model $(TINY)/model --data_folder $(TINY)/data --overwrite \
 		--steps 50 --batch_size 4 --max_length 32 --lr 1e-3 --warmup_steps 5 \
-		--log_steps 10 --save_steps 25
+		--log_steps 10 --save_steps 25 --eval_steps 25 --eval_rows 200
 	@echo "exported: build/smoke/final (load it with SentenceTransformer('build/smoke/final'))"
 
 test: $(VENV)/.test-installed

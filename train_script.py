@@ -23,6 +23,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import platform
 import queue
 import shlex
 import shutil
@@ -37,9 +38,13 @@ import flax.jax_utils
 import fsspec
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import safetensors
+import tensorboardX
+import tokenizers
 import tqdm
 import transformers
 from flax import traverse_util
@@ -76,7 +81,13 @@ def parse_args(argv=None):
     p.add_argument("--resume_force", action="store_true",
                    help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
     p.add_argument("--batch_size", type=int, default=128, help="pairs per device; global batch = this x devices")
+    p.add_argument("--mini_batch_size", type=int, default=None,
+                   help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
+                        "so activation memory follows this, not --batch_size (same gradients); None: one pass")
     p.add_argument("--max_length", type=int, default=128, help="truncate every text to this many word pieces")
+    p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
+                   help="pad each column of a batch to the smallest of these lengths that fits its longest text "
+                        "(--max_length is the last); None: every text padded to --max_length")
     p.add_argument("--nprocs", type=int, default=None, help="devices to use (default: all local devices)")
     p.add_argument("--datasets_per_batch", type=int, default=2,
                    help="sources that fill each global batch, in equal shares")
@@ -87,11 +98,14 @@ def parse_args(argv=None):
                    help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of AdamW")
     p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps, then linear decay to 0")
+    # 0.01 as the project specifies; the published script's transformers.AdamW used 0 (README)
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
     p.add_argument("--log_steps", type=int, default=100, help="fetch and print loss/lr every this many steps")
     p.add_argument("--dropout", type=float, default=None,
                    help="override the model's dropout probabilities (default: keep the checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activations and matmuls; parameters, optimizer and loss stay float32")
     p.add_argument("--shuffle_buffer", type=int, default=10_000,
                    help="lines of a source shuffled together as it is streamed")
     p.add_argument("--cache_small_sources", type=int, default=0,
@@ -105,7 +119,15 @@ def parse_args(argv=None):
     p.add_argument("--dump_batches", default=None, metavar="FILE",
                    help="with --dry_run: write each global batch's texts and sources as a JSON line")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
+    p.add_argument("--eval_steps", type=int, default=0,
+                   help="score held-out rows of every source by in-batch retrieval every this many steps "
+                        "(and at the start and the end); 0: off, and no row is held out")
+    p.add_argument("--eval_rows", type=int, default=1000,
+                   help="with --eval_steps: the first this many lines of every file are held out of training "
+                        "and used for evaluation")
     args = p.parse_args(argv)
+    # as typed, for the run record and the model card
+    args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
     check_args(args)
     return args
 
@@ -128,6 +150,30 @@ def check_args(args):
         raise UserError("--resume continues OUTPUT and --overwrite deletes it: pass one of them")
     if args.resume_force and not args.resume:
         raise UserError("--resume_force only works with --resume")
+    if args.eval_steps < 0:
+        raise UserError(f"--eval_steps must be 0 (off) or positive, got {args.eval_steps}")
+    if args.eval_steps and args.eval_rows < 2:
+        raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
+                        f"got {args.eval_rows}")
+    if args.mini_batch_size is not None and not (
+            1 <= args.mini_batch_size <= args.batch_size and args.batch_size % args.mini_batch_size == 0):
+        raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
+    args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
+
+
+def bucket_lengths(text, max_length):
+    """--pad_to_buckets "32,64" -> (32, 64, max_length): increasing, ending at --max_length."""
+    if text is None:
+        return (max_length,)
+    try:
+        buckets = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise UserError(f"--pad_to_buckets {text}: expected comma-separated lengths such as 32,64,128")
+    if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
+        raise UserError(f"--pad_to_buckets {text}: lengths must be positive and increasing")
+    if buckets[-1] > max_length:
+        raise UserError(f"--pad_to_buckets {text}: {buckets[-1]} exceeds --max_length {max_length}")
+    return tuple(buckets) if buckets[-1] == max_length else (*buckets, max_length)
 
 
 # ============================================================================================
@@ -137,6 +183,8 @@ def check_args(args):
 # in blocks of --shuffle_buffer, each block by an RNG seeded from (seed, source, pass, block), so a
 # source's stream is a pure function of the seed and the file, and its position is two integers
 # (pass, lines consumed in the pass). That makes batches reproducible and a resumed run exact.
+# With --eval_steps, the first --eval_rows lines of every file are held out for evaluation: the
+# stream starts after them (positions count from there), so no training batch ever sees them.
 
 def load_data_config(path):
     """Reads and validates the mixture: a JSON list of {"name", "weight", "lines"}."""
@@ -201,15 +249,30 @@ def parse_row(record, draws):
     return tuple(record)
 
 
+def usable_row(line, draws, columns):
+    """The texts of one line if it parses into a row of `columns` texts, else None."""
+    try:
+        row = parse_row(json.loads(line), draws)
+    except ValueError:
+        return None
+    return row if row is not None and len(row) == columns else None
+
+
+def repeats_a_text(texts, seen):
+    """Whether a row repeats one of its texts or one of `seen`: as in the original, a text seen
+    twice among the candidates would be a false negative."""
+    return len(set(texts)) < len(texts) or not seen.isdisjoint(texts)
+
+
 def open_source(url):
     return fsspec.open(url, "rb", compression="infer")
 
 
-def read_lines(url, stride):
-    """All lines of a file that belong to this process (every stride[1]-th from stride[0])."""
+def read_lines(url, stride, skip=0):
+    """The lines of a file after the first `skip` that belong to this process (every stride[1]-th from stride[0])."""
     try:
         with open_source(url) as f:
-            yield from itertools.islice(f, stride[0], None, stride[1])
+            yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
 
@@ -237,6 +300,7 @@ class Source:
     weight: int
     columns: int
     block: int                      # lines shuffled together
+    held_out: int = 0               # first lines of the file, kept out of training for evaluation
     position: tuple = (0, 0)        # (pass over the file, lines consumed in this pass)
     invalid: int = 0                # lines skipped: not JSON, wrong shape, wrong column count
     duplicate: int = 0              # rows skipped: a text already in the batch
@@ -248,11 +312,8 @@ class Source:
             self.rows = self._stream(seed, stride)
         for position, line, draws in self.rows:
             self.position = position
-            try:
-                row = parse_row(json.loads(line), draws)
-            except ValueError:
-                row = None
-            if row is not None and len(row) == self.columns:
+            row = usable_row(line, draws, self.columns)
+            if row is not None:
                 return row
             self.invalid += 1
 
@@ -260,7 +321,7 @@ class Source:
         source_key = zlib.crc32(self.name.encode())
         pass_index, offset = self.position
         while True:
-            lines = read_lines(self.url, stride)
+            lines = read_lines(self.url, stride, skip=self.held_out)
             block_index, skip = divmod(offset, self.block)
             for _ in itertools.islice(lines, block_index * self.block):
                 pass
@@ -286,7 +347,8 @@ def open_sources(entries, args):
     for entry, url, row in zip(entries, urls, firsts):
         whole = 0 < entry.get("lines", 0) < args.cache_small_sources
         sources.append(Source(entry["name"], url, entry["weight"], len(row),
-                              block=entry["lines"] if whole else args.shuffle_buffer))
+                              block=entry["lines"] if whole else args.shuffle_buffer,
+                              held_out=args.eval_rows if args.eval_steps else 0))
     return sources
 
 
@@ -322,8 +384,7 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
             needed = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
             while needed > 0:
                 texts = source.next_row(args.seed, stride)
-                # As in the original: a text seen twice in a batch would be a false negative.
-                if len(set(texts)) < len(texts) or not in_batch.isdisjoint(texts):
+                if repeats_a_text(texts, in_batch):
                     source.duplicate += 1
                     continue
                 in_batch.update(texts)
@@ -333,16 +394,20 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
 
 
 # Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the
-# model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length.
+# model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length, then
+# cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
+# shapes (each compiled once), and short texts do not pay for 128 positions.
 
 _tokenizer = None
+_buckets = None
 
 
-def _init_tokenizer(tokenizer_json, max_length, pad_id):
-    global _tokenizer
+def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets):
+    global _tokenizer, _buckets
     _tokenizer = Tokenizer.from_str(tokenizer_json)
     _tokenizer.enable_truncation(max_length)
-    _tokenizer.enable_padding(length=max_length, pad_id=pad_id)
+    _tokenizer.enable_padding(length=max_length, pad_id=pad_id, direction="right")
+    _buckets = buckets
 
 
 def _init_worker_process(*tokenizer_args):
@@ -361,13 +426,14 @@ def _exit_with_parent(parent):
 
 
 def tokenize_columns(columns, shape):
-    """Texts by column -> [(input_ids, attention_mask)] per column, each int32 [*shape, length]."""
+    """Texts by column -> [(input_ids, attention_mask)] per column, each int32 [*shape, bucket]."""
     out = []
     for texts in columns:
         encodings = _tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int32)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
-        out.append((ids.reshape(*shape, -1), mask.reshape(*shape, -1)))
+        length = next(b for b in _buckets if b >= mask.sum(-1).max())
+        out.append((ids[:, :length].reshape(*shape, -1), mask[:, :length].reshape(*shape, -1)))
     return out
 
 
@@ -379,7 +445,7 @@ class Batch:
 
 def tokenizer_pool(tokenizer, args):
     """An executor whose workers tokenize: processes, or one thread with --num_workers 0."""
-    init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id)
+    init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets)
     if args.num_workers == 0:
         return concurrent.futures.ThreadPoolExecutor(1, initializer=_init_tokenizer, initargs=init)
     # spawn: forking a process that runs JAX's threads is unsafe
@@ -490,7 +556,7 @@ def load_tokenizer_and_config(args):
 def load_model(args, config):
     """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch."""
     try:
-        return FlaxAutoModel.from_pretrained(args.model, config=config)
+        return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args))
     except OSError as e:
         if "from_pt=True" not in str(e):
             raise UserError(f"--model {args.model}: cannot load its weights ({first_line(e)})")
@@ -499,7 +565,13 @@ def load_model(args, config):
     except ImportError:
         raise UserError(f"--model {args.model}: has only pytorch_model.bin weights, which need torch to "
                         "convert; pip install torch, or save the model as model.safetensors")
-    return FlaxAutoModel.from_pretrained(args.model, config=config, from_pt=True)
+    return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args), from_pt=True)
+
+
+def compute_dtype(args):
+    """The dtype of activations and matmuls. transformers' Flax models keep their parameters in
+    float32 whatever this is, so the optimizer updates float32 master weights."""
+    return jnp.dtype(args.dtype)
 
 
 def first_line(error):
@@ -568,6 +640,50 @@ def make_optimizer(args):
                     weight_decay=args.weight_decay, mask=decays))
 
 
+def loss_and_grads(model, args, params, columns, key):
+    """This device's loss over the global batch and its gradient w.r.t. params (before the pmean).
+
+    Each column is embedded with its own dropout key and scored by in_batch_loss; the gradient
+    comes in one pass, or with --mini_batch_size chunk by chunk (GradCache)."""
+    keys = jax.random.split(key, len(columns))
+    embed_rows = functools.partial(embed, model)  # (params, ids, mask, dropout key) -> [rows, dim]
+    loss_of = functools.partial(in_batch_loss, scale=args.scale, symmetric=args.symmetric_loss)
+    if args.mini_batch_size is None:
+        return jax.value_and_grad(
+            lambda p: loss_of([embed_rows(p, ids, mask, k) for (ids, mask), k in zip(columns, keys)]))(params)
+    return cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, args.mini_batch_size)
+
+
+def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch):
+    """GradCache (Gao et al., 2021): the loss and gradient of the one-pass step, with the
+    activations of only `mini_batch` rows alive at a time.
+
+    It is the chain rule split at the embeddings: (1) embed every chunk of rows, keeping no
+    activations; (2) the loss of the whole batch (in-batch negatives need all of it, all_gather
+    included) and its gradient w.r.t. the embeddings; (3) chunk by chunk, the forward again (with
+    the same dropout key, so the same function) and a vjp pulling that chunk's embedding gradient
+    back to the parameters, summed over chunks by a scan so one chunk's activations live at a time.
+    """
+    def chunks_of(column, key):  # ids, mask [B, L] -> [B / M, M, L] each, and a dropout key per chunk
+        ids, mask = column
+        return (ids.reshape(-1, mini_batch, ids.shape[-1]), mask.reshape(-1, mini_batch, mask.shape[-1]),
+                jax.random.split(key, len(ids) // mini_batch))
+
+    def add_chunk_grads(grads, chunk_and_cotangent):
+        chunk, cotangent = chunk_and_cotangent
+        _, pull_back = jax.vjp(lambda p: embed_rows(p, *chunk), params)
+        return jax.tree_util.tree_map(jnp.add, grads, pull_back(cotangent)[0]), None
+
+    chunks = [chunks_of(column, key) for column, key in zip(columns, keys)]
+    embeddings = [jax.lax.map(lambda chunk: embed_rows(params, *chunk), c) for c in chunks]  # [B / M, M, dim]
+    loss, cotangents = jax.value_and_grad(
+        lambda e: loss_of([x.reshape(-1, x.shape[-1]) for x in e]))(embeddings)
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for column_chunks, column_cotangents in zip(chunks, cotangents):
+        grads, _ = jax.lax.scan(add_chunk_grads, grads, (column_chunks, column_cotangents))
+    return loss, grads
+
+
 def make_train_step(model, args, devices):
     """The pmapped update: (state, columns, dropout key) -> (new state, measurements).
 
@@ -583,14 +699,8 @@ def make_train_step(model, args, devices):
     def train_step(state, columns, dropout_key):
         make_train_step.traces += 1  # runs only when jax traces (and compiles) the step
         key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), jax.lax.axis_index(AXIS))
-
-        def loss_fn(params):
-            keys = jax.random.split(key, len(columns))
-            embeddings = [embed(model, params, ids, mask, k) for (ids, mask), k in zip(columns, keys)]
-            return in_batch_loss(embeddings, args.scale, args.symmetric_loss)
-
         lr = schedule(state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = loss_and_grads(model, args, state.params, columns, key)
         grads = jax.lax.pmean(grads, AXIS)
         loss = jax.lax.pmean(loss, AXIS)
         grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
@@ -631,12 +741,122 @@ def init_state(model, args):
 
 
 # ============================================================================================
+# Evals: the held-out rows of every source, ranked by the current model
+# ============================================================================================
+# Each anchor ranks the candidates (positives, and negatives for triplets) of all held-out rows of
+# its own source: an in-batch retrieval over a batch of --eval_rows rows drawn from that source
+# alone, fixed for the whole run, so scores at different steps are comparable. Accuracy is the
+# share of anchors that rank their own partner first; MRR@10 is the mean of 1/rank (0 past rank 10).
+
+MRR_CUTOFF = 10
+
+
+def held_out_rows(source, count):
+    """The usable rows among the first `count` lines of a source's file, rows repeating a text dropped.
+
+    Where a row format needs a random pick, the draws are seeded by the file name alone, so runs with
+    different --seed are scored on the same rows."""
+    lines = list(itertools.islice(read_lines(source.url, (0, 1)), count + 1))
+    if len(lines) <= count:
+        raise UserError(f"{source.url}: has only {len(lines)} lines, all held out by --eval_rows {count}; "
+                        "lower --eval_rows")
+    draws = np.random.default_rng(zlib.crc32(source.name.encode())).random((count, 2))
+    rows, seen = [], set()
+    for line, line_draws in zip(lines, draws):
+        row = usable_row(line, line_draws, source.columns)
+        if row is not None and not repeats_a_text(row, seen):
+            seen.update(row)
+            rows.append(row)
+    if len(rows) < 2:
+        raise UserError(f"{source.url}: fewer than 2 usable rows among its first {count} lines "
+                        "(--eval_rows); cannot evaluate on them")
+    return rows
+
+
+def load_held_out(sources, count):
+    """{source name: held-out rows}, read before training starts."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        rows = pool.map(functools.partial(held_out_rows, count=count), sources)
+        return {source.name: source_rows for source, source_rows in zip(sources, rows)}
+
+
+def held_out_texts(held_out):
+    """Every held-out text in one list: per source, all anchors, then all positives (then negatives)."""
+    return [text for rows in held_out.values() for column in zip(*rows) for text in column]
+
+
+def tokenize_held_out(held_out, pool, chunk):
+    """The held-out texts tokenized once, padded with empty texts to a multiple of `chunk`."""
+    texts = held_out_texts(held_out)
+    texts += [""] * (-len(texts) % chunk)
+    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts),)).result()
+    return ids, mask
+
+
+def make_embed_step(model, devices):
+    """The pmapped inference embedding (no dropout): (params, input_ids, attention_mask) -> embeddings."""
+    def embed_step(params, input_ids, attention_mask):
+        make_embed_step.traces += 1  # runs only when jax traces (and compiles) the function
+        return embed(model, params, input_ids, attention_mask)
+
+    make_embed_step.traces = 0
+    return jax.pmap(embed_step, axis_name=AXIS, devices=devices)
+
+
+def embed_held_out(embed_step, params, tokens, sharding, devices, per_device):
+    """Embeddings of all held-out texts, [texts, dim] on the host; every chunk is dispatched before
+    any is fetched, so the devices never wait for the host."""
+    ids, mask = tokens
+    chunk = devices * per_device
+    outputs = [embed_step(params, *to_devices((ids[i:i + chunk].reshape(devices, per_device, -1),
+                                               mask[i:i + chunk].reshape(devices, per_device, -1)), sharding))
+               for i in range(0, len(ids), chunk)]
+    return np.concatenate([np.asarray(out).reshape(chunk, -1) for out in jax.device_get(outputs)])
+
+
+def rank_of_partners(queries, candidates):
+    """The 1-based rank of candidates[i] among all candidates by dot product with queries[i]
+    (cosine similarity for normalised embeddings); ties count in the query's favour."""
+    ranks = []
+    for start in range(0, len(queries), 1024):  # bounds the score matrix held at once
+        scores = queries[start:start + 1024] @ candidates.T
+        true = scores[np.arange(len(scores)), np.arange(start, start + len(scores))]
+        ranks.append(1 + (scores > true[:, None]).sum(axis=1))
+    return np.concatenate(ranks)
+
+
+def retrieval_scores(ranks):
+    return {"accuracy": float(np.mean(ranks == 1)),
+            f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
+
+
+def score_held_out(held_out, embeddings):
+    """{source name: scores, ..., "overall": the mean of every score over the sources}."""
+    scores, start = {}, 0
+    for name, rows in held_out.items():
+        columns = []
+        for _ in rows[0]:
+            columns.append(embeddings[start:start + len(rows)])
+            start += len(rows)
+        scores[name] = retrieval_scores(rank_of_partners(columns[0], np.concatenate(columns[1:])))
+    scores["overall"] = {key: float(np.mean([s[key] for s in scores.values()])) for key in scores[name]}
+    return scores
+
+
+# ============================================================================================
 # Export: a sentence-transformers folder, written from the Flax parameters (no torch needed)
 # ============================================================================================
 
 # Model types whose Flax parameter tree mirrors the PyTorch module names (kernel/scale/embedding
-# aside), so the mapping below is exact; checked by loading the result with transformers.
-EXPORTABLE = ("bert", "roberta", "xlm-roberta")
+# aside), so the mapping below is exact, and whose Flax and PyTorch models compute the same
+# outputs; tests/test_export.py checks each with transformers and sentence-transformers. (ELECTRA's
+# names map too, but its Flax and PyTorch models disagree.) Each maps to the PyTorch class.
+EXPORTABLE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+              "distilbert": "DistilBertModel", "albert": "AlbertModel"}
+
+# sentence-transformers never runs here, so its "version" in the folder is that of the format:
+# the oldest release that reads every field written below (similarity_fn_name came with 3.0.0).
+SENTENCE_TRANSFORMERS_FORMAT = "3.0.0"
 
 
 def torch_state_dict(params):
@@ -653,31 +873,38 @@ def torch_state_dict(params):
 
 
 def export_sentence_transformer(folder, params, config, tokenizer, args, run):
-    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize."""
-    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
-    os.makedirs(os.path.join(folder, "2_Normalize"), exist_ok=True)
-    save_file(torch_state_dict(params), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize.
+
+    The folder is written under another name and renamed when complete: whenever a run stops,
+    OUTPUT/<step> is either a whole model or absent."""
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(os.path.join(partial, "1_Pooling"))
+    os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
+    save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
     config = config.__class__.from_dict(config.to_dict())
-    config.architectures = [config.model_type.title().replace("-", "").replace("Xlm", "XLM") + "Model"]
-    config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    write_json(os.path.join(folder, "modules.json"), [
+    config.architectures = [EXPORTABLE[config.model_type]]
+    config.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    write_json(os.path.join(partial, "modules.json"), [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
-    write_json(os.path.join(folder, "sentence_bert_config.json"),
+    write_json(os.path.join(partial, "sentence_bert_config.json"),
                {"max_seq_length": args.max_length, "do_lower_case": False})
-    write_json(os.path.join(folder, "1_Pooling", "config.json"), {
+    write_json(os.path.join(partial, "1_Pooling", "config.json"), {
         "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
         "pooling_mode_lasttoken": False, "include_prompt": True})
-    write_json(os.path.join(folder, "config_sentence_transformers.json"), {
-        "__version__": {"sentence_transformers": "2.0.0", "transformers": transformers.__version__,
-                        "jax": jax.__version__},
+    write_json(os.path.join(partial, "config_sentence_transformers.json"), {
+        "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
+                        "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
         "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-    with open(os.path.join(folder, "README.md"), "w") as f:
-        f.write(model_card(config, args, run))
+    with open(os.path.join(partial, "README.md"), "w") as f:
+        f.write(model_card(folder, config, args, run))
+    shutil.rmtree(folder, ignore_errors=True)  # a step exported again (a resumed run) replaces the old one
+    os.replace(partial, folder)
 
 
 def write_json(path, value):
@@ -686,110 +913,200 @@ def write_json(path, value):
         f.write("\n")
 
 
-def model_card(config, args, run):
-    """A sentence-transformers style model card describing this run."""
-    total_weight = sum(e["weight"] for e in run["mixture"])
-    sources = "\n".join(
-        f"| {e['name']} | {e.get('lines', 0):,} | {e['weight']} | {e['weight'] / total_weight:.2%} |"
-        for e in run["mixture"])
-    loss = ("symmetric in-batch cross-entropy (anchor->positive and positive->anchor, averaged)"
-            if args.symmetric_loss else "in-batch cross-entropy (anchor->candidates)")
-    name = os.path.basename(os.path.normpath(args.output))
-    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
+def library_versions():
+    modules = (jax, jaxlib, flax, optax, transformers, tokenizers, safetensors, np)
+    return {"python": platform.python_version(), **{m.__name__: m.__version__ for m in modules}}
+
+
+def source_group(name):
+    """The card's summary counts a folder of files (stackexchange_title_body/*) as one source."""
+    return name.split("/")[0] if "/" in name else name.split(".")[0]
+
+
+def mixture_table(mixture, pairs_drawn, group=None):
+    """The mixture as a Markdown table, one row per file or (with `group`) per group of files.
+
+    A file's expected share of the training pairs is weight / total weight. That is the chance
+    that it is a batch's first source; the other sources are drawn in proportion to weight among
+    the files of the same format, which gives every slot of a batch the same chance."""
+    total_weight = sum(e["weight"] for e in mixture)
+    rows = collections.defaultdict(lambda: [0, 0, 0])  # files, lines, weight
+    for e in mixture:
+        row = rows[group(e["name"]) if group else e["name"]]
+        row[0], row[1], row[2] = row[0] + 1, row[1] + e.get("lines", 0), row[2] + e["weight"]
+    if group:
+        rows = dict(sorted(rows.items(), key=lambda item: -item[1][2]))
+    head, rule = ("| source | files |", "|---|---:|") if group else ("| file |", "|---|")
+    table = [head + " lines | weight | share of pairs | pairs drawn (expected) |", rule + "---:|---:|---:|---:|"]
+    for name, (files, lines, weight) in rows.items():
+        share = weight / total_weight
+        first = f"| {name} | {files} |" if group else f"| {name} |"
+        table.append(f"{first} {lines:,} | {weight:,} | {share:.2%} | {share * pairs_drawn:,.0f} |")
+    return "\n".join(table)
+
+
+def model_card(folder, config, args, run):
+    """A model card in the format of sentence-transformers' own, describing this run."""
+    mixture = run["mixture"]
+    pairs_drawn = run["step"] * run["global_batch"]
+    groups = {source_group(e["name"]) for e in mixture}
+    data = mixture_table(mixture, pairs_drawn)
+    if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
+        data = (f"{mixture_table(mixture, pairs_drawn, source_group)}\n\n"
+                f"<details><summary>All {len(mixture)} files</summary>\n\n{data}\n\n</details>")
+    local_base = os.path.isdir(args.model)
+    base = f"`{args.model}` (a local folder)" if local_base else f"[{args.model}](https://huggingface.co/{args.model})"
+    loss = "in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss)"
+    if args.symmetric_loss:
+        loss += ("; for pairs, averaged with that of each positive against all anchors "
+                 "(MultipleNegativesSymmetricRankingLoss)")
+    progress = ("the end of the run" if run["step"] == args.steps else
+                f"an intermediate export at step {run['step']:,} of {args.steps:,}")
+    device = jax.local_devices()[0]  # the kind of device the run used
+    versions = "\n".join(f"- {name}: {version}" for name, version in run["versions"].items())
     return f"""---
+{"" if local_base else f"base_model: {args.model}{chr(10)}"}library_name: sentence-transformers
 pipeline_tag: sentence-similarity
-library_name: sentence-transformers
 tags:
 - sentence-transformers
 - feature-extraction
 - sentence-similarity
-base_model: {args.model}
+- jax
 ---
 
-# {name}
+# {os.path.basename(os.path.normpath(args.output))}
 
-A [sentence-transformers](https://www.sbert.net) model: it maps sentences and paragraphs to a
-{config.hidden_size}-dimensional dense vector space (mean pooling, L2-normalised), for semantic search,
-clustering and similarity. It was trained with `train_script.py` (JAX/Flax), the reproduction of
-how all-MiniLM-L12-v1 was trained; this export is from step {run['step']:,} of {args.steps:,}.
+This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on {len(mixture)}
+data files. It maps sentences & paragraphs to a {config.hidden_size}-dimensional dense vector space and
+can be used for semantic textual similarity, semantic search, paraphrase mining, text classification,
+clustering, and more. It was trained with `train_script.py` (JAX/Flax), the reproduction of how
+all-MiniLM-L12-v1 was trained; this folder holds {progress}.
 
-## Usage (sentence-transformers)
+## Model Details
+
+### Model Description
+- **Model Type:** Sentence Transformer
+- **Base model:** {base}
+- **Maximum Sequence Length:** {args.max_length} tokens
+- **Output Dimensionality:** {config.hidden_size} dimensions
+- **Similarity Function:** Cosine Similarity
+- **Training Data:** {len(mixture)} files, listed below
+
+### Full Model Architecture
+
+```
+SentenceTransformer(
+  (0): Transformer({{'max_seq_length': {args.max_length}, 'do_lower_case': False}}) with Transformer model: {EXPORTABLE[config.model_type]}
+  (1): Pooling({{'word_embedding_dimension': {config.hidden_size}, 'pooling_mode_mean_tokens': True}})
+  (2): Normalize()
+)
+```
+
+## Usage
+
+### Direct Usage (Sentence Transformers)
+
+```bash
+pip install -U sentence-transformers
+```
 
 ```python
 from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("{name}")
-embeddings = model.encode(["This is an example sentence", "Each sentence is converted"])
+
+model = SentenceTransformer("{folder}")
+sentences = ["This is an example sentence", "Each sentence is converted"]
+embeddings = model.encode(sentences)
+print(embeddings.shape)  # (2, {config.hidden_size})
+print(model.similarity(embeddings, embeddings))
 ```
 
-## Usage (transformers)
+### Direct Usage (Transformers)
+
+Without sentence-transformers: run the transformer, average the token embeddings over the
+attention mask, and normalise.
 
 ```python
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = AutoModel.from_pretrained("{name}")
-batch = tokenizer(["This is an example sentence"], padding=True, truncation=True,
-                  max_length={args.max_length}, return_tensors="pt")
+tokenizer = AutoTokenizer.from_pretrained("{folder}")
+model = AutoModel.from_pretrained("{folder}")
+batch = tokenizer(["This is an example sentence", "Each sentence is converted"], padding=True,
+                  truncation=True, max_length={args.max_length}, return_tensors="pt")
 with torch.no_grad():
-    hidden = model(**batch).last_hidden_state
+    tokens = model(**batch).last_hidden_state
 mask = batch["attention_mask"].unsqueeze(-1).float()
-embeddings = F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
+embeddings = F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
 ```
 
-## Training
+## Training Details
+
+### Training Data
+
+Each batch is filled by {args.datasets_per_batch} files in equal shares, drawn in proportion to their
+weights (files after the first only among those with the same number of columns). A file's share
+of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that share of
+the {pairs_drawn:,} pairs of the {run['step']:,} steps behind this export. {len(mixture)} files in
+{len(groups)} sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
+
+{data}
+
+### Training Hyperparameters
 
 | | |
 |---|---|
-| base model | `{args.model}` |
 | steps | {run['step']:,} of {args.steps:,} |
-| global batch | {run['global_batch']:,} ({args.batch_size} per device x {run['devices']} devices) |
-| sources per batch | {args.datasets_per_batch} |
-| learning rate | {args.lr} (AdamW, weight decay {args.weight_decay}, linear warm-up over {args.warmup_steps} steps, then linear decay to 0) |
+| global batch | {run['global_batch']:,} ({args.batch_size} per device x {run['devices']} devices, {device.device_kind}) |
+| optimizer | AdamW, lr {args.lr}, betas (0.9, 0.999), eps 1e-6, weight decay {args.weight_decay} (not on biases and LayerNorm) |
+| schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.steps:,} |
 | gradient clipping | global norm 1.0 |
-| max sequence length | {args.max_length} word pieces |
+| max sequence length | {args.max_length} tokens |
 | loss | {loss}, scale {args.scale}, candidates gathered over all devices |
+| dropout | {"the base model's" if args.dropout is None else args.dropout} |
 | seed | {args.seed} |
 
-Command:
+The exact command (the copy of `train_script.py` and `data_config.json` in the run's folder are
+the rest of the record):
 
-```
+```bash
 {run['command']}
 ```
 
-Libraries: {versions}.
+### Framework Versions
 
-### Data
+{versions}
 
-Each batch draws its sources with probability weight / {total_weight:,} (the share below).
+## Citation
 
-| source | lines | weight | share of batches |
-|---|---:|---:|---:|
-{sources}
+```bibtex
+@inproceedings{{reimers-2019-sentence-bert,
+    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
+    author = "Reimers, Nils and Gurevych, Iryna",
+    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
+    month = "11",
+    year = "2019",
+    publisher = "Association for Computational Linguistics",
+    url = "https://arxiv.org/abs/1908.10084",
+}}
+```
 """
-
-
-def command_line():
-    return " ".join(["python", *sys.argv]) if sys.argv[0].endswith(".py") else " ".join(sys.argv)
 
 
 def start_run_record(args, entries, output):
     """As the original did: a copy of this script with the command appended, and the config used."""
-    command = command_line()
     shutil.copyfile(__file__, os.path.join(output, "train_script.py"))
     with open(os.path.join(output, "train_script.py"), "a") as f:
-        f.write(f"\n\n# Script was called via:\n# {command}\n")
+        f.write(f"\n\n# Script was called via:\n# {args.command}\n")
     write_json(os.path.join(output, "data_config.json"), entries)
-    return command
+    return args.command
 
 
 def record_resume(args, step):
     """A resumed run adds its command line to the record of the run it continues."""
-    command = command_line()
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
-        f.write(f"# Resumed at step {step} via:\n# {command}\n")
-    return command
+        f.write(f"# Resumed at step {step} via:\n# {args.command}\n")
+    return args.command
 
 
 # ============================================================================================
@@ -804,8 +1121,9 @@ def record_resume(args, step):
 
 # The flags a resumed run must share with its checkpoint to compute the same thing; the others
 # (logging, saving, workers, prefetch, --data_folder) only change how it is computed or reported.
-RUN_FLAGS = ("model", "steps", "batch_size", "max_length", "datasets_per_batch", "scale", "symmetric_loss",
-             "lr", "warmup_steps", "weight_decay", "dropout", "seed", "shuffle_buffer", "cache_small_sources")
+RUN_FLAGS = ("model", "steps", "batch_size", "mini_batch_size", "max_length", "pad_to_buckets", "datasets_per_batch",
+             "scale", "symmetric_loss", "lr", "warmup_steps", "weight_decay", "dropout", "dtype", "seed",
+             "shuffle_buffer", "cache_small_sources")
 
 
 class Interrupted(Exception):
@@ -817,11 +1135,13 @@ class Interrupted(Exception):
 
 
 def run_identity(args, entries, devices):
-    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices."""
+    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices,
+    the lines held out of training; as JSON reads it back (tuples become lists)."""
     identity = {f"--{name}": getattr(args, name) for name in RUN_FLAGS}
     identity.update({"data config": entries, "devices": len(devices) * jax.process_count(),
-                     "processes": jax.process_count()})
-    return identity
+                     "processes": jax.process_count(),
+                     "--eval_rows held out": args.eval_rows if args.eval_steps else 0})
+    return json.loads(json.dumps(identity))
 
 
 def checkpoint_manager(args):
@@ -934,10 +1254,10 @@ def stop_requests():
             signal.signal(s, handler)
 
 
-def resume_command():
+def resume_command(args):
     """This run's command line with --resume (and without --overwrite)."""
-    argv = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
-    return shlex.join(["python", sys.argv[0], *argv, "--resume"])
+    words = [w for w in shlex.split(args.command) if w not in ("--overwrite", "--resume")]
+    return shlex.join([*words, "--resume"])
 
 
 # ============================================================================================
@@ -947,7 +1267,7 @@ def resume_command():
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
 
 
-def train(args, model, tokenizer, config, sources, entries, devices):
+def train(args, model, tokenizer, config, sources, entries, devices, held_out=None):
     process, processes = jax.process_index(), jax.process_count()
     global_batch = args.batch_size * len(devices) * processes
     local_batch = args.batch_size * len(devices)
@@ -959,7 +1279,7 @@ def train(args, model, tokenizer, config, sources, entries, devices):
     command = None
     if writer:
         command = start_run_record(args, entries, args.output) if first_step == 0 else record_resume(args, first_step)
-    versions = {m.__name__: m.__version__ for m in (jax, flax, optax, transformers)}
+    versions = library_versions()
 
     sharding = device_sharding(devices)
     state = replicate(host_state, sharding, len(devices))
@@ -969,6 +1289,20 @@ def train(args, model, tokenizer, config, sources, entries, devices):
         source.position = tuple(positions.get(source.name, (0, 0)))
     texts = text_batches(sources, args, global_batch,
                          (process * local_batch, (process + 1) * local_batch), (process, processes), first_step)
+    metrics = open_metrics(args.output) if writer else None
+    embed_step = make_embed_step(model, devices) if held_out else None
+
+    def evaluate(step, tokens):
+        """Scores the held-out rows (every process, on its own devices); returns the seconds it took."""
+        started = time.perf_counter()
+        embeddings = embed_held_out(embed_step, state.params, tokens, sharding, len(devices), args.batch_size)
+        scores = score_held_out(held_out, embeddings)
+        seconds = time.perf_counter() - started
+        overall = " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
+        bar.write(f"eval step={step} {overall} ({seconds:.1f}s)")
+        if metrics:
+            write_metrics(metrics, {"step": step, "eval": scores, "eval_seconds": seconds})
+        return seconds
 
     def export(step):
         if writer:
@@ -985,14 +1319,24 @@ def train(args, model, tokenizer, config, sources, entries, devices):
             batch = next(batches)
             return batch, to_devices(batch.columns, sharding)
 
-        window, waited, window_start, skipped = [], 0.0, time.perf_counter(), 0
         bar = tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
                         disable=not writer, dynamic_ncols=True)
+        if held_out:
+            held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
+            evaluate(first_step, held_out_tokens)
+        window, waited, window_start, skipped = [], 0.0, time.perf_counter(), 0
+        batches_per_source = collections.Counter()
         batch, columns = next_batch()
+        compiled_formats = set()  # 2 (pairs) and 3 (triplets) columns each compile the step once
         for step in bar:
-            state, measured = train_step(state, columns, dropout_key)
+            if len(columns) in compiled_formats:
+                state, measured = train_step(state, columns, dropout_key)
+            else:
+                state, measured = compile_step(train_step, state, columns, dropout_key, args, bar)
+                compiled_formats.add(len(columns))
             done = batch.text
             window.append((done, measured))
+            batches_per_source.update(done.sources)
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
                 wait_start = time.perf_counter()
                 batch, columns = next_batch()
@@ -1000,18 +1344,43 @@ def train(args, model, tokenizer, config, sources, entries, devices):
             checkpoint_now = (step + 1) % args.save_steps == 0 or step + 1 == args.steps or bool(stop)
             # the window is checked before a checkpoint, so a run that must stop never writes one
             if (step + 1) % args.log_steps == 0 or checkpoint_now:
-                skipped += log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
+                line = log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
+                skipped += line["skipped"]
+                if metrics:
+                    write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
                 window, waited, window_start = [], 0.0, time.perf_counter()
+            if held_out and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
+                window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
             if checkpoint_now:
                 save_checkpoint(checkpoints, state, done, sources, identity)
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
             if stop:
                 raise Interrupted(f"{stop[0].name} at step {step + 1}, checkpoint written; resume with: "
-                                  f"{resume_command()}", stop[0])
+                                  f"{resume_command(args)}", stop[0])
         export(args.steps)
+    if metrics:
+        close_metrics(metrics)
     print(f"done: {args.steps} steps, {skipped} skipped as non-finite; the step was compiled "
-          f"{make_train_step.traces} time(s); model in {os.path.join(args.output, 'final')}")
+          f"{make_train_step.traces} time(s) (once per batch format: pairs, triplets); "
+          f"model in {os.path.join(args.output, 'final')}")
+
+
+def compile_step(train_step, state, columns, dropout_key, args, bar):
+    """Runs a step that compiles (a new batch format) and waits for it, so that a batch too big
+    for the device fails here, as one line, rather than at the next fetch with a traceback."""
+    kind = {2: "pairs", 3: "triplets"}[len(columns)]
+    started = time.perf_counter()
+    try:
+        state, measured = jax.block_until_ready(train_step(state, columns, dropout_key))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise UserError(f"a step on {kind} with --batch_size {args.batch_size} per device and --max_length "
+                        f"{args.max_length} does not fit in device memory ({first_line(e)}); lower "
+                        "--batch_size (the global batch shrinks with it) or --max_length") from e
+    bar.write(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
+    return state, measured
 
 
 def log_window(bar, window, waited, seconds, global_batch):
@@ -1023,16 +1392,50 @@ def log_window(bar, window, waited, seconds, global_batch):
         if bad_in_a_row >= MAX_BAD_STEPS:
             raise RuntimeError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
                                f"(sources {', '.join(text.sources)}); updates were skipped")
-    losses = [float(m["loss"][0]) for m in measured if m["finite"][0]]
-    last = measured[-1]
-    line = {"step": window[-1][0].step + 1, "loss": np.mean(losses) if losses else float("nan"),
-            "lr": float(last["lr"][0]), "grad_norm": float(last["grad_norm"][0]),
-            "pairs/s": len(window) * global_batch / seconds, "data_wait": waited / seconds,
-            "skipped": len(measured) - len(losses)}
+    finite = [m for m in measured if m["finite"][0]]
+
+    def mean(key):
+        return float(np.mean([m[key][0] for m in finite])) if finite else float("nan")
+
+    line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
+            "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
+            "data_wait": waited / seconds, "skipped": len(measured) - len(finite)}
     bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
-                    pairs_s=f"{line['pairs/s']:.0f}", wait=f"{line['data_wait']:.0%}")
+                    pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
-    return line["skipped"]
+    return line
+
+
+# OUTPUT/metrics.jsonl gets one JSON line per --log_steps (and per evaluation); OUTPUT/tensorboard/
+# the same numbers as scalars, nested keys joined by "/". Appending lets a resumed run continue both.
+
+def open_metrics(output):
+    return (open(os.path.join(output, "metrics.jsonl"), "a"),
+            tensorboardX.SummaryWriter(os.path.join(output, "tensorboard")))
+
+
+def scalars(record, prefix=""):
+    """(tag, number) for every number of a nested record but its step: {"eval": {"overall": {"accuracy": 0.9}}}
+    -> ("eval/overall/accuracy", 0.9)."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from scalars(value, f"{prefix}{key}/")
+        elif key != "step":
+            yield prefix + key, value
+
+
+def write_metrics(metrics, record):
+    jsonl, board = metrics
+    jsonl.write(json.dumps(record) + "\n")
+    jsonl.flush()
+    for tag, value in scalars(record):
+        board.add_scalar(tag, value, record["step"])
+    board.flush()
+
+
+def close_metrics(metrics):
+    for sink in metrics:
+        sink.close()
 
 
 # ============================================================================================
@@ -1049,10 +1452,20 @@ def choose_devices(args):
 
 
 def prepare_output(args):
+    """An empty OUTPUT, or with --resume the one to continue. One in use is only replaced with
+    --overwrite, and never if it holds an input."""
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"{args.output} exists and is not a folder")
     if os.path.exists(args.output) and os.listdir(args.output) and not args.resume:
         if not args.overwrite:
             raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
                             "or --overwrite to replace it")
+        output = os.path.realpath(args.output)
+        inputs = {"the data config": args.data_config, "--data_folder": args.data_folder, "--model": args.model,
+                  "this script": __file__}
+        for what, path in inputs.items():
+            if os.path.exists(path) and os.path.commonpath([output, os.path.realpath(path)]) == output:
+                raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
         shutil.rmtree(args.output)
     os.makedirs(args.output, exist_ok=True)
 
@@ -1066,24 +1479,29 @@ def main(argv=None):
         raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x "
                         f"{len(devices) * jax.process_count()} devices) cannot be split into "
                         f"--datasets_per_batch {args.datasets_per_batch} equal shares")
+    if len(args.pad_to_buckets) > 1 and jax.process_count() > 1:
+        # each process tokenizes only its rows, so processes could choose different lengths
+        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
     sources = open_sources(entries, args)
+    held_out = load_held_out(sources, args.eval_rows) if args.eval_steps else None
     tokenizer, config = load_tokenizer_and_config(args)
     if args.dry_run is not None:
         return dry_run(sources, args, tokenizer, global_batch)
     if config.model_type not in EXPORTABLE:
         raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
                         f"not {config.model_type}")
-    if jax.process_index() == 0:
-        prepare_output(args)
     model = load_model(args, config)
-    train(args, model, tokenizer, config, sources, entries, devices)
+    if jax.process_index() == 0:  # only once the model loads: --overwrite must not lose a run for nothing
+        prepare_output(args)
+    train(args, model, tokenizer, config, sources, entries, devices, held_out)
 
 
 if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

