@@ -1217,19 +1217,19 @@ def initial_state(args, model, checkpoints, identity):
 
     1. with --resume, the newest readable checkpoint in OUTPUT: its state and stream positions;
     2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
-    Returns (host TrainState, {source name: position} for this process)."""
-    fresh = jax.device_get(init_state(model, args))
-    found = restore_checkpoint(checkpoints, fresh, identity, args.resume_force) if args.resume else None
+    Returns (TrainState, its step, {source name: position} for this process)."""
+    fresh = init_state(model, args)
+    found = restore_checkpoint(checkpoints, jax.device_get(fresh), identity, args.resume_force) if args.resume else None
     if found is None:
         if args.resume:
             print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
-        return fresh, {}
+        return fresh, 0, {}
     state, meta = found
     if meta["step"] >= args.steps:
         raise UserError(f"--resume: the checkpoint of step {meta['step']} already reached --steps {args.steps}")
     print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
     streams = meta["stream"]
-    return state, streams[jax.process_index()] if jax.process_index() < len(streams) else {}
+    return state, meta["step"], streams[jax.process_index()] if jax.process_index() < len(streams) else {}
 
 
 @contextlib.contextmanager
@@ -1274,15 +1274,14 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
     writer = process == 0
     identity = run_identity(args, entries, devices)
     checkpoints = checkpoint_manager(args)
-    host_state, positions = initial_state(args, model, checkpoints, identity)
-    first_step = int(host_state.step)
+    start_state, first_step, positions = initial_state(args, model, checkpoints, identity)
     command = None
     if writer:
         command = start_run_record(args, entries, args.output) if first_step == 0 else record_resume(args, first_step)
     versions = library_versions()
 
     sharding = device_sharding(devices)
-    state = replicate(host_state, sharding, len(devices))
+    state = replicate(start_state, sharding, len(devices))
     train_step = make_train_step(model, args, devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
