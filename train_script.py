@@ -190,26 +190,28 @@ def open_source(url):
 
 
 def read_lines(url, stride):
-    """All lines of a file that belong to this process (every stride[1]-th from stride[0])."""
+    """All lines of a file that belong to this process (every stride[1]-th from stride[0]).
+
+    A corrupt or truncated gzip stops the run with the file's name rather than wrapping around
+    at the damage: silently training on part of a source would change the mixture."""
     try:
         with open_source(url) as f:
             yield from itertools.islice(f, stride[0], None, stride[1])
+    except FileNotFoundError:
+        raise UserError(f"{url}: no such file (check --data_folder)") from None
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
 
 
 def first_row(url):
     """The first usable row of a file; checks that it exists and has one."""
-    try:
-        for line in read_lines(url, (0, 1)):
-            try:
-                row = parse_row(json.loads(line), (0.0, 0.5))
-            except ValueError:
-                continue
-            if row is not None:
-                return row
-    except FileNotFoundError:
-        raise UserError(f"{url}: no such file (check --data_folder)")
+    for line in read_lines(url, (0, 1)):
+        try:
+            row = parse_row(json.loads(line), (0.0, 0.5))
+        except ValueError:
+            continue
+        if row is not None:
+            return row
     raise UserError(f"{url}: no usable row in the whole file")
 
 
@@ -280,6 +282,7 @@ class TextBatch:
     sources: list          # the source of each slot, in batch order
     rows: list             # (source name, texts) per row of this process's part of the batch
     stream_state: dict     # {source name: position} after this batch: enough to resume exactly
+    invalid: dict          # {source name: unusable lines skipped so far}, sources with any
 
 
 def choose_sources(rng, sources, count):
@@ -304,16 +307,29 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
         rows, in_batch = [], set()
         for slot, source in enumerate(chosen):
             needed = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
+            rejecting_since = None  # the pass in which the current run of rejected rows began
             while needed > 0:
                 texts = source.next_row(args.seed, stride)
                 # As in the original: a text seen twice in a batch would be a false negative.
                 if len(set(texts)) < len(texts) or not in_batch.isdisjoint(texts):
                     source.duplicate += 1
+                    if rejecting_since is None:
+                        rejecting_since = source.position[0]
+                    if source.position[0] > rejecting_since + 1:  # every line of a whole pass rejected
+                        raise UserError(f"{source.url}: too few distinct texts to fill {share} rows of a "
+                                        "batch (a whole pass gave no row new to the batch)")
                     continue
+                rejecting_since = None
                 in_batch.update(texts)
                 rows.append((source.name, texts))
                 needed -= 1
-        yield TextBatch(step, [s.name for s in chosen], rows, {s.name: s.position for s in sources})
+        yield TextBatch(step, [s.name for s in chosen], rows, {s.name: s.position for s in sources},
+                        {s.name: s.invalid for s in sources if s.invalid})
+
+
+def invalid_lines_report(invalid):
+    """One log line: the unusable lines skipped so far, per file."""
+    return "skipped unusable lines: " + ", ".join(f"{name} {count}" for name, count in invalid.items())
 
 
 # Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the
@@ -329,11 +345,18 @@ def _init_tokenizer(tokenizer_json, max_length, pad_id):
     _tokenizer.enable_padding(length=max_length, pad_id=pad_id)
 
 
+def _init_worker(*init):
+    # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
+    # tokenizer's own thread pool does not compete with the trainer's threads for the others.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _init_tokenizer(*init)
+
+
 def tokenize_columns(columns, shape):
     """Texts by column -> [(input_ids, attention_mask)] per column, each int32 [*shape, length]."""
     out = []
     for texts in columns:
-        encodings = _tokenizer.encode_batch(list(texts))
+        encodings = _tokenizer.encode_batch_fast(list(texts))  # _fast: no character offsets
         ids = np.array([e.ids for e in encodings], dtype=np.int32)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
         out.append((ids.reshape(*shape, -1), mask.reshape(*shape, -1)))
@@ -354,7 +377,7 @@ def tokenizer_pool(tokenizer, args):
     # spawn: forking a process that runs JAX's threads is unsafe
     return concurrent.futures.ProcessPoolExecutor(
         args.num_workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_tokenizer, initargs=init)
+        initializer=_init_worker, initargs=init)
 
 
 def background_batches(texts, pool, workers, shape, depth):
@@ -382,6 +405,9 @@ def background_batches(texts, pool, workers, shape, depth):
                     put(Batch(text_batch, future.result()))
                 if stop.is_set():
                     return
+            for text_batch, future in pending:  # a finite `texts` (tests, benchmarks) ends here
+                put(Batch(text_batch, future.result()))
+            put(None)
         except BaseException as e:  # handed to the trainer, which stops with it
             put(e)
 
@@ -395,6 +421,8 @@ def background_batches(texts, pool, workers, shape, depth):
                 if not thread.is_alive():
                     raise RuntimeError("the data producer stopped without a reason")
                 continue
+            if item is None:
+                return
             if isinstance(item, BaseException):
                 if isinstance(item, UserError):
                     raise item
@@ -416,7 +444,8 @@ def dry_run(sources, args, tokenizer, global_batch):
             counts.update(batch.text.sources)
             if dump:
                 rows = [{"source": name, "texts": list(t)} for name, t in batch.text.rows]
-                dump.write(json.dumps({"step": batch.text.step, "rows": rows}) + "\n")
+                dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources,
+                                       "rows": rows}) + "\n")
         batches.close()
     seconds = time.perf_counter() - started
     if dump:
@@ -788,6 +817,7 @@ def train(args, model, tokenizer, config, sources, entries, devices):
             return batch, to_devices(batch.columns, sharding)
 
         window, waited, window_start = [], 0.0, time.perf_counter()
+        reported_invalid = {}
         bar = tqdm.trange(0, args.steps, disable=not writer, dynamic_ncols=True)
         batch, columns = next_batch()
         for step in bar:
@@ -799,6 +829,9 @@ def train(args, model, tokenizer, config, sources, entries, devices):
                 waited += time.perf_counter() - wait_start
             if (step + 1) % args.log_steps == 0 or step + 1 == args.steps:
                 log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
+                if window[-1][0].invalid != reported_invalid:
+                    reported_invalid = window[-1][0].invalid
+                    bar.write(invalid_lines_report(reported_invalid))
                 window, waited, window_start = [], 0.0, time.perf_counter()
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
