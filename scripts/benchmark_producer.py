@@ -12,6 +12,7 @@ BERT uncased WordPiece vocab that MiniLM-L12 shares). For each worker count it r
                     unaffected by other load on the machine
 """
 import argparse
+import concurrent.futures
 import gzip
 import json
 import os
@@ -89,11 +90,11 @@ def generate(folder, files, lines):
     if os.path.exists(config):
         return config
     words, started = vocabulary_words(), time.perf_counter()
-    entries = []
-    for index in range(files):
-        name = f"qa_{index:02d}-{lines}.jsonl.gz"
-        write_file(os.path.join(folder, name), index, lines, words)
-        entries.append({"name": name, "lines": lines, "weight": 1 + index % 3})
+    names = [f"qa_{index:02d}-{lines}.jsonl.gz" for index in range(files)]
+    with concurrent.futures.ProcessPoolExecutor() as pool:  # one file per core at a time
+        list(pool.map(write_file, [os.path.join(folder, n) for n in names], range(files),
+                      [lines] * files, [words] * files))
+    entries = [{"name": name, "lines": lines, "weight": 1 + index % 3} for index, name in enumerate(names)]
     with open(config, "w") as f:
         json.dump(entries, f, indent=1)
     print(f"generated {files} files x {lines:,} lines in {folder} in {time.perf_counter() - started:.0f}s",
