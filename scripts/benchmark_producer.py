@@ -10,6 +10,8 @@ BERT uncased WordPiece vocab that MiniLM-L12 shares). For each worker count it r
   pairs/s           wall-clock throughput of the whole producer (what feeds the accelerator)
   pairs/worker-cpu-s  pairs per CPU-second spent in the worker processes: one core's worth,
                     unaffected by other load on the machine
+  pairs/main-cpu-s  pairs per CPU-second of the trainer's process (the producer thread reads,
+                    parses, de-duplicates and hands texts to the workers): where scaling stops
 """
 import argparse
 import concurrent.futures
@@ -107,7 +109,8 @@ def generate(folder, files, lines):
 # --------------------------------------------------------------------------------------------
 
 def measure(config, folder, workers, batches, warmup):
-    """(pairs/s, pairs per worker CPU-second, mean characters per text) of the whole producer."""
+    """(pairs/s, pairs per worker CPU-second, pairs per main-process CPU-second, mean characters
+    per text) of the whole producer."""
     args = train_script.parse_args([config, "unused", "--data_folder", folder, "--num_workers", str(workers),
                                     "--batch_size", str(PER_DEVICE), "--max_length", str(MAX_LENGTH)])
     sources = train_script.open_sources(train_script.load_data_config(config), args)
@@ -118,17 +121,18 @@ def measure(config, folder, workers, batches, warmup):
         stream = train_script.background_batches(texts, pool, max(1, workers), (DEVICES, PER_DEVICE), args.prefetch)
         for _ in range(warmup):  # workers started, every worker busy, the queue full
             next(stream)
-        cpu_before = worker_cpu_seconds()
+        cpu_before, main_before = worker_cpu_seconds(), time.process_time()
         started = time.perf_counter()
         characters = 0
         for _ in range(batches):
             batch = next(stream)
             characters += sum(len(t) for _, row in batch.text.rows for t in row)
         seconds = time.perf_counter() - started
-        cpu = worker_cpu_seconds() - cpu_before
+        cpu, main_cpu = worker_cpu_seconds() - cpu_before, time.process_time() - main_before
         stream.close()
     pairs = batches * global_batch
-    return pairs / seconds, (pairs / cpu if workers else float("nan")), characters / (2 * pairs)
+    return (pairs / seconds, pairs / cpu if workers else float("nan"), pairs / main_cpu,
+            characters / (2 * pairs))
 
 
 def worker_cpu_seconds():
@@ -151,11 +155,12 @@ def main(argv=None):
     counts = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, 2, os.cpu_count()})
     print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; global batch {DEVICES}x{PER_DEVICE}, "
           f"max_length {MAX_LENGTH}")
-    print(f"{'workers':>7} {'pairs/s':>9} {'pairs/s per worker':>18} {'pairs/worker-cpu-s':>18} {'chars/text':>10}")
+    print(f"{'workers':>7} {'pairs/s':>9} {'pairs/s per worker':>18} {'pairs/worker-cpu-s':>18} "
+          f"{'pairs/main-cpu-s':>16} {'chars/text':>10}")
     for workers in counts:
-        rate, per_cpu, chars = measure(config, args.data, workers, args.batches, args.warmup)
-        print(f"{workers:7d} {rate:9,.0f} {rate / max(1, workers):18,.0f} {per_cpu:18,.0f} {chars:10.0f}",
-              flush=True)
+        rate, per_cpu, per_main_cpu, chars = measure(config, args.data, workers, args.batches, args.warmup)
+        print(f"{workers:7d} {rate:9,.0f} {rate / max(1, workers):18,.0f} {per_cpu:18,.0f} {per_main_cpu:16,.0f} "
+              f"{chars:10.0f}", flush=True)
 
 
 if __name__ == "__main__":
