@@ -20,7 +20,7 @@ import scipy.stats
 from transformers import AutoTokenizer
 
 import train_script
-from train_script import Source, TextBatch, UserError, parse_row
+from train_script import TextBatch, UserError, parse_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8  # conftest.py emulates 8 CPU devices
