@@ -58,12 +58,14 @@ def dry_run(tiny, tmp_path, *flags, config=None, data_folder=None, batches=20, b
 
 def check_slots(batch, per_slot):
     """Every slot of a dumped batch is one contiguous run of rows from the slot's source."""
+    assert len(batch["rows"]) == per_slot * len(batch["sources"])
     for k, name in enumerate(batch["sources"]):
         assert {row["source"] for row in batch["rows"][k * per_slot:(k + 1) * per_slot]} == {name}
 
 
-def args_for(tiny, *flags):
-    return train_script.parse_args(["config", "out", "--data_folder", str(tiny / "data"), *flags])
+def args_for(root, *flags):
+    """Parsed flags with root/data as the data folder."""
+    return train_script.parse_args(["config", "out", "--data_folder", str(root / "data"), *flags])
 
 
 def pairs(prefix, count):
