@@ -228,6 +228,8 @@ class Source:
     invalid: int = 0                # lines skipped: not JSON, wrong shape, wrong column count
     duplicate: int = 0              # rows skipped: a text already in the batch
     rows: object = None             # the live iterator, opened on first use
+    keep_lines: bool = False        # --cache_small_sources: read the file once, keep its lines in RAM
+    kept: list = None               # those lines, once read
 
     def next_row(self, seed, stride):
         """The next usable row; counts (and skips) the unusable ones."""
@@ -247,13 +249,15 @@ class Source:
         source_key = zlib.crc32(self.name.encode())
         pass_index, offset = self.position
         while True:
-            lines = read_lines(self.url, stride)
+            lines = iter(self.kept) if self.kept else read_lines(self.url, stride)
             block_index, skip = divmod(offset, self.block)
             for _ in itertools.islice(lines, block_index * self.block):
                 pass
             seen_any = offset > 0
             while block := list(itertools.islice(lines, self.block)):
                 seen_any = True
+                if self.keep_lines:  # the block is the whole file
+                    self.kept = block
                 rng = np.random.default_rng([seed, source_key, pass_index, block_index])
                 order, draws = rng.permutation(len(block)), rng.random((len(block), 2))
                 for k in range(skip, len(block)):
@@ -273,7 +277,7 @@ def open_sources(entries, args):
     for entry, url, row in zip(entries, urls, firsts):
         whole = 0 < entry.get("lines", 0) < args.cache_small_sources
         sources.append(Source(entry["name"], url, entry["weight"], len(row),
-                              block=entry["lines"] if whole else args.shuffle_buffer))
+                              block=sys.maxsize if whole else args.shuffle_buffer, keep_lines=whole))
     return sources
 
 

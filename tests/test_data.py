@@ -376,6 +376,21 @@ def test_cache_small_sources_shuffles_whole_files(tiny):
     assert first_lines("--cache_small_sources", str(len(line_of))) == streamed  # "fewer lines than"
 
 
+def test_cache_small_sources_reads_a_file_once(tiny, tmp_path):
+    write_source(tmp_path / "data" / "once.jsonl.gz", pairs("once", 50))
+    entry = {"name": "once.jsonl.gz", "weight": 1, "lines": 50}
+    cached, streamed = (train_script.open_sources([entry], args_for(tmp_path, *flags))[0]
+                        for flags in (["--cache_small_sources", "100"], []))
+    first_pass = [cached.next_row(0, (0, 1)) for _ in range(50)]
+    streamed.next_row(0, (0, 1))  # opened, and its first block read
+    os.remove(tmp_path / "data" / "once.jsonl.gz")
+    second_pass = [cached.next_row(0, (0, 1)) for _ in range(50)]
+    assert sorted(second_pass) == sorted(first_pass) and second_pass != first_pass  # reshuffled
+    with pytest.raises(UserError, match="once.jsonl.gz: no such file"):
+        for _ in range(100):
+            streamed.next_row(0, (0, 1))
+
+
 @pytest.mark.parametrize("scheme", ["file", "memory"])
 def test_fsspec_data_folders_give_the_same_batches(tiny, tmp_path, scheme):
     if scheme == "memory":
