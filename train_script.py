@@ -111,8 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--cache_small_sources", type=int, default=0,
                    help="hold sources with fewer lines than this in RAM and shuffle them whole, as the "
                         "original did with 10000000 (tens of GB for the v1 mixture); 0: stream everything")
-    p.add_argument("--num_workers", type=int, default=1,
-                   help="tokenizer processes; 0 tokenizes in a thread of the trainer")
+    p.add_argument("--num_workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+                   help="tokenizer processes, one core each; 0 tokenizes in a thread of the trainer. The "
+                        "default, half the host's cores but at most 4, keeps a TPU v3-8 fed at the card's batch")
     p.add_argument("--prefetch", type=int, default=4, help="tokenized batches kept ready ahead of the step")
     p.add_argument("--dry_run", type=int, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
@@ -269,26 +270,29 @@ def open_source(url):
 
 
 def read_lines(url, stride, skip=0):
-    """The lines of a file after the first `skip` that belong to this process (every stride[1]-th from stride[0])."""
+    """The lines of a file after the first `skip` that belong to this process (every stride[1]-th
+    from stride[0]).
+
+    A corrupt or truncated gzip stops the run with the file's name rather than wrapping around
+    at the damage: silently training on part of a source would change the mixture."""
     try:
         with open_source(url) as f:
             yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
+    except FileNotFoundError:
+        raise UserError(f"{url}: no such file (check --data_folder)") from None
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
 
 
 def first_row(url):
     """The first usable row of a file; checks that it exists and has one."""
-    try:
-        for line in read_lines(url, (0, 1)):
-            try:
-                row = parse_row(json.loads(line), (0.0, 0.5))
-            except ValueError:
-                continue
-            if row is not None:
-                return row
-    except FileNotFoundError:
-        raise UserError(f"{url}: no such file (check --data_folder)")
+    for line in read_lines(url, (0, 1)):
+        try:
+            row = parse_row(json.loads(line), (0.0, 0.5))
+        except ValueError:
+            continue
+        if row is not None:
+            return row
     raise UserError(f"{url}: no usable row in the whole file")
 
 
@@ -305,6 +309,8 @@ class Source:
     invalid: int = 0                # lines skipped: not JSON, wrong shape, wrong column count
     duplicate: int = 0              # rows skipped: a text already in the batch
     rows: object = None             # the live iterator, opened on first use
+    keep_lines: bool = False        # --cache_small_sources: read the file once, keep its lines in RAM
+    kept: list = None               # those lines, once read
 
     def next_row(self, seed, stride):
         """The next usable row; counts (and skips) the unusable ones."""
@@ -321,13 +327,15 @@ class Source:
         source_key = zlib.crc32(self.name.encode())
         pass_index, offset = self.position
         while True:
-            lines = read_lines(self.url, stride, skip=self.held_out)
+            lines = iter(self.kept) if self.kept else read_lines(self.url, stride, skip=self.held_out)
             block_index, skip = divmod(offset, self.block)
             for _ in itertools.islice(lines, block_index * self.block):
                 pass
             seen_any = offset > 0
             while block := list(itertools.islice(lines, self.block)):
                 seen_any = True
+                if self.keep_lines:  # the block is the whole file
+                    self.kept = block
                 rng = np.random.default_rng([seed, source_key, pass_index, block_index])
                 order, draws = rng.permutation(len(block)), rng.random((len(block), 2))
                 for k in range(skip, len(block)):
@@ -347,7 +355,7 @@ def open_sources(entries, args):
     for entry, url, row in zip(entries, urls, firsts):
         whole = 0 < entry.get("lines", 0) < args.cache_small_sources
         sources.append(Source(entry["name"], url, entry["weight"], len(row),
-                              block=entry["lines"] if whole else args.shuffle_buffer,
+                              block=sys.maxsize if whole else args.shuffle_buffer, keep_lines=whole,
                               held_out=args.eval_rows if args.eval_steps else 0))
     return sources
 
@@ -358,6 +366,7 @@ class TextBatch:
     sources: list          # the source of each slot, in batch order
     rows: list             # (source name, texts) per row of this process's part of the batch
     stream_state: dict     # {source name: position} after this batch: enough to resume exactly
+    invalid: dict          # {source name: unusable lines skipped so far}, sources with any
 
 
 def choose_sources(rng, sources, count):
@@ -382,15 +391,28 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
         rows, in_batch = [], set()
         for slot, source in enumerate(chosen):
             needed = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
+            rejecting_since = None  # the pass in which the current run of rejected rows began
             while needed > 0:
                 texts = source.next_row(args.seed, stride)
                 if repeats_a_text(texts, in_batch):
                     source.duplicate += 1
+                    if rejecting_since is None:
+                        rejecting_since = source.position[0]
+                    if source.position[0] > rejecting_since + 1:  # every line of a whole pass rejected
+                        raise UserError(f"{source.url}: too few distinct texts to fill {share} rows of a "
+                                        "batch (a whole pass gave no row new to the batch)")
                     continue
+                rejecting_since = None
                 in_batch.update(texts)
                 rows.append((source.name, texts))
                 needed -= 1
-        yield TextBatch(step, [s.name for s in chosen], rows, {s.name: s.position for s in sources})
+        yield TextBatch(step, [s.name for s in chosen], rows, {s.name: s.position for s in sources},
+                        {s.name: s.invalid for s in sources if s.invalid})
+
+
+def invalid_lines_report(invalid):
+    """One log line: the unusable lines skipped so far, per file."""
+    return "skipped unusable lines: " + ", ".join(f"{name} {count}" for name, count in invalid.items())
 
 
 # Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the
@@ -410,13 +432,16 @@ def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets):
     _buckets = buckets
 
 
-def _init_worker_process(*tokenizer_args):
+def _init_worker(*init):
+    # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
+    # tokenizer's own thread pool does not compete with the trainer's threads for the others.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C reaches the whole process group: the trainer finishes its step and checkpoints, so
     # its workers must not die first; they end with the trainer, even one killed with -9.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    _init_tokenizer(*tokenizer_args)
+    _init_tokenizer(*init)
 
 
 def _exit_with_parent(parent):
@@ -429,7 +454,7 @@ def tokenize_columns(columns, shape):
     """Texts by column -> [(input_ids, attention_mask)] per column, each int32 [*shape, bucket]."""
     out = []
     for texts in columns:
-        encodings = _tokenizer.encode_batch(list(texts))
+        encodings = _tokenizer.encode_batch_fast(list(texts))  # _fast: no character offsets
         ids = np.array([e.ids for e in encodings], dtype=np.int32)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
         length = next(b for b in _buckets if b >= mask.sum(-1).max())
@@ -451,7 +476,7 @@ def tokenizer_pool(tokenizer, args):
     # spawn: forking a process that runs JAX's threads is unsafe
     return concurrent.futures.ProcessPoolExecutor(
         args.num_workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker_process, initargs=init)
+        initializer=_init_worker, initargs=init)
 
 
 def background_batches(texts, pool, workers, shape, depth):
@@ -479,6 +504,9 @@ def background_batches(texts, pool, workers, shape, depth):
                     put(Batch(text_batch, future.result()))
                 if stop.is_set():
                     return
+            for text_batch, future in pending:  # a finite `texts` (tests, benchmarks) ends here
+                put(Batch(text_batch, future.result()))
+            put(None)
         except BaseException as e:  # handed to the trainer, which stops with it
             put(e)
 
@@ -492,6 +520,8 @@ def background_batches(texts, pool, workers, shape, depth):
                 if not thread.is_alive():
                     raise RuntimeError("the data producer stopped without a reason")
                 continue
+            if item is None:
+                return
             if isinstance(item, BaseException):
                 if isinstance(item, UserError):
                     raise item
@@ -513,7 +543,8 @@ def dry_run(sources, args, tokenizer, global_batch):
             counts.update(batch.text.sources)
             if dump:
                 rows = [{"source": name, "texts": list(t)} for name, t in batch.text.rows]
-                dump.write(json.dumps({"step": batch.text.step, "rows": rows}) + "\n")
+                dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources,
+                                       "rows": rows}) + "\n")
         batches.close()
     seconds = time.perf_counter() - started
     if dump:
@@ -1324,7 +1355,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
             held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
             evaluate(first_step, held_out_tokens)
         window, waited, window_start, skipped = [], 0.0, time.perf_counter(), 0
-        batches_per_source = collections.Counter()
+        batches_per_source, reported_invalid = collections.Counter(), {}
         batch, columns = next_batch()
         compiled_formats = set()  # 2 (pairs) and 3 (triplets) columns each compile the step once
         for step in bar:
@@ -1347,6 +1378,9 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
                 skipped += line["skipped"]
                 if metrics:
                     write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
+                if window[-1][0].invalid != reported_invalid:
+                    reported_invalid = window[-1][0].invalid
+                    bar.write(invalid_lines_report(reported_invalid))
                 window, waited, window_start = [], 0.0, time.perf_counter()
             if held_out and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
                 window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time

