@@ -40,6 +40,7 @@ import tqdm
 import transformers
 from flax import traverse_util
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
@@ -93,6 +94,14 @@ def parse_args(argv=None):
     p.add_argument("--dump_batches", default=None, metavar="FILE",
                    help="with --dry_run: write each global batch's texts and sources as a JSON line")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
+    p.add_argument("--multihost", action="store_true",
+                   help="join the other hosts of a multi-host run (every host runs the same command) with "
+                        "jax.distributed.initialize(); it finds them by itself on Cloud TPU pod slices, SLURM and "
+                        "Open MPI, elsewhere give the three flags below (any of them implies --multihost)")
+    p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="multi-host: process 0's address, the same on every host")
+    p.add_argument("--num_processes", type=int, default=None, help="multi-host: how many processes join")
+    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index, 0 .. N-1")
     args = p.parse_args(argv)
     check_args(args)
     return args
@@ -112,6 +121,12 @@ def check_args(args):
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UserError(f"--num_processes must be at least 1, got {args.num_processes}")
+    if args.process_id is not None and args.process_id < 0:
+        raise UserError(f"--process_id cannot be negative, got {args.process_id}")
+    if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
+        raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
 
 
 # ============================================================================================
@@ -576,6 +591,15 @@ def make_train_step(model, args, devices):
     return jax.pmap(train_step, axis_name=AXIS, devices=devices, donate_argnums=0)
 
 
+def devices_of_all_processes(local_devices):
+    """The devices of the whole run: every process's first len(local_devices), grouped by process.
+
+    Grouped so that the pmap positions of process p's devices are the rows of the global batch
+    it reads (text_batches' local range); a single process gets its own devices back."""
+    count = len(local_devices)
+    return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:count]]
+
+
 def device_sharding(devices):
     """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices.
 
@@ -587,6 +611,11 @@ def device_sharding(devices):
 def to_devices(tree, sharding):
     """Host arrays [local devices, ...] -> one global array per leaf, laid out for pmap."""
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def first_local_replica(tree):
+    """The copy held by this process's first device of every replicated leaf (no cross-host fetch)."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree)
 
 
 def replicate(tree, sharding, local_devices):
@@ -764,16 +793,16 @@ def train(args, model, tokenizer, config, sources, entries, devices):
     command = start_run_record(args, entries, args.output) if writer else None
     versions = {m.__name__: m.__version__ for m in (jax, flax, optax, transformers)}
 
-    sharding = device_sharding(devices)
+    sharding = device_sharding(devices_of_all_processes(devices))
     state = replicate(init_state(model, args), sharding, len(devices))
-    train_step = make_train_step(model, args, devices)
+    train_step = make_train_step(model, args, devices_of_all_processes(devices))
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     texts = text_batches(sources, args, global_batch,
                          (process * local_batch, (process + 1) * local_batch), (process, processes))
 
     def export(step):
         if writer:
-            params = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], state.params))
+            params = jax.device_get(first_local_replica(state.params))
             run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
                    "mixture": entries, "command": command, "versions": versions}
             folder = os.path.join(args.output, "final" if step == args.steps else str(step))
@@ -804,8 +833,9 @@ def train(args, model, tokenizer, config, sources, entries, devices):
                 export(step + 1)
         export(args.steps)
         batches.close()
-    print(f"done: {args.steps} steps; the step was compiled {make_train_step.traces} time(s); "
-          f"model in {os.path.join(args.output, 'final')}")
+    if writer:
+        print(f"done: {args.steps} steps; the step was compiled {make_train_step.traces} time(s); "
+              f"model in {os.path.join(args.output, 'final')}")
 
 
 def log_window(bar, window, waited, seconds, global_batch):
@@ -823,6 +853,8 @@ def log_window(bar, window, waited, seconds, global_batch):
             "lr": float(last["lr"][0]), "grad_norm": float(last["grad_norm"][0]),
             "pairs/s": len(window) * global_batch / seconds, "data_wait": waited / seconds,
             "skipped": len(measured) - len(losses)}
+    if bar.disable:  # processes other than 0 check the losses but log nothing
+        return
     bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
                     pairs_s=f"{line['pairs/s']:.0f}", wait=f"{line['data_wait']:.0%}")
     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
@@ -841,6 +873,18 @@ def choose_devices(args):
     return local[:count]
 
 
+def join_processes(args):
+    """Multi-host: connects this process to the others; must run before anything asks jax for devices."""
+    if not (args.multihost or args.coordinator_address):
+        return
+    # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--multihost: cannot join the other processes ({first_line(e)})")
+
+
 def prepare_output(args):
     if os.path.exists(args.output) and os.listdir(args.output):
         if not args.overwrite:
@@ -849,8 +893,24 @@ def prepare_output(args):
     os.makedirs(args.output, exist_ok=True)
 
 
+def prepare_output_on_process_0(args):
+    """Process 0 alone checks and (re)creates OUTPUT; the others wait for it and share its verdict."""
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            prepare_output(args)
+        except UserError as e:
+            problem = e
+    ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
+    if problem:
+        raise problem
+    if not ready:
+        raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
     global_batch = args.batch_size * len(devices) * jax.process_count()
@@ -865,8 +925,7 @@ def main(argv=None):
     if config.model_type not in EXPORTABLE:
         raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
                         f"not {config.model_type}")
-    if jax.process_index() == 0:
-        prepare_output(args)
+    prepare_output_on_process_0(args)
     model = load_model(args, config)
     train(args, model, tokenizer, config, sources, entries, devices)
 
