@@ -97,7 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--multihost", action="store_true",
                    help="join the other hosts of a multi-host run (every host runs the same command) with "
                         "jax.distributed.initialize(); it finds them by itself on Cloud TPU pod slices, SLURM and "
-                        "Open MPI, elsewhere give the three flags below (any of them implies --multihost)")
+                        "Open MPI; elsewhere give the three flags below (--coordinator_address implies --multihost)")
     p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
                    help="multi-host: process 0's address, the same on every host")
     p.add_argument("--num_processes", type=int, default=None, help="multi-host: how many processes join")
@@ -127,6 +127,9 @@ def check_args(args):
         raise UserError(f"--process_id cannot be negative, got {args.process_id}")
     if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
         raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
+    if (args.num_processes is not None or args.process_id is not None) and not (
+            args.multihost or args.coordinator_address):
+        raise UserError("--num_processes and --process_id need --coordinator_address (or --multihost)")
 
 
 # ============================================================================================

@@ -128,3 +128,13 @@ def test_existing_output_stops_every_process(tiny, distinct_pairs, tmp_path):
     assert len(errors[0]) == 1 and "exists and is not empty" in errors[0][0]
     assert len(errors[1]) == 1 and "process 0 could not prepare" in errors[1][0]
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier work"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"], "must be below --num_processes 2"),
+    (["--coordinator_address", "h:1", "--num_processes", "0"], "--num_processes must be at least 1"),
+    (["--num_processes", "2", "--process_id", "0"], "need --coordinator_address"),
+])
+def test_inconsistent_process_flags_are_refused_before_joining(flags, message):
+    with pytest.raises(train_script.UserError, match=message):
+        train_script.parse_args(["config.json", "out", *flags])
