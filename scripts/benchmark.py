@@ -30,6 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# on a GPU, JAX would otherwise reserve most of its memory up front and leave PyTorch little
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import torch  # noqa: E402
@@ -54,6 +56,9 @@ def parse_args():
     p.add_argument("--mini_batch_size", type=int, default=None,
                    help="GradCache rows per chunk for the memory comparison (default: a quarter of a device's)")
     p.add_argument("--producer_batches", type=int, default=20, help="batches timed through the producer")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="without an accelerator: JAX CPU devices, the batch split over them (default: one per "
+                        "core, or XLA_FLAGS' --xla_force_host_platform_device_count when set)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: torch,buckets,gradcache,producer")
     p.add_argument("train_script_flags", nargs="*",
                    help="after --: flags for train_script's parser, for every JAX step (e.g. --dtype bfloat16)")
@@ -192,8 +197,19 @@ def activation_bytes(args, columns_numpy):
 # Main
 # ============================================================================================
 
+def use_one_cpu_device_per_core(options):
+    """XLA runs most of one CPU device's step on a single thread; the cores are used by splitting the
+    CPU into devices, as a TPU host has one device per core. No effect on GPUs and TPUs."""
+    if options.cpu_devices is None and "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    cores = os.cpu_count() or 1
+    count = options.cpu_devices or max(d for d in range(1, cores + 1) if options.batch_size % d == 0)
+    jax.config.update("jax_num_cpu_devices", count)
+
+
 def main():
     options = parse_args()
+    use_one_cpu_device_per_core(options)  # before anything starts JAX's CPU backend
     skip = set(filter(None, options.skip.split(",")))
     devices = jax.local_devices()
     if options.batch_size % len(devices):

@@ -138,3 +138,14 @@ def test_existing_output_stops_every_process(tiny, distinct_pairs, tmp_path):
 def test_inconsistent_process_flags_are_refused_before_joining(flags, message):
     with pytest.raises(train_script.UserError, match=message):
         train_script.parse_args(["config.json", "out", *flags])
+
+
+def test_cpu_devices_split_the_cpu(tiny):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_script.py"), str(tiny / "data_config_pairs.json"), "unused",
+         "--model", str(tiny / "model"), "--data_folder", str(tiny / "data"), "--batch_size", "2",
+         "--max_length", "16", "--num_workers", "0", "--cpu_devices", "3", "--dry_run", "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 batches of 6 rows" in result.stdout  # 2 per device x 3 devices
