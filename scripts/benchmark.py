@@ -166,8 +166,23 @@ def torch_step(folder, columns_numpy, device):
 # Extras: the producer, buckets, GradCache memory
 # ============================================================================================
 
-def producer_pairs_per_second(fixture, folder, options, global_batch):
-    """train_script's input pipeline (stream, parse, tokenize) on the fixture's mixture: pairs/s."""
+def producer_pairs_per_second(tmp, fixture, folder, options):
+    """train_script's input pipeline (stream, parse, tokenize; one tokenizer worker): (pairs/s, on what).
+
+    With scripts/benchmark_producer.py (realistic generated data, the real MiniLM tokenizer, the
+    card's 1024-pair batches) if present, else on the tiny fixture's mixture and tokenizer."""
+    try:
+        import benchmark_producer
+    except ImportError:
+        return fixture_producer_pairs_per_second(fixture, folder, options), "the fixture's data and tokenizer"
+    data = os.path.join(tmp, "producer")
+    config = benchmark_producer.generate(data, files=4, lines=20_000)
+    rate = benchmark_producer.measure(config, data, 1, options.producer_batches, warmup=4)[0]
+    return rate, "benchmark_producer.py's generated data, MiniLM's tokenizer, 1024-pair batches"
+
+
+def fixture_producer_pairs_per_second(fixture, folder, options):
+    global_batch = options.batch_size
     args = train_script.parse_args([os.path.join(fixture, "data_config_pairs.json"), "unused",
                                     "--model", folder, "--data_folder", os.path.join(fixture, "data"),
                                     "--batch_size", str(global_batch), "--max_length", str(options.max_length),
@@ -259,8 +274,8 @@ def main():
                   f"{activation_bytes(fixed, columns) / 2**20:,.0f} MiB plain, "
                   f"{activation_bytes(cached, columns) / 2**20:,.0f} MiB with --mini_batch_size {mini}")
         if "producer" not in skip:
-            rate = producer_pairs_per_second(fixture, folder, options, options.batch_size)
-            print(f"producer (stream, parse, tokenize; 1 worker; fixture data): {rate:,.0f} pairs/s")
+            rate, data = producer_pairs_per_second(tmp, fixture, folder, options)
+            print(f"producer (stream, parse, tokenize; 1 tokenizer worker; {data}): {rate:,.0f} pairs/s")
 
 
 if __name__ == "__main__":
