@@ -612,7 +612,9 @@ def devices_of_all_processes(local_devices):
 def device_sharding(devices):
     """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices.
 
-    Inputs already in this layout (the state, every batch) never make the step recompile."""
+    Inputs already in this layout (the state, every batch) never make the step recompile. With
+    several processes the mesh spans all their devices, each process supplies the rows of its own
+    devices, and pmap hands back this process's rows only; those go back in as they are."""
     return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
                                       jax.sharding.PartitionSpec(AXIS))
 

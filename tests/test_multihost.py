@@ -4,10 +4,10 @@
 Can the two runs see the same global batch? Each process reads every second line of a source
 (process p: lines p, p+2, ...) and fills its own rows of the global batch. With one source per
 batch (--datasets_per_batch 1) and no shuffling (--shuffle_buffer 1), the 2-process global batch
-is lines [0, 2, .., 14, 1, 3, .., 15] and the 1-process one lines [0 .. 15]: the same pairs in
+is lines [0, 2, .., 14, 1, 3, .., 15] and the 1-process one lines [0 .. 15] (then 16 .. 31): the same pairs in
 another order. The in-batch loss is a mean over anchors, each scored against all candidates, so
-it does not depend on the order: with --dropout 0, one step must give the same parameters up to
-float rounding. It would not if the loss or the gradient mean covered only one host's devices.
+it does not depend on the order: with --dropout 0, the steps must give the same parameters up to
+float rounding (two steps, so that the second also takes the state as pmap handed it back). It would not if the loss or the gradient mean covered only one host's devices.
 Every text of the data file is distinct, so no row is skipped as a duplicate in either run.
 """
 import gzip
@@ -47,7 +47,7 @@ def distinct_pairs(tiny, tmp_path_factory):
 
 
 def flags(tiny, data):
-    return ["--model", str(tiny / "model"), "--data_folder", str(data), "--steps", "1",
+    return ["--model", str(tiny / "model"), "--data_folder", str(data), "--steps", "2",
             "--batch_size", "2", "--max_length", "16", "--dropout", "0", "--lr", "1e-3",
             "--warmup_steps", "0", "--datasets_per_batch", "1", "--shuffle_buffer", "1",
             "--num_workers", "0", "--log_steps", "1"]
@@ -93,7 +93,7 @@ def test_only_process_0_writes_and_logs(two_process_run):
     assert (out0 / "final" / "model.safetensors").exists()
     assert (out0 / "train_script.py").exists()
     assert not out1.exists()
-    assert "done: 1 steps" in results[0][1] and "loss=" in results[0][1]
+    assert "done: 2 steps; the step was compiled 1 time(s)" in results[0][1] and "loss=" in results[0][1]
     assert "done:" not in results[1][1] and "loss=" not in results[1][1]
 
 
