@@ -2,7 +2,7 @@
 training step (PyTorch, MultipleNegativesRankingLoss), same architecture, batch and lengths.
 
     python scripts/benchmark.py                       # 32 pairs x 128 tokens, MiniLM-L12-H384
-    python scripts/benchmark.py --steps 5 -- --dtype bfloat16 --pad_to_buckets 32,64,128
+    python scripts/benchmark.py --steps 5 --buckets 32,64 -- --dtype bfloat16
 
 The model is MiniLM-L12-H384's architecture (12 layers, hidden 384, 12 heads, intermediate 1536)
 from a random init built offline; both frameworks start from the same weights, dropout on. JAX
@@ -54,7 +54,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=3, help="timed steps of each framework, after one warm-up step")
     p.add_argument("--buckets", default="32,64", help="--pad_to_buckets of the bucketed step (if the script has it)")
     p.add_argument("--mini_batch_size", type=int, default=None,
-                   help="GradCache rows per chunk for the memory comparison (default: a quarter of a device's)")
+                   help="GradCache rows per chunk for the memory comparison (default: about a quarter of a device's)")
     p.add_argument("--producer_batches", type=int, default=20, help="batches timed through the producer")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="without an accelerator: JAX CPU devices, the batch split over them (default: one per "
@@ -268,7 +268,9 @@ def main():
             print(f"\nJAX seconds per step / PyTorch seconds per step: {ratio:.2f}")
 
         if "gradcache" not in skip and script_has("mini_batch_size"):
-            mini = options.mini_batch_size or max(1, per_device // 4)
+            # default: the largest divisor of a device's rows up to a quarter of them
+            mini = options.mini_batch_size or next(d for d in range(max(1, per_device // 4), 0, -1)
+                                                   if per_device % d == 0)
             cached = script_args(folder, options, per_device, [*flags, "--mini_batch_size", str(mini)])
             print(f"GradCache activation memory (XLA temp buffers, {per_device} rows per device): "
                   f"{activation_bytes(fixed, columns) / 2**20:,.0f} MiB plain, "
