@@ -89,6 +89,10 @@ def parse_args(argv=None):
                    help="pad each column of a batch to the smallest of these lengths that fits its longest text "
                         "(--max_length is the last); None: every text padded to --max_length")
     p.add_argument("--nprocs", type=int, default=None, help="devices to use (default: all local devices)")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="without an accelerator: split the CPU into this many devices; XLA runs most of one "
+                        "CPU device's step on one thread, so one per core is about cores x faster (default: "
+                        "XLA_FLAGS' --xla_force_host_platform_device_count, else 1)")
     p.add_argument("--datasets_per_batch", type=int, default=2,
                    help="sources that fill each global batch, in equal shares")
     p.add_argument("--scale", type=float, default=20.0, help="cosine similarities are multiplied by this")
@@ -126,6 +130,14 @@ def parse_args(argv=None):
     p.add_argument("--eval_rows", type=int, default=1000,
                    help="with --eval_steps: the first this many lines of every file are held out of training "
                         "and used for evaluation")
+    p.add_argument("--multihost", action="store_true",
+                   help="join the other hosts of a multi-host run (every host runs the same command) with "
+                        "jax.distributed.initialize(); it finds them by itself on Cloud TPU pod slices, SLURM and "
+                        "Open MPI; elsewhere give the three flags below (--coordinator_address implies --multihost)")
+    p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="multi-host: process 0's address, the same on every host")
+    p.add_argument("--num_processes", type=int, default=None, help="multi-host: how many processes join")
+    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index, 0 .. N-1")
     args = p.parse_args(argv)
     # as typed, for the run record and the model card
     args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
@@ -141,6 +153,8 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.nprocs is not None and args.nprocs < 1:
         raise UserError(f"--nprocs must be at least 1, got {args.nprocs}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise UserError(f"--cpu_devices must be at least 1, got {args.cpu_devices}")
     if args.num_workers < 0 or args.warmup_steps < 0 or args.cache_small_sources < 0:
         raise UserError("--num_workers, --warmup_steps and --cache_small_sources cannot be negative")
     if args.dropout is not None and not 0 <= args.dropout < 1:
@@ -161,6 +175,15 @@ def check_args(args):
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
 
+    if args.num_processes is not None and args.num_processes < 1:
+        raise UserError(f"--num_processes must be at least 1, got {args.num_processes}")
+    if args.process_id is not None and args.process_id < 0:
+        raise UserError(f"--process_id cannot be negative, got {args.process_id}")
+    if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
+        raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
+    if (args.num_processes is not None or args.process_id is not None) and not (
+            args.multihost or args.coordinator_address):
+        raise UserError("--num_processes and --process_id need --coordinator_address (or --multihost)")
 
 def bucket_lengths(text, max_length):
     """--pad_to_buckets "32,64" -> (32, 64, max_length): increasing, ending at --max_length."""
@@ -748,10 +771,21 @@ def make_train_step(model, args, devices):
     return jax.pmap(train_step, axis_name=AXIS, devices=devices, donate_argnums=0)
 
 
+def devices_of_all_processes(local_devices):
+    """The devices of the whole run: every process's first len(local_devices), grouped by process.
+
+    Grouped so that the pmap positions of process p's devices are the rows of the global batch
+    it reads (text_batches' local range); a single process gets its own devices back."""
+    count = len(local_devices)
+    return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:count]]
+
+
 def device_sharding(devices):
     """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices.
 
-    Inputs already in this layout (the state, every batch) never make the step recompile."""
+    Inputs already in this layout (the state, every batch) never make the step recompile. With
+    several processes the mesh spans all their devices, each process supplies the rows of its own
+    devices, and pmap hands back this process's rows only; those go back in as they are."""
     return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
                                       jax.sharding.PartitionSpec(AXIS))
 
@@ -759,6 +793,11 @@ def device_sharding(devices):
 def to_devices(tree, sharding):
     """Host arrays [local devices, ...] -> one global array per leaf, laid out for pmap."""
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def first_local_replica(tree):
+    """The copy held by this process's first device of every replicated leaf (no cross-host fetch)."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree)
 
 
 def replicate(tree, sharding, local_devices):
@@ -1186,8 +1225,8 @@ def checkpoint_manager(args):
 def save_checkpoint(checkpoints, state, text, sources, identity):
     """Checkpoints the state after `text`'s batch, from process 0's copy of the replicated state."""
     step = text.step + 1
-    first_copy = jax.device_get(jax.tree_util.tree_map(
-        lambda x: x[0], {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
+    first_copy = jax.device_get(first_local_replica(
+        {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
     # every process reads its own stride of each file, so each has its own positions
     positions = multihost_utils.process_allgather(np.array([text.stream_state[s.name] for s in sources]))
     meta = {"step": step, "run": identity,
@@ -1311,9 +1350,9 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         command = start_run_record(args, entries, args.output) if first_step == 0 else record_resume(args, first_step)
     versions = library_versions()
 
-    sharding = device_sharding(devices)
+    sharding = device_sharding(devices_of_all_processes(devices))
     state = replicate(start_state, sharding, len(devices))
-    train_step = make_train_step(model, args, devices)
+    train_step = make_train_step(model, args, devices_of_all_processes(devices))
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
         source.position = tuple(positions.get(source.name, (0, 0)))
@@ -1336,7 +1375,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
 
     def export(step):
         if writer:
-            params = jax.device_get(jax.tree_util.tree_map(lambda x: x[0], state.params))
+            params = jax.device_get(first_local_replica(state.params))
             run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
                    "mixture": entries, "command": command, "versions": versions}
             folder = os.path.join(args.output, "final" if step == args.steps else str(step))
@@ -1394,9 +1433,10 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         export(args.steps)
     if metrics:
         close_metrics(metrics)
-    print(f"done: {args.steps} steps, {skipped} skipped as non-finite; the step was compiled "
-          f"{make_train_step.traces} time(s) (once per batch format: pairs, triplets); "
-          f"model in {os.path.join(args.output, 'final')}")
+    if writer:
+        print(f"done: {args.steps} steps, {skipped} skipped as non-finite; the step was compiled "
+              f"{make_train_step.traces} time(s) (once per batch format: pairs, triplets); "
+              f"model in {os.path.join(args.output, 'final')}")
 
 
 def compile_step(train_step, state, columns, dropout_key, args, bar):
@@ -1433,6 +1473,8 @@ def log_window(bar, window, waited, seconds, global_batch):
     line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
             "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
             "data_wait": waited / seconds, "skipped": len(measured) - len(finite)}
+    if bar.disable:  # processes other than 0 check the losses but log nothing
+        return line
     bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
                     pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
     bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
@@ -1484,6 +1526,24 @@ def choose_devices(args):
     return local[:count]
 
 
+def split_cpu(args):
+    """--cpu_devices: must run before anything asks jax for devices."""
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+
+
+def join_processes(args):
+    """Multi-host: connects this process to the others; must run before anything asks jax for devices."""
+    if not (args.multihost or args.coordinator_address):
+        return
+    # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--multihost: cannot join the other processes ({first_line(e)})")
+
+
 def prepare_output(args):
     """An empty OUTPUT, or with --resume the one to continue. One in use is only replaced with
     --overwrite, and never if it holds an input."""
@@ -1503,8 +1563,25 @@ def prepare_output(args):
     os.makedirs(args.output, exist_ok=True)
 
 
+def prepare_output_on_process_0(args):
+    """Process 0 alone checks and (re)creates OUTPUT; the others wait for it and share its verdict."""
+    problem = None
+    if jax.process_index() == 0:
+        try:
+            prepare_output(args)
+        except UserError as e:
+            problem = e
+    ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
+    if problem:
+        raise problem
+    if not ready:
+        raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    split_cpu(args)
+    join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
     global_batch = args.batch_size * len(devices) * jax.process_count()
@@ -1524,8 +1601,7 @@ def main(argv=None):
         raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
                         f"not {config.model_type}")
     model = load_model(args, config)
-    if jax.process_index() == 0:  # only once the model loads: --overwrite must not lose a run for nothing
-        prepare_output(args)
+    prepare_output_on_process_0(args)  # only once the model loads: --overwrite must not lose a run for nothing
     train(args, model, tokenizer, config, sources, entries, devices, held_out)
 
 

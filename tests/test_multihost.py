@@ -1,0 +1,151 @@
+"""Multi-host: two processes x 4 emulated CPU devices on localhost, joined by jax.distributed
+(gloo collectives), against one process x 8 devices.
+
+Can the two runs see the same global batch? Each process reads every second line of a source
+(process p: lines p, p+2, ...) and fills its own rows of the global batch. With one source per
+batch (--datasets_per_batch 1) and no shuffling (--shuffle_buffer 1), the 2-process global batch
+is lines [0, 2, .., 14, 1, 3, .., 15] and the 1-process one lines [0 .. 15] (then 16 .. 31): the same pairs in
+another order. The in-batch loss is a mean over anchors, each scored against all candidates, so
+it does not depend on the order: with --dropout 0, the steps must give the same parameters up to
+float rounding (two steps, so that the second also takes the state as pmap handed it back). It would not if the loss or the gradient mean covered only one host's devices.
+Every text of the data file is distinct, so no row is skipped as a duplicate in either run.
+"""
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from transformers import FlaxAutoModel
+
+import train_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = 64
+
+
+@pytest.fixture(scope="module")
+def distinct_pairs(tiny, tmp_path_factory):
+    """A one-source data config whose texts are all different."""
+    out = tmp_path_factory.mktemp("distinct")
+    seen, rows = set(), []
+    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
+        for line in f:
+            pair = json.loads(line)
+            if not seen.intersection(pair) and len(set(pair)) == 2 and len(rows) < ROWS:
+                seen.update(pair)
+                rows.append(pair)
+    with gzip.open(out / "pairs.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(pair) + "\n" for pair in rows)
+    config = out / "config.json"
+    config.write_text(json.dumps([{"name": "pairs.jsonl.gz", "lines": len(rows), "weight": 1}]))
+    return out, config
+
+
+def flags(tiny, data):
+    return ["--model", str(tiny / "model"), "--data_folder", str(data), "--steps", "2",
+            "--batch_size", "2", "--max_length", "16", "--dropout", "0", "--lr", "1e-3",
+            "--warmup_steps", "0", "--datasets_per_batch", "1", "--shuffle_buffer", "1",
+            "--num_workers", "0", "--log_steps", "1"]
+
+
+def launch_two_processes(config, outputs, extra):
+    """Starts processes 0 and 1 (4 CPU devices each) and waits for both: [(returncode, output)]."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train_script.py"), str(config), str(output), *extra,
+         "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id", str(p)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        for p, output in enumerate(outputs)]
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        return [(proc.returncode, output) for proc, output in zip(procs, outputs)]
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny, distinct_pairs, tmp_path_factory):
+    """Process 1 is given an OUTPUT of its own to prove it writes nothing (real runs share one)."""
+    data, config = distinct_pairs
+    out = tmp_path_factory.mktemp("two")
+    outputs = [out / "process0", out / "process1"]
+    results = launch_two_processes(config, outputs, flags(tiny, data))
+    return outputs, results
+
+
+def test_both_processes_finish(two_process_run):
+    _, results = two_process_run
+    for process, (code, output) in enumerate(results):
+        assert code == 0, f"process {process} failed:\n{output[-3000:]}"
+
+
+def test_only_process_0_writes_and_logs(two_process_run):
+    (out0, out1), results = two_process_run
+    assert (out0 / "final" / "model.safetensors").exists()
+    assert (out0 / "train_script.py").exists()
+    assert not out1.exists()
+    assert "done: 2 steps; the step was compiled 1 time(s)" in results[0][1] and "loss=" in results[0][1]
+    assert "done:" not in results[1][1] and "loss=" not in results[1][1]
+
+
+def test_global_batch_spans_both_processes(two_process_run):
+    (out0, _), _ = two_process_run
+    card = (out0 / "final" / "README.md").read_text()
+    assert "| global batch | 16 (2 per device x 8 devices) |" in card
+
+
+def test_two_processes_take_the_one_process_step(two_process_run, tiny, distinct_pairs, tmp_path):
+    (out0, _), results = two_process_run
+    assert results[0][0] == 0
+    data, config = distinct_pairs
+    train_script.main([str(config), str(tmp_path / "one"), *flags(tiny, data)])
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    two = load_file(out0 / "final" / "model.safetensors")
+    initial = train_script.torch_state_dict(FlaxAutoModel.from_pretrained(str(tiny / "model")).params)
+    assert one.keys() == two.keys()
+    moved = max(np.abs(one[k] - initial[k]).max() for k in initial if k in one)
+    assert moved > 1e-4  # the step changed the parameters well beyond the tolerance below
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], atol=1e-5, err_msg=name)
+
+
+def test_existing_output_stops_every_process(tiny, distinct_pairs, tmp_path):
+    data, config = distinct_pairs
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("earlier work")
+    results = launch_two_processes(config, [tmp_path / "out"] * 2, flags(tiny, data))
+    assert [code for code, _ in results] == [1, 1]
+    errors = [[line for line in output.splitlines() if line.startswith("error: ")] for _, output in results]
+    assert len(errors[0]) == 1 and "exists and is not empty" in errors[0][0]
+    assert len(errors[1]) == 1 and "process 0 could not prepare" in errors[1][0]
+    assert (tmp_path / "out" / "keep.txt").read_text() == "earlier work"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"], "must be below --num_processes 2"),
+    (["--coordinator_address", "h:1", "--num_processes", "0"], "--num_processes must be at least 1"),
+    (["--num_processes", "2", "--process_id", "0"], "need --coordinator_address"),
+])
+def test_inconsistent_process_flags_are_refused_before_joining(flags, message):
+    with pytest.raises(train_script.UserError, match=message):
+        train_script.parse_args(["config.json", "out", *flags])
+
+
+def test_cpu_devices_split_the_cpu(tiny):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_script.py"), str(tiny / "data_config_pairs.json"), "unused",
+         "--model", str(tiny / "model"), "--data_folder", str(tiny / "data"), "--batch_size", "2",
+         "--max_length", "16", "--num_workers", "0", "--cpu_devices", "3", "--dry_run", "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 batches of 6 rows" in result.stdout  # 2 per device x 3 devices
