@@ -1393,7 +1393,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         if held_out:
             held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
             evaluate(first_step, held_out_tokens)
-        window, waited, window_start, skipped = [], 0.0, time.perf_counter(), 0
+        window, waited, window_start, skipped, bad_in_a_row = [], 0.0, time.perf_counter(), 0, 0
         batches_per_source, reported_invalid = collections.Counter(), {}
         batch, columns = next_batch()
         compiled_formats = set()  # 2 (pairs) and 3 (triplets) columns each compile the step once
@@ -1413,7 +1413,8 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
             checkpoint_now = (step + 1) % args.save_steps == 0 or step + 1 == args.steps or bool(stop)
             # the window is checked before a checkpoint, so a run that must stop never writes one
             if (step + 1) % args.log_steps == 0 or checkpoint_now:
-                line = log_window(bar, window, waited, time.perf_counter() - window_start, global_batch)
+                line, bad_in_a_row = log_window(bar, window, waited, time.perf_counter() - window_start,
+                                                global_batch, bad_in_a_row)
                 skipped += line["skipped"]
                 if metrics:
                     write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
@@ -1456,15 +1457,16 @@ def compile_step(train_step, state, columns, dropout_key, args, bar):
     return state, measured
 
 
-def log_window(bar, window, waited, seconds, global_batch):
-    """Fetches the window's measurements (the only host sync) and reports them."""
+def log_window(bar, window, waited, seconds, global_batch, bad_in_a_row):
+    """Fetches the window's measurements (the only host sync) and reports them; returns the line
+    and how many steps in a row, up to the window's last, were not finite."""
     measured = jax.device_get([m for _, m in window])
-    bad_in_a_row = 0
     for (text, _), m in zip(window, measured):
         bad_in_a_row = 0 if m["finite"][0] else bad_in_a_row + 1
         if bad_in_a_row >= MAX_BAD_STEPS:
-            raise RuntimeError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
-                               f"(sources {', '.join(text.sources)}); updates were skipped")
+            raise UserError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
+                            f"(sources {', '.join(text.sources)}); their updates were skipped, the last "
+                            "checkpoint is intact")
     finite = [m for m in measured if m["finite"][0]]
 
     def mean(key):
@@ -1473,12 +1475,11 @@ def log_window(bar, window, waited, seconds, global_batch):
     line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
             "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
             "data_wait": waited / seconds, "skipped": len(measured) - len(finite)}
-    if bar.disable:  # processes other than 0 check the losses but log nothing
-        return line
-    bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
-                    pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
-    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
-    return line
+    if not bar.disable:  # processes other than 0 check the losses but log nothing
+        bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
+                        pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
+        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    return line, bad_in_a_row
 
 
 # OUTPUT/metrics.jsonl gets one JSON line per --log_steps (and per evaluation); OUTPUT/tensorboard/

@@ -169,9 +169,10 @@ def test_resume_of_a_different_run_is_refused(tiny, tmp_path, uninterrupted, cha
         train_script.main(args)
 
 
-def test_a_nan_step_is_skipped_and_counted(tiny, tmp_path, capsys):
-    # The crafted input: a model whose [UNK] embedding is NaN, and one source whose texts all hold
-    # a character outside the fixture's vocabulary (so [UNK]); no other fixture text has [UNK].
+def poison(tiny, tmp_path, only_snowmen=False):
+    """The crafted input: a model whose [UNK] embedding is NaN, and a source whose texts all hold a
+    character outside the fixture's vocabulary (so [UNK]); no other fixture text has [UNK].
+    Returns the run's arguments and the unpoisoned model."""
     from transformers import AutoTokenizer, FlaxAutoModel
     model = FlaxAutoModel.from_pretrained(tiny / "model")
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
@@ -187,11 +188,15 @@ def test_a_nan_step_is_skipped_and_counted(tiny, tmp_path, capsys):
     with gzip.open(tmp_path / "data" / "snowmen.jsonl.gz", "wt") as f:
         for i in range(200):
             f.write(json.dumps([f"snowman {i} \u2603", f"a snowman number {i}"]) + "\n")
-    entries = json.loads((tiny / "data_config_pairs.json").read_text())
+    entries = [] if only_snowmen else json.loads((tiny / "data_config_pairs.json").read_text())
     entries.append({"name": "snowmen.jsonl.gz", "lines": 200, "weight": 2})
     (tmp_path / "config.json").write_text(json.dumps(entries))
-
     args = run_args(tmp_path / "run", tmp_path / "config.json", tmp_path / "data", tmp_path / "model")
+    return args, model
+
+
+def test_a_nan_step_is_skipped_and_counted(tiny, tmp_path, capsys):
+    args, model = poison(tiny, tmp_path)
     # which steps see a snowman: the dry run streams the same batches without a model
     train_script.main([*args, "--dry_run", str(STEPS), "--dump_batches", str(tmp_path / "batches.jsonl")])
     batches = [json.loads(line) for line in (tmp_path / "batches.jsonl").read_text().splitlines()]
@@ -207,6 +212,16 @@ def test_a_nan_step_is_skipped_and_counted(tiny, tmp_path, capsys):
     assert all(np.isfinite(v).all() for k, v in trained.items() if k != "embeddings.word_embeddings.weight")
     start = model.params["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
     assert not np.allclose(trained["encoder.layer.0.attention.self.query.weight"], np.asarray(start).T)
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_even_across_log_windows(tiny, tmp_path):
+    # Every batch is poisoned; the log windows hold 4 steps, so only a streak carried from one
+    # window to the next reaches MAX_BAD_STEPS = 5 (at step 5, seen when step 8 is logged).
+    args, _ = poison(tiny, tmp_path, only_snowmen=True)
+    with pytest.raises(train_script.UserError, match=r"5 non-finite losses in a row, the last at step 5 "
+                                                     r"\(sources snowmen.jsonl.gz, snowmen.jsonl.gz\)"):
+        train_script.main(args)
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_loads(
