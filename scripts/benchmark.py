@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+import benchmark_producer  # noqa: E402
 import train_script  # noqa: E402
 from make_tiny_data import build_fixture  # noqa: E402
 
@@ -96,11 +97,6 @@ def script_args(folder, options, batch_size, extra):
     argv = ["unused_config.json", "unused_output", "--model", folder, "--batch_size", str(batch_size),
             "--max_length", str(options.max_length), "--num_workers", "0", *extra]
     return train_script.parse_args(argv)
-
-
-def script_has(option):
-    """Whether this train_script.py has a flag (--pad_to_buckets, --mini_batch_size are optional)."""
-    return option in vars(train_script.parse_args(["unused_config.json", "unused_output"]))
 
 
 # ============================================================================================
@@ -166,40 +162,12 @@ def torch_step(folder, columns_numpy, device):
 # Extras: the producer, buckets, GradCache memory
 # ============================================================================================
 
-def producer_pairs_per_second(tmp, fixture, folder, options):
-    """train_script's input pipeline (stream, parse, tokenize; one tokenizer worker): (pairs/s, on what).
-
-    With scripts/benchmark_producer.py (realistic generated data, the real MiniLM tokenizer, the
-    card's 1024-pair batches) if present, else on the tiny fixture's mixture and tokenizer."""
-    try:
-        import benchmark_producer
-    except ImportError:
-        return fixture_producer_pairs_per_second(fixture, folder, options), "the fixture's data and tokenizer"
+def producer_pairs_per_second(tmp, options):
+    """train_script's input pipeline (stream, parse, tokenize; one tokenizer worker) in pairs/s, on
+    benchmark_producer.py's generated question/answer data with MiniLM's tokenizer, 1024-pair batches."""
     data = os.path.join(tmp, "producer")
     config = benchmark_producer.generate(data, files=4, lines=20_000)
-    rate = benchmark_producer.measure(config, data, 1, options.producer_batches, warmup=4)[0]
-    return rate, "benchmark_producer.py's generated data, MiniLM's tokenizer, 1024-pair batches"
-
-
-def fixture_producer_pairs_per_second(fixture, folder, options):
-    global_batch = options.batch_size
-    args = train_script.parse_args([os.path.join(fixture, "data_config_pairs.json"), "unused",
-                                    "--model", folder, "--data_folder", os.path.join(fixture, "data"),
-                                    "--batch_size", str(global_batch), "--max_length", str(options.max_length),
-                                    "--shuffle_buffer", "1000"])
-    tokenizer, _ = train_script.load_tokenizer_and_config(args)
-    sources = train_script.open_sources(train_script.load_data_config(args.data_config), args)
-    texts = train_script.text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
-    with train_script.tokenizer_pool(tokenizer, args) as pool:
-        batches = train_script.background_batches(texts, pool, max(1, args.num_workers), (1, global_batch),
-                                                  args.prefetch)
-        next(batches)  # workers started
-        start = time.perf_counter()
-        for _ in range(options.producer_batches):
-            next(batches)
-        seconds = time.perf_counter() - start
-        batches.close()
-    return options.producer_batches * global_batch / seconds
+    return benchmark_producer.measure(config, data, 1, options.producer_batches, warmup=4)[0]
 
 
 def activation_bytes(args, columns_numpy):
@@ -248,7 +216,7 @@ def main():
         if "torch" not in skip:
             rows.append((f"PyTorch: sentence-transformers MNRL step, {torch_device}, {shape}",
                          time_steps(torch_step(folder, columns, torch_device), options.steps)))
-        if "buckets" not in skip and script_has("pad_to_buckets"):
+        if "buckets" not in skip:
             bucketed = script_args(folder, options, per_device, [*flags, "--pad_to_buckets", options.buckets])
             bucket_columns = tokenized_columns(texts, tokenizer, bucketed, len(devices))
             lengths = " + ".join(str(ids.shape[-1]) for ids, _ in bucket_columns)
@@ -267,7 +235,7 @@ def main():
             ratio = statistics.median(rows[0][1]) / statistics.median(rows[1][1])
             print(f"\nJAX seconds per step / PyTorch seconds per step: {ratio:.2f}")
 
-        if "gradcache" not in skip and script_has("mini_batch_size"):
+        if "gradcache" not in skip:
             # default: the largest divisor of a device's rows up to a quarter of them
             mini = options.mini_batch_size or next(d for d in range(max(1, per_device // 4), 0, -1)
                                                    if per_device % d == 0)
@@ -276,8 +244,8 @@ def main():
                   f"{activation_bytes(fixed, columns) / 2**20:,.0f} MiB plain, "
                   f"{activation_bytes(cached, columns) / 2**20:,.0f} MiB with --mini_batch_size {mini}")
         if "producer" not in skip:
-            rate, data = producer_pairs_per_second(tmp, fixture, folder, options)
-            print(f"producer (stream, parse, tokenize; 1 tokenizer worker; {data}): {rate:,.0f} pairs/s")
+            print(f"producer (stream, parse, tokenize; 1 tokenizer worker; generated question/answer data, "
+                  f"MiniLM's tokenizer): {producer_pairs_per_second(tmp, options):,.0f} pairs/s")
 
 
 if __name__ == "__main__":
