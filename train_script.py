@@ -54,6 +54,11 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 
+# Dropout masks from the RBG generator rather than threefry: the same keys-in, bits-out contract
+# (splits and fold_ins stay safe), and on CPU the step is ~15% faster (scripts/benchmark.py);
+# on TPU the bits come from the hardware generator.
+jax.config.update("jax_default_prng_impl", "rbg")
+
 
 class UserError(Exception):
     """A problem with the command line, the data or the model: reported as one line, exit 2."""
@@ -757,15 +762,14 @@ def make_train_step(model, args, devices):
         loss, grads = loss_and_grads(model, args, state.params, columns, key)
         grads = jax.lax.pmean(grads, AXIS)
         loss = jax.lax.pmean(loss, AXIS)
-        grad_norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree_util.tree_leaves(grads)))
+        grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updated = state.apply_gradients(grads=grads)
         # a non-finite step leaves parameters and moments untouched; only the counter moves on
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         state = updated.replace(params=jax.tree_util.tree_map(keep, updated.params, state.params),
                                 opt_state=jax.tree_util.tree_map(keep, updated.opt_state, state.opt_state))
-        return state, {"loss": loss, "grad_norm": grad_norm, "lr": lr,
-                       "finite": finite}
+        return state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
 
     make_train_step.traces = 0
     return jax.pmap(train_step, axis_name=AXIS, devices=devices, donate_argnums=0)
