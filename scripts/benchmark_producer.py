@@ -17,6 +17,7 @@ import argparse
 import concurrent.futures
 import gzip
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -93,7 +94,8 @@ def generate(folder, files, lines):
         return config
     words, started = vocabulary_words(), time.perf_counter()
     names = [f"qa_{index:02d}-{lines}.jsonl.gz" for index in range(files)]
-    with concurrent.futures.ProcessPoolExecutor() as pool:  # one file per core at a time
+    # one file per core at a time; spawn, because the caller may already run JAX's threads
+    with concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(write_file, [os.path.join(folder, n) for n in names], range(files),
                       [lines] * files, [words] * files))
     entries = [{"name": name, "lines": lines, "weight": 1 + index % 3} for index, name in enumerate(names)]
