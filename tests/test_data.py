@@ -235,7 +235,7 @@ def test_every_format_streams_end_to_end(tiny, tmp_path):
 # bad input: one clear line, before anything expensive
 # --------------------------------------------------------------------------------------------
 
-def bad_config(tmp_path, tiny, entries, match, *flags):
+def check_refused_in_one_line(tmp_path, tiny, entries, match, *flags):
     config = tmp_path / "config.json"
     config.write_text(entries if isinstance(entries, str) else json.dumps(entries))
     started = time.perf_counter()
@@ -266,11 +266,11 @@ GOOD = "paraphrase_pairs.jsonl.gz"
      "nowhere.jsonl.gz: no such file"),
 ])
 def test_bad_config_is_one_line_naming_the_culprit(tiny, tmp_path, entries, match):
-    bad_config(tmp_path, tiny, entries, match)
+    check_refused_in_one_line(tmp_path, tiny, entries, match)
 
 
 def test_indivisible_global_batch_is_refused(tiny, tmp_path):
-    bad_config(tmp_path, tiny, [{"name": GOOD, "weight": 1}],
+    check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1}],
                r"global batch of 8 .* --datasets_per_batch 3 equal shares", "--datasets_per_batch", "3")
 
 
