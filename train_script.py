@@ -278,12 +278,17 @@ def parse_row(record, draws):
     return tuple(record)
 
 
-def usable_row(line, draws, columns):
-    """The texts of one line if it parses into a row of `columns` texts, else None."""
+def parse_line(line, draws):
+    """parse_row of one JSON line; None if the line is not JSON or not a usable row."""
     try:
-        row = parse_row(json.loads(line), draws)
+        return parse_row(json.loads(line), draws)
     except ValueError:
         return None
+
+
+def usable_row(line, draws, columns):
+    """The texts of one line if it parses into a row of `columns` texts, else None."""
+    row = parse_line(line, draws)
     return row if row is not None and len(row) == columns else None
 
 
@@ -315,10 +320,7 @@ def read_lines(url, stride, skip=0):
 def first_row(url):
     """The first usable row of a file; checks that it exists and has one."""
     for line in read_lines(url, (0, 1)):
-        try:
-            row = parse_row(json.loads(line), (0.0, 0.5))
-        except ValueError:
-            continue
+        row = parse_line(line, (0.0, 0.5))
         if row is not None:
             return row
     raise UserError(f"{url}: no usable row in the whole file")
@@ -1400,13 +1402,14 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         window, waited, window_start, skipped, bad_in_a_row = [], 0.0, time.perf_counter(), 0, 0
         batches_per_source, reported_invalid = collections.Counter(), {}
         batch, columns = next_batch()
-        compiled_formats = set()  # 2 (pairs) and 3 (triplets) columns each compile the step once
+        compiled_shapes = set()  # each batch shape (pairs or triplets, bucket lengths) compiles the step once
         for step in bar:
-            if len(columns) in compiled_formats:
+            shape = tuple(ids.shape for ids, _ in columns)
+            if shape in compiled_shapes:
                 state, measured = train_step(state, columns, dropout_key)
             else:
                 state, measured = compile_step(train_step, state, columns, dropout_key, args, bar)
-                compiled_formats.add(len(columns))
+                compiled_shapes.add(shape)
             done = batch.text
             window.append((done, measured))
             batches_per_source.update(done.sources)
@@ -1440,14 +1443,15 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         close_metrics(metrics)
     if writer:
         print(f"done: {args.steps} steps, {skipped} skipped as non-finite; the step was compiled "
-              f"{make_train_step.traces} time(s) (once per batch format: pairs, triplets); "
+              f"{make_train_step.traces} time(s) (once per batch shape); "
               f"model in {os.path.join(args.output, 'final')}")
 
 
 def compile_step(train_step, state, columns, dropout_key, args, bar):
-    """Runs a step that compiles (a new batch format) and waits for it, so that a batch too big
+    """Runs a step that compiles (a new batch shape) and waits for it, so that a batch too big
     for the device fails here, as one line, rather than at the next fetch with a traceback."""
-    kind = {2: "pairs", 3: "triplets"}[len(columns)]
+    kind = (f"{ {2: 'pairs', 3: 'triplets'}[len(columns)]} of "
+            f"{' + '.join(str(ids.shape[-1]) for ids, _ in columns)} tokens")
     started = time.perf_counter()
     try:
         state, measured = jax.block_until_ready(train_step(state, columns, dropout_key))
