@@ -1,8 +1,10 @@
-"""scripts/benchmark.py runs end to end (a one-layer model, a tiny batch) and reports both steps."""
+"""scripts/benchmark.py and scripts/profile_step.py run end to end (a one-layer model, a tiny batch)."""
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,3 +29,20 @@ def test_benchmark_rejects_a_batch_that_does_not_split_over_the_devices():
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "error: --batch_size 12 does not split over 8 JAX devices"
+
+
+def test_profile_splits_both_steps_into_parts_that_add_up_to_the_step():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "profile_step.py"), "--layers", "1", "--batch_size", "8",
+         "--max_length", "16"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {name: [float(v) for v in values.split(" | ")]
+            for name, values in re.findall(r"^\| ([a-z() -]+) \| ([\d.]+ \| \d+ \| [\d.]+ \| \d+) \|$",
+                                           result.stdout, re.M)}
+    parts = ["matrix products", "dropout masks", "layout copies", "collectives", "other element-wise"]
+    assert list(rows) == [*parts, "step (wall)"]
+    jax_wall, torch_wall = rows["step (wall)"][0], rows["step (wall)"][2]
+    assert sum(rows[p][0] for p in parts) == pytest.approx(jax_wall, abs=0.03 + 0.01 * jax_wall)
+    assert sum(rows[p][2] for p in parts) == pytest.approx(torch_wall, abs=0.03 + 0.01 * torch_wall)
+    # both steps multiply matrices; the JAX step gathers over its 8 devices
+    assert rows["matrix products"][0] > 0 and rows["matrix products"][2] > 0 and rows["collectives"][0] > 0
