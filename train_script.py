@@ -1189,11 +1189,11 @@ def record_resume(args, step):
 # Checkpoints: the whole training state, and where a run starts
 # ============================================================================================
 # OUTPUT/checkpoints/<step>/ holds two items: "state" (parameters, AdamW moments, step counter)
-# and "meta" (every data stream's position after the last consumed batch, and the flags that make
-# the run what it is). Orbax writes a checkpoint into a temporary folder and renames it when it is
-# complete, so a kill at any moment leaves the whole checkpoint or none. Nothing else is needed to
-# continue exactly: the sources of a batch derive from (seed, step), dropout keys from (seed,
-# step, device).
+# and "meta" (every data stream's position after the last consumed batch, the batches drawn from
+# each source so far, and the flags that make the run what it is). Orbax writes a checkpoint into
+# a temporary folder and renames it when it is complete, so a kill at any moment leaves the whole
+# checkpoint or none. Nothing else is needed to continue exactly: the sources of a batch derive
+# from (seed, step), dropout keys from (seed, step, device).
 
 # The flags a resumed run must share with its checkpoint to compute the same thing; the others
 # (logging, saving, workers, prefetch, --data_folder) only change how it is computed or reported.
@@ -1228,14 +1228,15 @@ def checkpoint_manager(args):
     return ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
 
 
-def save_checkpoint(checkpoints, state, text, sources, identity):
-    """Checkpoints the state after `text`'s batch, from process 0's copy of the replicated state."""
+def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_source):
+    """Checkpoints the state after `text`'s batch, from process 0's copy of the replicated state,
+    with the stream positions and the batches drawn from each source so far (for metrics)."""
     step = text.step + 1
     first_copy = jax.device_get(first_local_replica(
         {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
     # every process reads its own stride of each file, so each has its own positions
     positions = multihost_utils.process_allgather(np.array([text.stream_state[s.name] for s in sources]))
-    meta = {"step": step, "run": identity,
+    meta = {"step": step, "run": identity, "batches": dict(batches_per_source),
             "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
     intact = checkpoints.all_steps()
     try:
@@ -1293,19 +1294,21 @@ def initial_state(args, model, checkpoints, identity):
 
     1. with --resume, the newest readable checkpoint in OUTPUT: its state and stream positions;
     2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
-    Returns (TrainState, its step, {source name: position} for this process)."""
+    Returns (TrainState, its step, {source name: position} for this process,
+    {source name: batches drawn from it before that step})."""
     fresh = init_state(model, args)
     found = restore_checkpoint(checkpoints, jax.device_get(fresh), identity, args.resume_force) if args.resume else None
     if found is None:
         if args.resume:
             print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
-        return fresh, 0, {}
+        return fresh, 0, {}, {}
     state, meta = found
     if meta["step"] >= args.steps:
         raise UserError(f"--resume: the checkpoint of step {meta['step']} already reached --steps {args.steps}")
     print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
     streams = meta["stream"]
-    return state, meta["step"], streams[jax.process_index()] if jax.process_index() < len(streams) else {}
+    positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
+    return state, meta["step"], positions, meta.get("batches", {})
 
 
 @contextlib.contextmanager
@@ -1350,7 +1353,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
     writer = process == 0
     identity = run_identity(args, entries, devices)
     checkpoints = checkpoint_manager(args)
-    start_state, first_step, positions = initial_state(args, model, checkpoints, identity)
+    start_state, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
     command = None
     if writer:
         command = start_run_record(args, entries, args.output) if first_step == 0 else record_resume(args, first_step)
@@ -1400,7 +1403,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
             held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
             evaluate(first_step, held_out_tokens)
         window, waited, window_start, skipped, bad_in_a_row = [], 0.0, time.perf_counter(), 0, 0
-        batches_per_source, reported_invalid = collections.Counter(), {}
+        batches_per_source, reported_invalid = collections.Counter(batches_so_far), {}
         batch, columns = next_batch()
         compiled_shapes = set()  # each batch shape (pairs or triplets, bucket lengths) compiles the step once
         for step in bar:
@@ -1432,7 +1435,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
             if held_out and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
                 window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
             if checkpoint_now:
-                save_checkpoint(checkpoints, state, done, sources, identity)
+                save_checkpoint(checkpoints, state, done, sources, identity, batches_per_source)
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
             if stop:

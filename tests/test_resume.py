@@ -104,6 +104,13 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_parameters(tiny, tmp_pat
     train_script.main(tiny_args(tiny, output, "--resume"))
     assert re.search(r"resuming at step \d+ from", capsys.readouterr().out)
     assert_same_params(final_params(output), final_params(uninterrupted))
+    # the batches drawn per source count on from the checkpoint, as if never interrupted
+    assert last_logged_batches(output) == last_logged_batches(uninterrupted)
+
+
+def last_logged_batches(output):
+    records = [json.loads(line) for line in open(output / "metrics.jsonl")]
+    return [r["batches"] for r in records if r["step"] == STEPS][-1]
 
 
 def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tiny, tmp_path, uninterrupted, capsys):
