@@ -57,11 +57,11 @@ def hlo_instructions(compiled_text):
 def jax_part(event, line):
     """The part of the step an XLA operation belongs to, from its name and HLO line."""
     kind = event.split(".")[0]
-    if kind.startswith(("ynn_fusion", "xnn_fusion", "onednn", "dot", "convolution")) or "custom_call_target=\"__onednn" in line:
+    if kind in ("ynn_fusion", "dot"):  # XLA:CPU's products: YNNPACK, else Eigen
         return "matrix products"
-    if kind in ("Rendezvous", "all_gather", "all-gather", "all-reduce", "reduce-scatter") or kind.startswith("Wait"):
+    if kind in ("all_gather", "reduce_scatter", "all-reduce", "Rendezvous") or kind.startswith("Wait"):
         return "collectives"
-    if "dropout" in line and ("rng" in line or "random_bits" in line or "bernoulli" in line or kind == "call"):
+    if "dropout" in line and "bernoulli" in line:
         return "dropout masks"
     if kind.startswith(("copy", "transpose", "concatenate")):
         return "layout copies"
@@ -104,12 +104,11 @@ def profile_jax(args, columns, trace_dir):
 # ============================================================================================
 
 def torch_part(name):
-    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
-                "aten::_scaled_dot_product_flash_attention_for_cpu"):
+    if name in ("aten::mm", "aten::addmm", "aten::bmm"):
         return "matrix products"
-    if name in ("aten::bernoulli_", "aten::bernoulli", "aten::native_dropout", "aten::uniform_"):
+    if name == "aten::bernoulli_":
         return "dropout masks"
-    if name in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::cat", "aten::transpose"):
+    if name in ("aten::copy_", "aten::clone", "aten::cat"):
         return "layout copies"
     return "other element-wise"
 
