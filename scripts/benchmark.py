@@ -78,6 +78,16 @@ def write_random_model(folder, fixture, layers):
     transformers.AutoTokenizer.from_pretrained(os.path.join(fixture, "model")).save_pretrained(folder)
 
 
+def random_model_and_texts(tmp, options):
+    """The starting point both frameworks share, built in `tmp`: (model folder, its tokenizer, the
+    batch's texts)."""
+    fixture, folder = os.path.join(tmp, "fixture"), os.path.join(tmp, "model")
+    build_fixture(fixture, lines_per_file=2000, seed=0)
+    write_random_model(folder, fixture, options.layers)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return folder, tokenizer, synthetic_pairs(tokenizer, options.batch_size)
+
+
 def synthetic_pairs(tokenizer, pairs, seed=0):
     """(question, answer) texts of one-token words, lengths drawn from the realistic mix."""
     words = [w for w in tokenizer.get_vocab() if w.isalpha() and w.islower()]
@@ -203,11 +213,7 @@ def main():
     flags = options.train_script_flags
 
     with tempfile.TemporaryDirectory() as tmp:
-        fixture, folder = os.path.join(tmp, "fixture"), os.path.join(tmp, "model")
-        build_fixture(fixture, lines_per_file=2000, seed=0)
-        write_random_model(folder, fixture, options.layers)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        texts = synthetic_pairs(tokenizer, options.batch_size)
+        folder, tokenizer, texts = random_model_and_texts(tmp, options)
         fixed = script_args(folder, options, per_device, flags)
         columns = tokenized_columns(texts, tokenizer, fixed, len(devices))
 

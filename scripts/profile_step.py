@@ -25,10 +25,8 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import jax  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 import benchmark  # noqa: E402
-from make_tiny_data import build_fixture  # noqa: E402
 
 PARTS = ["matrix products", "dropout masks", "layout copies", "collectives", "other element-wise"]
 
@@ -142,11 +140,7 @@ def main():
     if options.batch_size % len(devices):
         sys.exit(f"error: --batch_size {options.batch_size} does not split over {len(devices)} JAX devices")
     with tempfile.TemporaryDirectory() as tmp:
-        fixture, folder = os.path.join(tmp, "fixture"), os.path.join(tmp, "model")
-        build_fixture(fixture, lines_per_file=200, seed=0)
-        benchmark.write_random_model(folder, fixture, options.layers)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-        texts = benchmark.synthetic_pairs(tokenizer, options.batch_size)
+        folder, tokenizer, texts = benchmark.random_model_and_texts(tmp, options)
         args = benchmark.script_args(folder, options, options.batch_size // len(devices), options.train_script_flags)
         columns = benchmark.tokenized_columns(texts, tokenizer, args, len(devices))
         jax_parts, jax_wall = profile_jax(args, columns, os.path.join(tmp, "trace"))
