@@ -9,8 +9,8 @@ from data_config.json with probability proportional to their weight, scores ever
 every candidate of the global batch (embeddings are gathered over all devices) and minimises the
 cross-entropy of the true partner. OUTPUT/final is a sentence-transformers model.
 
-The file reads in the order of the work: arguments, data, model & loss, update step, export,
-train loop, main. A copy of it is left in OUTPUT as the record of how the model was made.
+The file reads in the order of the work: arguments, data, model & loss, update step, evals,
+export, checkpoints, train loop, main. A copy of it is left in OUTPUT as the record of how the model was made.
 """
 
 import argparse
@@ -189,6 +189,7 @@ def check_args(args):
     if (args.num_processes is not None or args.process_id is not None) and not (
             args.multihost or args.coordinator_address):
         raise UserError("--num_processes and --process_id need --coordinator_address (or --multihost)")
+
 
 def bucket_lengths(text, max_length):
     """--pad_to_buckets "32,64" -> (32, 64, max_length): increasing, ending at --max_length."""
@@ -565,9 +566,9 @@ def dry_run(sources, args, tokenizer, global_batch):
     """Streams --dry_run batches through the whole input pipeline and reports what it saw."""
     texts = text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
     counts = collections.Counter()
-    dump = open(args.dump_batches, "w") if args.dump_batches else None
     started = time.perf_counter()
-    with tokenizer_pool(tokenizer, args) as pool:
+    with (tokenizer_pool(tokenizer, args) as pool,
+          open(args.dump_batches, "w") if args.dump_batches else contextlib.nullcontext() as dump):
         batches = background_batches(texts, pool, max(1, args.num_workers), (global_batch,), args.prefetch)
         for batch in itertools.islice(batches, args.dry_run):
             counts.update(batch.text.sources)
@@ -577,8 +578,6 @@ def dry_run(sources, args, tokenizer, global_batch):
                                        "rows": rows}) + "\n")
         batches.close()
     seconds = time.perf_counter() - started
-    if dump:
-        dump.close()
     print(f"{args.dry_run} batches of {global_batch} rows in {seconds:.1f}s: "
           f"{args.dry_run * global_batch / seconds:,.0f} rows/s")
     print(f"{'source':60} {'batches':>8} {'invalid':>8} {'duplicate':>9}")
@@ -1146,7 +1145,7 @@ The exact command (the copy of `train_script.py` and `data_config.json` in the r
 the rest of the record):
 
 ```bash
-{run['command']}
+{args.command}
 ```
 
 ### Framework Versions
@@ -1175,14 +1174,12 @@ def start_run_record(args, entries, output):
     with open(os.path.join(output, "train_script.py"), "a") as f:
         f.write(f"\n\n# Script was called via:\n# {args.command}\n")
     write_json(os.path.join(output, "data_config.json"), entries)
-    return args.command
 
 
 def record_resume(args, step):
     """A resumed run adds its command line to the record of the run it continues."""
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
         f.write(f"# Resumed at step {step} via:\n# {args.command}\n")
-    return args.command
 
 
 # ============================================================================================
@@ -1354,14 +1351,17 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
     identity = run_identity(args, entries, devices)
     checkpoints = checkpoint_manager(args)
     start_state, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
-    command = None
     if writer:
-        command = start_run_record(args, entries, args.output) if first_step == 0 else record_resume(args, first_step)
+        if first_step == 0:
+            start_run_record(args, entries, args.output)
+        else:
+            record_resume(args, first_step)
     versions = library_versions()
 
-    sharding = device_sharding(devices_of_all_processes(devices))
+    all_devices = devices_of_all_processes(devices)
+    sharding = device_sharding(all_devices)
     state = replicate(start_state, sharding, len(devices))
-    train_step = make_train_step(model, args, devices_of_all_processes(devices))
+    train_step = make_train_step(model, args, all_devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
         source.position = tuple(positions.get(source.name, (0, 0)))
@@ -1386,7 +1386,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         if writer:
             params = jax.device_get(first_local_replica(state.params))
             run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
-                   "mixture": entries, "command": command, "versions": versions}
+                   "mixture": entries, "versions": versions}
             folder = os.path.join(args.output, "final" if step == args.steps else str(step))
             export_sentence_transformer(folder, params, config, tokenizer, args, run)
 

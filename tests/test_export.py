@@ -151,7 +151,7 @@ def test_model_card_summarises_a_mixture_of_many_files_by_folder():
     config = os.path.join(root, "data_config.json")
     mixture = json.load(open(config))
     args = train_script.parse_args([config, "out/all-MiniLM-L12-v1"])
-    run = {"step": 540_000, "global_batch": 1024, "devices": 8, "mixture": mixture, "command": args.command,
+    run = {"step": 540_000, "global_batch": 1024, "devices": 8, "mixture": mixture,
            "versions": train_script.library_versions()}
     card = train_script.model_card("out/all-MiniLM-L12-v1/final", AutoConfig.for_model("bert", hidden_size=384),
                                    args, run)
@@ -274,7 +274,7 @@ def test_every_exportable_type_loads_with_the_jax_embeddings(model_type, tiny, b
     folder = tmp_path / "export"
     args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path), "--max_length", str(MAX_LENGTH)])
     run = {"step": 0, "global_batch": 8, "devices": 8, "mixture": json.loads((tiny / "data_config.json").read_text()),
-           "command": args.command, "versions": train_script.library_versions()}
+           "versions": train_script.library_versions()}
     train_script.export_sentence_transformer(str(folder), model.params, config, tokenizer, args, run)
 
     pytorch, info = pytorch_model(folder)
