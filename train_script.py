@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -34,7 +35,6 @@ import time
 import zlib
 
 import flax
-import flax.jax_utils
 import fsspec
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,7 @@ import tqdm
 import transformers
 from flax import traverse_util
 from flax.training import train_state
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
@@ -58,6 +59,12 @@ from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 # (splits and fold_ins stay safe), and on CPU the step is ~15% faster (scripts/benchmark.py);
 # on TPU the bits come from the hardware generator.
 jax.config.update("jax_default_prng_impl", "rbg")
+
+# transformers is pinned to 4.57.6 because its 4.x line is the last with Flax models (v5 removed
+# them); every Flax model it builds logs that they are deprecated, which is known and says nothing
+# about this run, so that one message, and only it, is dropped.
+logging.getLogger("transformers.modeling_flax_utils").addFilter(
+    lambda record: not record.getMessage().startswith("TensorFlow and JAX classes are deprecated"))
 
 
 class UserError(Exception):
@@ -93,11 +100,11 @@ def parse_args(argv=None):
     p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
                    help="pad each column of a batch to the smallest of these lengths that fits its longest text "
                         "(--max_length is the last); None: every text padded to --max_length")
-    p.add_argument("--nprocs", type=int, default=None, help="devices to use (default: all local devices)")
+    p.add_argument("--nprocs", type=int, default=None, help="devices to use; None: all local devices")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="without an accelerator: split the CPU into this many devices; XLA runs most of one "
-                        "CPU device's step on one thread, so one per core is about cores x faster (default: "
-                        "XLA_FLAGS' --xla_force_host_platform_device_count, else 1)")
+                        "CPU device's step on one thread, so one per core is about cores x faster; None: XLA_FLAGS' "
+                        "--xla_force_host_platform_device_count, else 1")
     p.add_argument("--datasets_per_batch", type=int, default=2,
                    help="sources that fill each global batch, in equal shares")
     p.add_argument("--scale", type=float, default=20.0, help="cosine similarities are multiplied by this")
@@ -112,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
     p.add_argument("--log_steps", type=int, default=100, help="fetch and print loss/lr every this many steps")
     p.add_argument("--dropout", type=float, default=None,
-                   help="override the model's dropout probabilities (default: keep the checkpoint's)")
+                   help="override the model's dropout probabilities; None: keep the checkpoint's")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="activations and matmuls; parameters, optimizer and loss stay float32")
     p.add_argument("--shuffle_buffer", type=int, default=10_000,
@@ -1501,21 +1508,12 @@ def open_metrics(output):
             tensorboardX.SummaryWriter(os.path.join(output, "tensorboard")))
 
 
-def scalars(record, prefix=""):
-    """(tag, number) for every number of a nested record but its step: {"eval": {"overall": {"accuracy": 0.9}}}
-    -> ("eval/overall/accuracy", 0.9)."""
-    for key, value in record.items():
-        if isinstance(value, dict):
-            yield from scalars(value, f"{prefix}{key}/")
-        elif key != "step":
-            yield prefix + key, value
-
-
 def write_metrics(metrics, record):
     jsonl, board = metrics
     jsonl.write(json.dumps(record) + "\n")
     jsonl.flush()
-    for tag, value in scalars(record):
+    numbers = {key: value for key, value in record.items() if key != "step"}  # the x axis, not a scalar
+    for tag, value in traverse_util.flatten_dict(numbers, sep="/").items():
         board.add_scalar(tag, value, record["step"])
     board.flush()
 
