@@ -50,6 +50,7 @@ import transformers
 from flax import traverse_util
 from flax.training import train_state
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
@@ -82,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("output", help="folder for the exported models, checkpoints and logs")
     p.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
                    help="starting checkpoint: a Hub name or a local folder")
+    p.add_argument("--base_model", type=hub_id, default=None, metavar="OWNER/NAME",
+                   help="the Hub name the model card gives a local --model folder (one in the Hugging Face "
+                        "cache, .../models--OWNER--NAME/snapshots/..., names itself); None: the card names none")
     p.add_argument("--steps", type=int, default=540_000, help="training steps")
     p.add_argument("--save_steps", type=int, default=10_000,
                    help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the whole "
@@ -155,6 +159,15 @@ def parse_args(argv=None):
     args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
     check_args(args)
     return args
+
+
+def hub_id(text):
+    """--base_model must be a name the Hub would accept in the card's metadata."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub model name (OWNER/NAME)")
+    return text
 
 
 def check_args(args):
@@ -955,7 +968,8 @@ def torch_state_dict(params):
 
 
 def export_sentence_transformer(folder, params, config, tokenizer, args, run):
-    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize.
+    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize,
+    with a model card and a copy of the run record (OUTPUT/train_script.py and data_config.json).
 
     The folder is written under another name and renamed when complete: whenever a run stops,
     OUTPUT/<step> is either a whole model or absent."""
@@ -983,8 +997,9 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
         "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
                         "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
         "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-    with open(os.path.join(partial, "README.md"), "w") as f:
-        f.write(model_card(folder, config, args, run))
+    model_card(folder, config, args, run).save(os.path.join(partial, "README.md"))
+    for record in ("train_script.py", "data_config.json"):  # the run record travels with every upload
+        shutil.copyfile(os.path.join(args.output, record), os.path.join(partial, record))
     shutil.rmtree(folder, ignore_errors=True)  # a step exported again (a resumed run) replaces the old one
     os.replace(partial, folder)
 
@@ -1027,6 +1042,42 @@ def mixture_table(mixture, pairs_drawn, group=None):
     return "\n".join(table)
 
 
+def hub_name(model):
+    """The Hub name of --model: the name itself or, for a folder of the Hugging Face cache
+    (.../models--OWNER--NAME/snapshots/REVISION, the path `hf download OWNER/NAME` prints), the name
+    it was downloaded as; None for any other folder, which nothing in it names."""
+    if not os.path.isdir(model):
+        return model
+    parts = os.path.abspath(model).split(os.sep)
+    if len(parts) > 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--"):].replace("--", "/")  # Hub names never contain "--"
+    return None
+
+
+def hub_datasets(data_folder):
+    """The Hub dataset the run read: that of an hf://datasets/OWNER/NAME[@REVISION]/... --data_folder;
+    a local folder or a bucket names none."""
+    if not data_folder.startswith("hf://datasets/"):
+        return []
+    return ["/".join(data_folder[len("hf://datasets/"):].split("/")[:2]).split("@")[0]]
+
+
+def card_metadata(args, name, scores):
+    """The card's YAML block, which the Hub indexes: licence, task, base model, data and, when the
+    run evaluated, the held-out scores as a model-index."""
+    datasets = hub_datasets(args.data_folder)
+    results = [EvalResult(task_type="information-retrieval", task_name="In-batch retrieval of held-out rows",
+                          dataset_type=datasets[0] if datasets else "unknown",
+                          dataset_name=f"the first {args.eval_rows} lines of every training file",
+                          metric_type=key, metric_value=value) for key, value in scores.items()]
+    return ModelCardData(
+        language="en", license="apache-2.0", library_name="sentence-transformers",
+        pipeline_tag="sentence-similarity", base_model=args.base_model or hub_name(args.model),
+        datasets=datasets or None, tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "jax"],
+        model_name=name if results else None,  # the model-index's name; alone it is no Hub field
+        eval_results=results or None)
+
+
 def model_card(folder, config, args, run):
     """A model card in the format of sentence-transformers' own, describing this run."""
     mixture = run["mixture"]
@@ -1036,8 +1087,22 @@ def model_card(folder, config, args, run):
     if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
         data = (f"{mixture_table(mixture, pairs_drawn, source_group)}\n\n"
                 f"<details><summary>All {len(mixture)} files</summary>\n\n{data}\n\n</details>")
-    local_base = os.path.isdir(args.model)
-    base = f"`{args.model}` (a local folder)" if local_base else f"[{args.model}](https://huggingface.co/{args.model})"
+    name = os.path.basename(os.path.normpath(args.output))
+    scores = run["scores"]["overall"] if run.get("scores") else {}
+    metadata = card_metadata(args, name, scores)
+    base = (f"[{metadata.base_model}](https://huggingface.co/{metadata.base_model})" if metadata.base_model
+            else f"`{args.model}` (a local folder)")
+    evaluation = f"""## Evaluation
+
+In-batch retrieval at step {run['step']:,} over the first {args.eval_rows} lines of every training file,
+held out of training: each anchor ranks the candidates of its own file's rows; the scores are
+averaged over the files.
+
+| metric | value |
+|---|---:|
+{chr(10).join(f"| {key} | {value:.4f} |" for key, value in scores.items())}
+
+""" if scores else ""
     loss = "in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss)"
     if args.symmetric_loss:
         loss += ("; for pairs, averaged with that of each positive against all anchors "
@@ -1045,18 +1110,12 @@ def model_card(folder, config, args, run):
     progress = ("the end of the run" if run["step"] == args.steps else
                 f"an intermediate export at step {run['step']:,} of {args.steps:,}")
     device = jax.local_devices()[0]  # the kind of device the run used
-    versions = "\n".join(f"- {name}: {version}" for name, version in run["versions"].items())
-    return f"""---
-{"" if local_base else f"base_model: {args.model}{chr(10)}"}library_name: sentence-transformers
-pipeline_tag: sentence-similarity
-tags:
-- sentence-transformers
-- feature-extraction
-- sentence-similarity
-- jax
+    versions = "\n".join(f"- {library}: {version}" for library, version in run["versions"].items())
+    return ModelCard(f"""---
+{metadata.to_yaml()}
 ---
 
-# {os.path.basename(os.path.normpath(args.output))}
+# {name}
 
 This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on {len(mixture)}
 data files. It maps sentences & paragraphs to a {config.hidden_size}-dimensional dense vector space and
@@ -1086,6 +1145,10 @@ SentenceTransformer(
 
 ## Usage
 
+Below, `{name}` stands for the model's Hub id once this folder is uploaded
+(`huggingface-cli upload <user>/{name} {folder}` makes it `<user>/{name}`).
+Where it was trained, load it from disk: `SentenceTransformer("{folder}")`.
+
 ### Direct Usage (Sentence Transformers)
 
 ```bash
@@ -1095,7 +1158,7 @@ pip install -U sentence-transformers
 ```python
 from sentence_transformers import SentenceTransformer
 
-model = SentenceTransformer("{folder}")
+model = SentenceTransformer("{name}")
 sentences = ["This is an example sentence", "Each sentence is converted"]
 embeddings = model.encode(sentences)
 print(embeddings.shape)  # (2, {config.hidden_size})
@@ -1112,8 +1175,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-tokenizer = AutoTokenizer.from_pretrained("{folder}")
-model = AutoModel.from_pretrained("{folder}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+model = AutoModel.from_pretrained("{name}")
 batch = tokenizer(["This is an example sentence", "Each sentence is converted"], padding=True,
                   truncation=True, max_length={args.max_length}, return_tensors="pt")
 with torch.no_grad():
@@ -1122,7 +1185,7 @@ mask = batch["attention_mask"].unsqueeze(-1).float()
 embeddings = F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
 ```
 
-## Training Details
+{evaluation}## Training Details
 
 ### Training Data
 
@@ -1148,8 +1211,8 @@ the {pairs_drawn:,} pairs of the {run['step']:,} steps behind this export. {len(
 | dropout | {"the base model's" if args.dropout is None else args.dropout} |
 | seed | {args.seed} |
 
-The exact command (the copy of `train_script.py` and `data_config.json` in the run's folder are
-the rest of the record):
+The exact command (`train_script.py`, the script that ran with its command appended, and
+`data_config.json` in this folder are the rest of the record):
 
 ```bash
 {args.command}
@@ -1172,7 +1235,7 @@ the rest of the record):
     url = "https://arxiv.org/abs/1908.10084",
 }}
 ```
-"""
+""")
 
 
 def start_run_record(args, entries, output):
@@ -1376,12 +1439,13 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
                          (process * local_batch, (process + 1) * local_batch), (process, processes), first_step)
     metrics = open_metrics(args.output) if writer else None
     embed_step = make_embed_step(model, devices) if held_out else None
+    scores_at = {}  # step -> held-out scores, for the model card of an export at that step
 
     def evaluate(step, tokens):
         """Scores the held-out rows (every process, on its own devices); returns the seconds it took."""
         started = time.perf_counter()
         embeddings = embed_held_out(embed_step, state.params, tokens, sharding, len(devices), args.batch_size)
-        scores = score_held_out(held_out, embeddings)
+        scores = scores_at[step] = score_held_out(held_out, embeddings)
         seconds = time.perf_counter() - started
         overall = " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
         bar.write(f"eval step={step} {overall} ({seconds:.1f}s)")
@@ -1393,7 +1457,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         if writer:
             params = jax.device_get(first_local_replica(state.params))
             run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
-                   "mixture": entries, "versions": versions}
+                   "mixture": entries, "versions": versions, "scores": scores_at.get(step)}
             folder = os.path.join(args.output, "final" if step == args.steps else str(step))
             export_sentence_transformer(folder, params, config, tokenizer, args, run)
 
