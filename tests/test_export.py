@@ -1,16 +1,21 @@
 """Export: every OUTPUT/<step> and OUTPUT/final is a sentence-transformers model that computes what
 the JAX model computes; checked against sentence-transformers, transformers' PyTorch models and the
-published all-MiniLM-L6-v2. Also the run record and the refusal of an existing OUTPUT."""
+published all-MiniLM-L6-v2. Also the model card as the Hub reads it, the run record each folder
+carries, and the refusal of an existing OUTPUT."""
 import json
+import logging
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
+from huggingface_hub import ModelCard
 from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 
@@ -44,15 +49,22 @@ def pytorch_model(folder):
     return model, info
 
 
+CACHED_AS = "nreimers/MiniLM-L6-H384-uncased"  # the name the tiny model pretends to be cached under
+
+
 @pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory):
-    """Four steps of the tiny model, exported at step 2 and at the end; the parameters handed to
-    the writer are kept, keyed by folder name."""
-    output = tmp_path_factory.mktemp("export") / "run"
-    argv = [str(tiny / "data_config.json"), str(output), "--model", str(tiny / "model"),
+    """Four steps of the tiny model, evaluated and exported at step 2 and at the end; the model is
+    loaded from a folder laid out as the Hugging Face cache keeps a download of CACHED_AS. The
+    parameters handed to the writer are kept, keyed by folder name."""
+    root = tmp_path_factory.mktemp("export")
+    model = root / "hub" / f"models--{CACHED_AS.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny / "model", model)
+    output = root / "run"
+    argv = [str(tiny / "data_config.json"), str(output), "--model", str(model),
             "--data_folder", str(tiny / "data"), "--steps", "4", "--save_steps", "2", "--batch_size", "2",
             "--max_length", str(MAX_LENGTH), "--lr", "1e-3", "--warmup_steps", "1", "--log_steps", "2",
-            "--num_workers", "0"]
+            "--eval_steps", "2", "--eval_rows", "32", "--num_workers", "0"]
     exported, write = {}, train_script.export_sentence_transformer
 
     def keep_params(folder, params, *rest):
@@ -110,6 +122,31 @@ def test_exported_tokenizer_is_the_base_models(run, tiny):
     assert exported(SENTENCES)["input_ids"] == base(SENTENCES)["input_ids"]
 
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+@pytest.mark.parametrize("folder", ["2", "final"])
+def test_sentence_transformers_loads_the_folder_without_a_warning(run, folder):
+    # transformers' loggers do not propagate to the root logger: listen to both
+    loggers, logged = [logging.getLogger(), logging.getLogger("transformers")], Records()
+    for logger in loggers:
+        logger.addHandler(logged)
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            sentence_transformer(run.output / folder).encode(SENTENCES)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(logged)
+    assert [str(w.message) for w in warned] == [] and logged.records == []
+
+
 # --------------------------------------------------------------------------------------------
 # The model card and the run record
 # --------------------------------------------------------------------------------------------
@@ -122,6 +159,55 @@ def card_rows(card):
             cells = [cell.strip() for cell in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
     return rows
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Fails the test on any attempt to open a network connection."""
+    def refuse(sock, address):
+        raise AssertionError(f"tried to connect to {address}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.mark.parametrize("folder, step", [("2", 2), ("final", 4)])
+def test_model_card_metadata_is_what_the_hub_reads(run, folder, step, offline):
+    data = ModelCard.load(run.output / folder / "README.md").data
+    assert (data.license, data.language, data.library_name, data.pipeline_tag) == (
+        "apache-2.0", "en", "sentence-transformers", "sentence-similarity")
+    assert data.base_model == CACHED_AS  # read from the cache layout of the --model folder
+    assert {"sentence-transformers", "sentence-similarity"} <= set(data.tags)
+    assert data.datasets is None  # a local --data_folder names no Hub dataset
+    [evaluated] = [r for r in map(json.loads, open(run.output / "metrics.jsonl")) if "eval" in r and r["step"] == step]
+    assert data.model_name == "run"
+    assert {r.metric_type: r.metric_value for r in data.eval_results} == evaluated["eval"]["overall"]
+    assert {r.task_type for r in data.eval_results} == {"information-retrieval"}
+
+
+@pytest.mark.parametrize("flags, base_model, datasets", [
+    ([], "microsoft/MiniLM-L12-H384-uncased", None),
+    (["--data_folder", "hf://datasets/sentence-transformers/embedding-training-data@main/sub"],
+     "microsoft/MiniLM-L12-H384-uncased", ["sentence-transformers/embedding-training-data"]),
+    (["--model", "LOCAL"], None, None),
+    (["--model", "LOCAL", "--base_model", "nreimers/MiniLM-L6-H384-uncased"], "nreimers/MiniLM-L6-H384-uncased", None),
+])
+def test_model_card_names_base_model_and_datasets_on_the_hub(tiny, tmp_path, offline, flags, base_model, datasets):
+    args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path / "my-model"),
+                                    *[str(tiny / "model") if flag == "LOCAL" else flag for flag in flags]])
+    run = {"step": 4, "global_batch": 16, "devices": 8, "mixture": json.loads((tiny / "data_config.json").read_text()),
+           "versions": train_script.library_versions()}
+    train_script.model_card(str(tmp_path / "my-model" / "final"), AutoConfig.for_model("bert"), args, run).save(
+        tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert (card.data.base_model, card.data.datasets, card.data.eval_results) == (base_model, datasets, None)
+    assert card.text.lstrip().startswith("# my-model\n")
+    assert (f"[{base_model}](https://huggingface.co/{base_model})" if base_model else
+            f"`{tiny / 'model'}` (a local folder)") in card.text
+
+
+def test_base_model_flag_takes_only_a_hub_name(tiny, capsys):
+    with pytest.raises(SystemExit):
+        train_script.parse_args([str(tiny / "data_config.json"), "out", "--base_model", "a/b/c"])
+    assert "--base_model: 'a/b/c' is not a Hub model name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("folder, step", [("2", 2), ("final", 4)])
@@ -143,6 +229,9 @@ def test_model_card_names_the_runs_numbers(run, tiny, folder, step):
         assert float(drawn.replace(",", "")) == pytest.approx(e["weight"] / total * step * 16, abs=0.5)
     assert shlex.join(["python", "train_script.py", *run.argv]) in card
     assert f"- jax: {jax.__version__}" in card and f"- transformers: {transformers.__version__}" in card
+    # the snippets name the model; the folder it was written to is given once, to load it from disk
+    assert card.count('SentenceTransformer("run")') == 1 and card.count('from_pretrained("run")') == 2
+    assert card.count(str(run.output / folder)) == 2  # in the upload command and the load-from-disk line
     assert f'SentenceTransformer("{run.output / folder}")' in card
 
 
@@ -153,8 +242,8 @@ def test_model_card_summarises_a_mixture_of_many_files_by_folder():
     args = train_script.parse_args([config, "out/all-MiniLM-L12-v1"])
     run = {"step": 540_000, "global_batch": 1024, "devices": 8, "mixture": mixture,
            "versions": train_script.library_versions()}
-    card = train_script.model_card("out/all-MiniLM-L12-v1/final", AutoConfig.for_model("bert", hidden_size=384),
-                                   args, run)
+    card = str(train_script.model_card("out/all-MiniLM-L12-v1/final", AutoConfig.for_model("bert", hidden_size=384),
+                                       args, run))
     rows = card_rows(card)
     stackexchange = [e for e in mixture if e["name"].startswith("stackexchange_title_body/")]
     files, lines, weight, _, _ = rows["stackexchange_title_body"]
@@ -164,14 +253,16 @@ def test_model_card_summarises_a_mixture_of_many_files_by_folder():
     assert "1,124,818,467 lines" in card and "base_model: microsoft/MiniLM-L12-H384-uncased" in card
 
 
-def test_run_record_is_the_script_with_its_command_and_the_config(run, tiny):
-    copy = (run.output / "train_script.py").read_text()
+@pytest.mark.parametrize("folder", ["", "2", "final"])  # OUTPUT, and each export for an upload of its own
+def test_run_record_is_the_script_with_its_command_and_the_config(run, tiny, folder):
+    copy = (run.output / folder / "train_script.py").read_text()
     with open(train_script.__file__) as f:
         assert copy.startswith(f.read())
     last = copy.rstrip("\n").splitlines()[-1]
     assert last.startswith("# ") and shlex.split(last[2:]) == ["python", "train_script.py", *run.argv]
     compile(copy, "train_script.py", "exec")
-    assert json.loads((run.output / "data_config.json").read_text()) == json.loads((tiny / "data_config.json").read_text())
+    assert json.loads((run.output / folder / "data_config.json").read_text()) == json.loads(
+        (tiny / "data_config.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +366,7 @@ def test_every_exportable_type_loads_with_the_jax_embeddings(model_type, tiny, b
     args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path), "--max_length", str(MAX_LENGTH)])
     run = {"step": 0, "global_batch": 8, "devices": 8, "mixture": json.loads((tiny / "data_config.json").read_text()),
            "versions": train_script.library_versions()}
+    train_script.start_run_record(args, run["mixture"], str(tmp_path))
     train_script.export_sentence_transformer(str(folder), model.params, config, tokenizer, args, run)
 
     pytorch, info = pytorch_model(folder)
@@ -302,6 +394,7 @@ def test_real_checkpoint_survives_a_step_at_lr_0_without_torch(tiny, tmp_path):
     done = subprocess.run([sys.executable, "-c", without_torch, train_script.__file__, *argv],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "TensorFlow and JAX classes are deprecated" not in done.stderr  # known, and silenced
     final = output / "final"
 
     weights, exported = load_file(os.path.join(original, "model.safetensors")), load_file(final / "model.safetensors")

@@ -328,6 +328,13 @@ def test_symmetric_loss_flag():
     assert parse() is True and parse("--symmetric_loss") is True and parse("--no-symmetric_loss") is False
 
 
+def test_help_gives_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--help"])
+    flags = capsys.readouterr().out.split("\n  -")[1:]  # one item per option and its help
+    assert len(flags) > 30 and [f.split()[0] for f in flags if f.count("(default:") != 1] == ["h,"]
+
+
 # ============================================================================================
 # Errors: one line, before compiling
 # ============================================================================================
