@@ -1094,13 +1094,9 @@ def model_card(folder, config, args, run):
             else f"`{args.model}` (a local folder)")
     evaluation = f"""## Evaluation
 
-In-batch retrieval at step {run['step']:,} over the first {args.eval_rows} lines of every training file,
-held out of training: each anchor ranks the candidates of its own file's rows; the scores are
-averaged over the files.
-
-| metric | value |
-|---|---:|
-{chr(10).join(f"| {key} | {value:.4f} |" for key, value in scores.items())}
+At step {run['step']:,}, in-batch retrieval over the first {args.eval_rows} lines of every training file, held out
+of training (each anchor ranks the candidates of its own file's rows; scores averaged over the files):
+{", ".join(f"{key} {value:.4f}" for key, value in scores.items())}.
 
 """ if scores else ""
     loss = "in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss)"

@@ -171,7 +171,8 @@ def offline(monkeypatch):
 
 @pytest.mark.parametrize("folder, step", [("2", 2), ("final", 4)])
 def test_model_card_metadata_is_what_the_hub_reads(run, folder, step, offline):
-    data = ModelCard.load(run.output / folder / "README.md").data
+    card = ModelCard.load(run.output / folder / "README.md")
+    data = card.data
     assert (data.license, data.language, data.library_name, data.pipeline_tag) == (
         "apache-2.0", "en", "sentence-transformers", "sentence-similarity")
     assert data.base_model == CACHED_AS  # read from the cache layout of the --model folder
@@ -181,6 +182,8 @@ def test_model_card_metadata_is_what_the_hub_reads(run, folder, step, offline):
     assert data.model_name == "run"
     assert {r.metric_type: r.metric_value for r in data.eval_results} == evaluated["eval"]["overall"]
     assert {r.task_type for r in data.eval_results} == {"information-retrieval"}
+    assert f"At step {step}, in-batch retrieval" in card.text
+    assert f"accuracy {evaluated['eval']['overall']['accuracy']:.4f}" in card.text
 
 
 @pytest.mark.parametrize("flags, base_model, datasets", [
