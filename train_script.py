@@ -1142,7 +1142,7 @@ SentenceTransformer(
 ## Usage
 
 Below, `{name}` stands for the model's Hub id once this folder is uploaded
-(`huggingface-cli upload <user>/{name} {folder}` makes it `<user>/{name}`).
+(`hf upload <user>/{name} {folder}` makes it `<user>/{name}`).
 Where it was trained, load it from disk: `SentenceTransformer("{folder}")`.
 
 ### Direct Usage (Sentence Transformers)
