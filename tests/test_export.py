@@ -232,9 +232,10 @@ def test_model_card_names_the_runs_numbers(run, tiny, folder, step):
         assert float(drawn.replace(",", "")) == pytest.approx(e["weight"] / total * step * 16, abs=0.5)
     assert shlex.join(["python", "train_script.py", *run.argv]) in card
     assert f"- jax: {jax.__version__}" in card and f"- transformers: {transformers.__version__}" in card
-    # the snippets name the model; the folder it was written to is given once, to load it from disk
+    # the snippets name the model; the folder it was written to appears only in the upload command
+    # and the load-from-disk line
     assert card.count('SentenceTransformer("run")') == 1 and card.count('from_pretrained("run")') == 2
-    assert card.count(str(run.output / folder)) == 2  # in the upload command and the load-from-disk line
+    assert card.count(str(run.output / folder)) == 2
     assert f'SentenceTransformer("{run.output / folder}")' in card
 
 
