@@ -31,6 +31,7 @@ import dataclasses
 import gzip
 import json
 import os
+import re
 import sys
 import threading
 import urllib.parse
@@ -138,20 +139,24 @@ def probe(host):
     try:
         requests.head(host, timeout=PROBE_SECONDS, allow_redirects=False)
     except requests.RequestException as e:
-        return f"{type(e).__name__}: {str(e)[:160]}"
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]*", str(e))  # the operating system's reason, if any
+        return f"{type(e).__name__}: {errno[0] if errno else str(e)[:120]}"
     return None
 
 
 def unreachable_hosts(plans, substitutes):
-    """{host: reason} of the servers that do not answer; all of them down is one clear error."""
+    """{host: reason} of the servers that do not answer. The Hub down (it holds nearly all files), or
+    every server down, is one clear error."""
     urls = [url for plan in plans for url in plan.locations]
     if substitutes:  # a parquet dataset is read from the Hub
         urls += [plan.substitute.get("location", HUB_PREFIX) for plan in plans if plan.substitute]
     hosts = sorted({h for h in map(host_of, urls) if h})
     with concurrent.futures.ThreadPoolExecutor(max(len(hosts), 1)) as pool:
         down = {h: reason for h, reason in zip(hosts, pool.map(probe, hosts)) if reason}
-    if hosts and len(down) == len(hosts):
-        host, reason = next(iter(down.items()))
+    hub = huggingface_hub.constants.ENDPOINT
+    if hub in down or (hosts and len(down) == len(hosts)):
+        host = hub if hub in down else hosts[0]
+        reason = down[host]
         raise UserError(f"cannot reach {host} ({reason}); check the network, or use --source for a copy")
     return down
 
@@ -294,9 +299,12 @@ def obtain(plan, folder, manifest, down, substitutes):
             rows = fetch_and_count(fetch, what, folder, local_name, manifest)
         except NotThere as e:
             return None, str(e)
-        except (CorruptFile, OSError, requests.RequestException, huggingface_hub.errors.HfHubHTTPError) as e:
+        except CorruptFile as e:
             problems.append(f"{local_name}: {e}")
             return None, str(e)
+        except (OSError, requests.RequestException, huggingface_hub.errors.HfHubHTTPError) as e:
+            problems.append(f"{local_name}: {str(e).splitlines()[0]}; rerun to resume")
+            return None, "download failed"
         if expected is not None and rows != expected:
             problems.append(f"{local_name} (from {what}): {rows:,} rows, but {expected:,} were expected")
             return None, "row-count mismatch"
@@ -394,7 +402,7 @@ def main(argv=None):
         with open(config_out, "w") as f:
             json.dump(mixture, f, indent=1)
     print(summary(outcomes, config_out, args.data_folder))
-    problems = [problem for o in outcomes for problem in o.problems]
+    problems = [problem for o in outcomes for problem in o.problems] + ["no file could be had"] * (not mixture)
     if problems:
         print(f"{len(problems)} problem(s):", *problems, sep="\n  ", file=sys.stderr)
         sys.exit(1)

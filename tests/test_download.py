@@ -155,15 +155,15 @@ def world(tiny, tmp_path, server):
 
 
 def run(argv, capsys):
-    """download_data.main -> (exit status, stdout, stderr)."""
+    """download_data.main -> (exit status, stdout, stderr), as the shell would see them."""
     import download_data
+    code, message = 0, ""
     try:
         download_data.main(argv)
-        code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+        code, message = (e.code, "") if isinstance(e.code, int) else (1, f"{e.code}\n")  # sys.exit("...")
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, err + message
 
 
 def share_row(out, kind):
@@ -225,3 +225,207 @@ def test_substitutes_are_converted_and_the_written_mixture_trains(world, tiny, t
                        "--data_folder", str(tmp_path / "DATA"), "--steps", "4", "--batch_size", "2",
                        "--max_length", "16", "--warmup_steps", "1", "--save_steps", "1000", "--num_workers", "0"])
     assert (output / "final" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# No network, interruptions, corrupt parts
+# --------------------------------------------------------------------------------------------
+
+def closed_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_no_network_is_one_line_within_seconds(world, server, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    _, _, argv = world
+    dead = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
+    sources = (tmp_path / "sources.json").read_text()
+    (tmp_path / "sources.json").write_text(sources.replace(server.url, dead))  # both servers gone
+    start = time.monotonic()
+    code, out, err = run(argv + ["--substitutes"], capsys)
+    assert time.monotonic() - start < 5
+    assert code == 1 and out == ""
+    assert err == f"error: cannot reach {dead} (ConnectionError: [Errno 111] Connection refused); check the " \
+                  "network, or use --source for a copy\n"
+    assert not (tmp_path / "DATA").exists()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # offline, the other server up
+    (tmp_path / "sources.json").write_text(sources)
+    code, out, err = run(argv, capsys)
+    assert (code, err) == (1, "error: cannot reach https://huggingface.co (HF_HUB_OFFLINE is set); check the "
+                              "network, or use --source for a copy\n")
+
+
+def test_an_unreachable_second_server_skips_its_files_only(world, tmp_path, capsys):
+    _, _, argv = world
+    sources = json.loads((tmp_path / "sources.json").read_text())
+    dead = f"http://127.0.0.1:{closed_port()}"
+    sources["sources"]["nli_triplets.jsonl.gz"]["locations"][1] = dead + "/files/nli_triplets.jsonl.gz"
+    (tmp_path / "sources.json").write_text(json.dumps(sources))
+    code, out, err = run(argv, capsys)
+    assert code == 0 and err.startswith(f"{dead} does not answer (ConnectionError")
+    assert re.search(rf"missing nli_triplets.jsonl.gz: not found at hf://\S+; {dead} unreachable", out)
+    assert share_row(out, "exact")[0] == 2
+
+
+def hub_path(server, repo_path):
+    return str(server.root / "hub" / repo_path)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """huggingface_hub writes what it received in chunks (10 MB by default); the fixture's files are smaller."""
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+
+
+def interrupt(server, argv, capsys, tmp_path):
+    """A first run whose download of paraphrase_pairs breaks off; returns the remote and the partial file."""
+    remote = hub_path(server, "test/etd/paraphrase_pairs.jsonl.gz")
+    server.cut[remote] = 5 * 4096
+    code, out, err = run(argv, capsys)
+    assert code == 1 and "paraphrase_pairs.jsonl.gz: ('Connection broken" in err and "rerun to resume" in err
+    assert "paraphrase_pairs.jsonl.gz" not in (tmp_path / "DATA" / "data_config.json").read_text()
+    [part] = (tmp_path / "DATA").rglob("*.incomplete")  # huggingface_hub's partial file
+    assert part.stat().st_size == 5 * 4096
+    server.served.clear()
+    return remote, part
+
+
+def test_an_interrupted_hub_download_resumes(world, server, small_chunks, tmp_path, capsys):
+    _, _, argv = world
+    remote, part = interrupt(server, argv, capsys, tmp_path)
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert server.served == {remote: os.path.getsize(remote) - 5 * 4096}  # only the missing bytes, nothing else
+    assert (tmp_path / "DATA" / "paraphrase_pairs.jsonl.gz").read_bytes() == open(remote, "rb").read()
+    assert share_row(out, "exact")[0] == 3
+
+
+def test_a_corrupt_partial_hub_download_is_fetched_again(world, server, small_chunks, tmp_path, capsys):
+    _, _, argv = world
+    remote, part = interrupt(server, argv, capsys, tmp_path)
+    part.write_bytes(b"\0" * part.stat().st_size)  # not the remote's bytes
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    size = os.path.getsize(remote)
+    assert server.served == {remote: (size - 5 * 4096) + size}  # the resumed rest, then the whole file again
+    assert (tmp_path / "DATA" / "paraphrase_pairs.jsonl.gz").read_bytes() == open(remote, "rb").read()
+
+
+# --------------------------------------------------------------------------------------------
+# --source: a mirror holding every file under the config's names (fsspec)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def mirror(tiny, tmp_path):
+    shutil.copytree(tiny / "data", tmp_path / "mirror")
+    return tmp_path / "mirror", json.loads((tiny / "data_config.json").read_text())
+
+
+def write_config(path, entries):
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def test_a_mirror_serves_every_file_and_a_row_mismatch_is_reported(mirror, tmp_path, capsys):
+    folder, entries = mirror
+    entries[1]["lines"] += 1  # the config disagrees with the file
+    config = write_config(tmp_path / "config.json", entries)
+    argv = [config, str(tmp_path / "data"), "--source", f"file://{folder}"]
+    code, out, err = run(argv, capsys)
+    name = entries[1]["name"]
+    assert code == 1
+    assert f"{name} (from file://{folder}/{name}): {entries[1]['lines'] - 1:,} rows, but {entries[1]['lines']:,} " \
+           "were expected" in err
+    for entry in entries:  # sub-folders kept, bytes identical, the mismatching file kept too
+        assert (tmp_path / "data" / entry["name"]).read_bytes() == (folder / entry["name"]).read_bytes()
+    assert [e["name"] for e in json.loads((tmp_path / "data" / "data_config.json").read_text())] == \
+        [e["name"] for e in entries if e["name"] != name]
+    code, _, err = run(argv, capsys)  # a rerun still reports it, from the manifest
+    assert code == 1 and name in err
+
+
+def test_an_interrupted_mirror_download_resumes_and_complete_files_are_skipped(mirror, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A "remote" that breaks off after 20000 bytes of one file: the rerun reads only the rest."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+    import download_data
+    folder, entries = mirror
+    broken = str(folder / entries[0]["name"])
+
+    class Flaky(LocalFileSystem):
+        protocol = "flaky"
+        fail_after = {broken: 20_000}
+        bytes_read = {}
+
+        def _open(self, path, mode="rb", **kwargs):
+            f = super()._open(path, mode, **kwargs)
+            fs, limit = self, self.fail_after.pop(path, None)
+            read = f.read
+
+            def counted_read(n=-1):
+                chunk = read(n if limit is None else min(n, limit - f.tell()))
+                if not chunk and limit is not None and f.tell() >= limit:
+                    raise OSError("connection reset")
+                fs.bytes_read[path] = fs.bytes_read.get(path, 0) + len(chunk)
+                return chunk
+            f.read = counted_read
+            return f
+
+    fsspec.register_implementation("flaky", Flaky, clobber=True)
+    monkeypatch.setattr(download_data, "CHUNK", 4096)
+    argv = [write_config(tmp_path / "config.json", entries), str(tmp_path / "data"), "--source", f"flaky://{folder}"]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and "connection reset" in err
+    part = tmp_path / "data" / (entries[0]["name"] + ".part")
+    assert part.stat().st_size == 20_000 and not (tmp_path / "data" / entries[0]["name"]).exists()
+    Flaky.bytes_read.clear()
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert Flaky.bytes_read == {broken: os.path.getsize(broken) - 20_000}  # only the missing bytes; the others skipped
+    assert (tmp_path / "data" / entries[0]["name"]).read_bytes() == open(broken, "rb").read()
+    assert not part.exists()
+
+
+def test_a_corrupt_mirror_part_is_fetched_again(mirror, tmp_path, capsys):
+    folder, entries = mirror
+    local = tmp_path / "data" / entries[0]["name"]
+    place(local.parent / (local.name + ".part"), b"\0" * 5000)  # not the remote's bytes
+    code, _, err = run([write_config(tmp_path / "c.json", entries[:1]), str(tmp_path / "data"),
+                        "--source", f"file://{folder}"], capsys)
+    assert code == 0, err
+    assert local.read_bytes() == (folder / entries[0]["name"]).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# data_sources.json against the reference
+# --------------------------------------------------------------------------------------------
+
+def test_data_sources_cover_the_v1_mixture_as_the_reference_counts_it():
+    """The reference's shares (hub_data/README.md, "Main finding"), from our data_sources.json."""
+    import download_data
+    entries = train_script.load_data_config(os.path.join(ROOT, "data_config.json"))
+    plans = download_data.plan_downloads(entries, download_data.DEFAULT_SOURCES)  # checks every location
+    status = json.load(open(download_data.DEFAULT_SOURCES))["sources"]
+    assert set(status) == {e["name"] for e in entries}
+    groups = {"exact": [], "substitute": [], "unavailable": []}
+    for entry in entries:
+        groups[status[entry["name"]]["status"]].append(entry["name"])
+    etd = [p.entry["name"] for p in plans
+           if p.locations and p.locations[0].startswith("hf://datasets/sentence-transformers/embedding-training-data/")]
+    shares = {k: (len(v), expected_share(entries, v, "weight"), expected_share(entries, v, "lines"))
+              for k, v in groups.items()}
+    # 20 exact ETD files 47.1 % / 10.3 %, + 91 Stack Exchange files 19.4 % / 2.3 %; 8 others 23.6 % / 22.9 %;
+    # reddit 9.8 % / 64.6 %
+    assert (len(etd), expected_share(entries, etd, "weight"), expected_share(entries, etd, "lines")) == (20, 47.1, 10.3)
+    assert shares["exact"][0] == 111 and abs(shares["exact"][1] - (47.1 + 19.4)) <= 0.1
+    assert shares["substitute"] == (8, 23.6, 22.9)
+    assert shares["unavailable"] == (4, 9.8, 64.6)
+    assert all(p.substitute for p in plans if status[p.entry["name"]]["status"] == "substitute")
+    assert all(p.entry["name"].startswith("reddit/") for p in plans if not p.locations and not p.substitute)
