@@ -134,8 +134,6 @@ def host_of(url):
 
 def probe(host):
     """None if the host answers at all (any HTTP status), else the reason it does not."""
-    if host == huggingface_hub.constants.ENDPOINT and huggingface_hub.constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
     try:
         requests.head(host, timeout=PROBE_SECONDS, allow_redirects=False)
     except requests.RequestException as e:
@@ -151,9 +149,11 @@ def unreachable_hosts(plans, substitutes):
     if substitutes:  # a parquet dataset is read from the Hub
         urls += [plan.substitute.get("location", HUB_PREFIX) for plan in plans if plan.substitute]
     hosts = sorted({h for h in map(host_of, urls) if h})
+    hub = huggingface_hub.constants.ENDPOINT
+    if hub in hosts and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UserError(f"cannot reach {hub} (HF_HUB_OFFLINE is set); check the network, or use --source for a copy")
     with concurrent.futures.ThreadPoolExecutor(max(len(hosts), 1)) as pool:
         down = {h: reason for h, reason in zip(hosts, pool.map(probe, hosts)) if reason}
-    hub = huggingface_hub.constants.ENDPOINT
     if hub in down or (hosts and len(down) == len(hosts)):
         host = hub if hub in down else hosts[0]
         reason = down[host]
@@ -250,7 +250,7 @@ def fetch_fsspec(url, local):
 def convert_dataset(spec, local):
     """A parquet Hub dataset -> local, one JSON list of the row's columns per line (the pair format
     train_script reads). Streamed: the dataset is never whole in memory or on disk."""
-    import datasets
+    import datasets  # only --substitutes needs it, and it takes seconds to import
     if os.path.exists(local):
         return
     rows = datasets.load_dataset(spec["dataset"], spec.get("subset"), split=spec.get("split", "train"),
@@ -349,7 +349,7 @@ def summary(outcomes, config_out, folder):
     """The table: how much of v1 is on disk, exactly or substituted, and what is missing."""
     weight = sum(o.entry["weight"] for o in outcomes)
     lines = sum(o.entry.get("lines", 0) for o in outcomes)
-    out = [f"{'of the v1 mixture':<20}{'files':>7}{'weight':>10}{'lines':>10}"]
+    out = [f"{'share of the config':<20}{'files':>7}{'weight':>10}{'lines':>10}"]
     for kind in ("exact", "substituted", "missing"):
         part = [o for o in outcomes if o.kind == kind]
         w, n = sum(o.entry["weight"] for o in part), sum(o.entry.get("lines", 0) for o in part)

@@ -37,7 +37,7 @@ STS_COLUMNS = ("sentence1", "sentence2", "score")
 
 def load_sts(name, split, max_rows):
     """(sentences1, sentences2, gold scores): at most max_rows rows, streamed."""
-    import datasets
+    import datasets  # not needed to score held-out pairs alone, and it takes seconds to import
     if name.endswith((".csv", ".json", ".jsonl")):
         builder, files = ("csv" if name.endswith(".csv") else "json"), {split: name}
     else:
