@@ -302,8 +302,8 @@ def obtain(plan, folder, manifest, down, substitutes):
         except CorruptFile as e:
             problems.append(f"{local_name}: {e}")
             return None, str(e)
-        except (OSError, requests.RequestException, huggingface_hub.errors.HfHubHTTPError) as e:
-            problems.append(f"{local_name}: {str(e).splitlines()[0]}; rerun to resume")
+        except Exception as e:  # a network or disk error, one line per file; the partial file stays
+            problems.append(f"{local_name}: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}; rerun to resume")
             return None, "download failed"
         if expected is not None and rows != expected:
             problems.append(f"{local_name} (from {what}): {rows:,} rows, but {expected:,} were expected")
@@ -323,12 +323,11 @@ def obtain(plan, folder, manifest, down, substitutes):
     if plan.substitute and not substitutes:
         reasons.append("a substitute exists: rerun with --substitutes")
     if sub:
-        what = sub.get("location") or sub
+        fetch, what = (fetcher(sub["location"]), sub["location"]) if "location" in sub else (convert_dataset, sub)
         if host_of(sub.get("location", HUB_PREFIX)) in down:
             reasons.append("substitute's host unreachable")
         else:
-            rows, reason = attempt(fetcher(what) if "location" in sub else convert_dataset, what, sub["name"],
-                                   sub.get("lines"))
+            rows, reason = attempt(fetch, what, sub["name"], sub.get("lines"))
             if rows is not None:
                 return Outcome("substituted", plan.entry, sub["name"], rows, problems=problems)
             reasons.append(f"substitute: {reason}")
@@ -382,9 +381,9 @@ def main(argv=None):
     p.add_argument("data_folder", help="where to put them; DATA_FOLDER/data_config.json is the mixture fetched")
     p.add_argument("--substitutes", action="store_true",
                    help="where the exact file is not to be had, fetch the substitute data_sources.json names")
-    p.add_argument("--sources", default=DEFAULT_SOURCES, help="where each file lives (see data_sources.json)")
+    p.add_argument("--data_sources", default=DEFAULT_SOURCES, help="where each file lives (see data_sources.json)")
     p.add_argument("--source", help="fsspec URL of a mirror holding every file under the config's names; "
-                                    "replaces the locations of --sources")
+                                    "replaces the locations of --data_sources")
     p.add_argument("--workers", type=int, default=4, help="files fetched at the same time")
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -393,7 +392,7 @@ def main(argv=None):
     try:
         if os.path.abspath(args.data_config) == os.path.abspath(config_out):
             raise UserError(f"{config_out} is where the fetched mixture is written; give the original config")
-        outcomes = download(args.data_config, args.data_folder, args.sources, args.source, args.substitutes,
+        outcomes = download(args.data_config, args.data_folder, args.data_sources, args.source, args.substitutes,
                             args.workers)
     except UserError as e:
         sys.exit(f"error: {e}")
