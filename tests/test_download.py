@@ -11,7 +11,6 @@ import shutil
 import threading
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +18,6 @@ import pytest
 import train_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = "/work/shared/reference/hub_data/README.md"
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +123,7 @@ def world(tiny, tmp_path, server):
     - reddit/reddit_tiny: nowhere (unavailable)."""
     entries = json.loads((tiny / "data_config.json").read_text())
     data, hub, files = tiny / "data", server.root / "hub", server.root / "files"
-    etd = f"hf://datasets/test/etd/"
+    etd = "hf://datasets/test/etd/"
     place(hub / "test/etd/paraphrase_pairs.jsonl.gz", (data / "paraphrase_pairs.jsonl.gz").read_bytes())
     se = "stackexchange_title_body/tiny.stackexchange.com.jsonl.gz"
     place(hub / "test/se/tiny.stackexchange.com.jsonl.gz", (data / se).read_bytes())
