@@ -20,7 +20,6 @@ pip install -r requirements-test.txt.
 """
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -35,16 +34,15 @@ from train_script import (MRR_CUTOFF, Source, UserError, first_row, held_out_row
 STS_COLUMNS = ("sentence1", "sentence2", "score")
 
 
-def load_sts(name, split, max_rows):
-    """(sentences1, sentences2, gold scores): at most max_rows rows, streamed."""
+def load_sts(name, split):
+    """(sentences1, sentences2, gold scores) of the whole split (STS benchmark's test split: 1,379 pairs)."""
     import datasets  # not needed to score held-out pairs alone, and it takes seconds to import
     if name.endswith((".csv", ".json", ".jsonl")):
         builder, files = ("csv" if name.endswith(".csv") else "json"), {split: name}
     else:
         builder, files = name, None
     try:
-        rows = list(itertools.islice(datasets.load_dataset(builder, data_files=files, split=split, streaming=True),
-                                     max_rows))
+        rows = list(datasets.load_dataset(builder, data_files=files, split=split, streaming=True))
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         raise UserError(f"--sts {name}: cannot load split {split!r} ({str(e).splitlines()[0]})")
     if len(rows) < 2 or not all(column in rows[0] for column in STS_COLUMNS):
@@ -110,7 +108,7 @@ def main(argv=None):
     p.add_argument("--data_config", help="score held-out pairs of this mixture's files too")
     p.add_argument("--data_folder", default="data", help="where --data_config's files are")
     p.add_argument("--max_rows", type=int, default=1000,
-                   help="rows of --sts, and lines of each mixture file, used at most (train_script's --eval_rows)")
+                   help="lines of each mixture file read at most (as train_script's --eval_rows)")
     p.add_argument("--batch_size", type=int, default=64, help="texts encoded at once")
     p.add_argument("--json", help="also write every score to this file")
     args = p.parse_args(argv)
@@ -119,7 +117,7 @@ def main(argv=None):
             raise UserError(f"--max_rows must be at least 2, got {args.max_rows}")
         if not args.sts and not args.data_config:
             raise UserError("nothing to score: give --sts and/or --data_config")
-        sts = load_sts(args.sts, args.sts_split, args.max_rows) if args.sts else None
+        sts = load_sts(args.sts, args.sts_split) if args.sts else None
         held_out = load_held_out_pairs(args.data_config, args.data_folder, args.max_rows) if args.data_config else {}
         results = {name: score_model(name, sts, held_out, args.batch_size) for name in args.models}
     except UserError as e:
