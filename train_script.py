@@ -21,9 +21,11 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
+import posixpath
 import queue
 import shlex
 import shutil
@@ -68,68 +70,89 @@ class UserError(Exception):
 # Arguments
 # ============================================================================================
 
+def checked(kind, condition, requirement):
+    """An argparse type: the flag's text as `kind`, refused unless finite and `condition` holds."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not condition(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
+
+
+COUNT = checked(int, lambda n: n >= 1, "at least 1 (a whole number)")
+NATURAL = checked(int, lambda n: n >= 0, "0 or more (a whole number)")
+POSITIVE = checked(float, lambda x: x > 0, "a finite number above 0")
+NON_NEGATIVE = checked(float, lambda x: x >= 0, "a finite number of 0 or more")
+PROBABILITY = checked(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
     p.add_argument("output", help="folder for the exported models, checkpoints and logs")
     p.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
                    help="starting checkpoint: a Hub name or a local folder")
-    p.add_argument("--steps", type=int, default=540_000, help="training steps")
-    p.add_argument("--save_steps", type=int, default=10_000,
+    p.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
+    p.add_argument("--save_steps", type=COUNT, default=10_000,
                    help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the whole "
                         "training state to OUTPUT/checkpoints/<step> every this many steps")
-    p.add_argument("--keep_checkpoints", type=int, default=2,
+    p.add_argument("--keep_checkpoints", type=COUNT, default=2,
                    help="training-state checkpoints kept (the newest); exported models are all kept")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
     p.add_argument("--resume_force", action="store_true",
                    help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
-    p.add_argument("--batch_size", type=int, default=128, help="pairs per device; global batch = this x devices")
-    p.add_argument("--mini_batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
+    p.add_argument("--mini_batch_size", type=COUNT, default=None,
                    help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
                         "so activation memory follows this, not --batch_size (same gradients); None: one pass")
-    p.add_argument("--max_length", type=int, default=128, help="truncate every text to this many word pieces")
+    p.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
     p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
                    help="pad each column of a batch to the smallest of these lengths that fits its longest text "
                         "(--max_length is the last); None: every text padded to --max_length")
-    p.add_argument("--nprocs", type=int, default=None, help="devices to use (default: all local devices)")
-    p.add_argument("--cpu_devices", type=int, default=None,
+    p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use (default: all local devices)")
+    p.add_argument("--cpu_devices", type=COUNT, default=None,
                    help="without an accelerator: split the CPU into this many devices; XLA runs most of one "
                         "CPU device's step on one thread, so one per core is about cores x faster (default: "
                         "XLA_FLAGS' --xla_force_host_platform_device_count, else 1)")
-    p.add_argument("--datasets_per_batch", type=int, default=2,
+    p.add_argument("--datasets_per_batch", type=COUNT, default=2,
                    help="sources that fill each global batch, in equal shares")
-    p.add_argument("--scale", type=float, default=20.0, help="cosine similarities are multiplied by this")
+    p.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
     p.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
     p.add_argument("--data_folder", default="data",
                    help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of AdamW")
-    p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps, then linear decay to 0")
+    p.add_argument("--lr", type=POSITIVE, default=2e-5, help="peak learning rate of AdamW")
+    p.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
     # 0.01 as the project specifies; the published script's transformers.AdamW used 0 (README)
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
+    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.01,
+                   help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
-    p.add_argument("--log_steps", type=int, default=100, help="fetch and print loss/lr every this many steps")
-    p.add_argument("--dropout", type=float, default=None,
+    p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
+    p.add_argument("--dropout", type=PROBABILITY, default=None,
                    help="override the model's dropout probabilities (default: keep the checkpoint's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="activations and matmuls; parameters, optimizer and loss stay float32")
-    p.add_argument("--shuffle_buffer", type=int, default=10_000,
+    p.add_argument("--shuffle_buffer", type=COUNT, default=10_000,
                    help="lines of a source shuffled together as it is streamed")
-    p.add_argument("--cache_small_sources", type=int, default=0,
+    p.add_argument("--cache_small_sources", type=NATURAL, default=0,
                    help="hold sources with fewer lines than this in RAM and shuffle them whole, as the "
                         "original did with 10000000 (tens of GB for the v1 mixture); 0: stream everything")
-    p.add_argument("--num_workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+    p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
                    help="tokenizer processes, one core each; 0 tokenizes in a thread of the trainer. The "
                         "default, half the host's cores but at most 4, keeps a TPU v3-8 fed at the card's batch")
-    p.add_argument("--prefetch", type=int, default=4, help="tokenized batches kept ready ahead of the step")
-    p.add_argument("--dry_run", type=int, default=None, metavar="N",
+    p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
+    p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
                    help="with --dry_run: write each global batch's texts and sources as a JSON line")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
-    p.add_argument("--eval_steps", type=int, default=0,
+    p.add_argument("--eval_steps", type=NATURAL, default=0,
                    help="score held-out rows of every source by in-batch retrieval every this many steps "
                         "(and at the start and the end); 0: off, and no row is held out")
     p.add_argument("--eval_rows", type=int, default=1000,
@@ -141,9 +164,16 @@ def parse_args(argv=None):
                         "Open MPI; elsewhere give the three flags below (--coordinator_address implies --multihost)")
     p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
                    help="multi-host: process 0's address, the same on every host")
-    p.add_argument("--num_processes", type=int, default=None, help="multi-host: how many processes join")
-    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index, 0 .. N-1")
-    args = p.parse_args(argv)
+    p.add_argument("--num_processes", type=COUNT, default=None, help="multi-host: how many processes join")
+    p.add_argument("--process_id", type=NATURAL, default=None, help="multi-host: this process's index, 0 .. N-1")
+    try:
+        args = p.parse_args(argv)
+    except argparse.ArgumentError as e:  # a bad value: one line, as every other UserError
+        raise UserError(f"{e.argument_name} {e.message}") from None
+    # A short run (a smoke test) may keep the card's warm-up as it is; a value typed beyond --steps
+    # would leave the learning rate short of --lr for the whole run.
+    if args.warmup_steps > args.steps and args.warmup_steps != p.get_default("warmup_steps"):
+        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
     # as typed, for the run record and the model card
     args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
     check_args(args)
@@ -151,39 +181,20 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    positive = ["steps", "save_steps", "batch_size", "max_length", "datasets_per_batch", "log_steps",
-                "shuffle_buffer", "prefetch", "keep_checkpoints"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.nprocs is not None and args.nprocs < 1:
-        raise UserError(f"--nprocs must be at least 1, got {args.nprocs}")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        raise UserError(f"--cpu_devices must be at least 1, got {args.cpu_devices}")
-    if args.num_workers < 0 or args.warmup_steps < 0 or args.cache_small_sources < 0:
-        raise UserError("--num_workers, --warmup_steps and --cache_small_sources cannot be negative")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    """What the flags' types cannot see alone: the combinations."""
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
     if args.resume and args.overwrite:
         raise UserError("--resume continues OUTPUT and --overwrite deletes it: pass one of them")
     if args.resume_force and not args.resume:
         raise UserError("--resume_force only works with --resume")
-    if args.eval_steps < 0:
-        raise UserError(f"--eval_steps must be 0 (off) or positive, got {args.eval_steps}")
     if args.eval_steps and args.eval_rows < 2:
         raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
                         f"got {args.eval_rows}")
-    if args.mini_batch_size is not None and not (
-            1 <= args.mini_batch_size <= args.batch_size and args.batch_size % args.mini_batch_size == 0):
+    if args.mini_batch_size is not None and args.batch_size % args.mini_batch_size:
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
 
-    if args.num_processes is not None and args.num_processes < 1:
-        raise UserError(f"--num_processes must be at least 1, got {args.num_processes}")
-    if args.process_id is not None and args.process_id < 0:
-        raise UserError(f"--process_id cannot be negative, got {args.process_id}")
     if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
         raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
     if (args.num_processes is not None or args.process_id is not None) and not (
@@ -225,7 +236,7 @@ def load_data_config(path):
         raise UserError(f"data config {path}: cannot read it as JSON ({e})")
     if not isinstance(entries, list) or not entries:
         raise UserError(f"data config {path}: expected a non-empty JSON list of sources")
-    seen = set()
+    seen = {}  # {the file a name points to: the entry that named it first}
     for i, entry in enumerate(entries):
         where = f"data config {path}, entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
@@ -236,9 +247,11 @@ def load_data_config(path):
             raise UserError(f"{where}: \"weight\" must be a positive integer, got {weight!r}")
         if "lines" in entry and (type(entry["lines"]) is not int or entry["lines"] < 0):
             raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {entry['lines']!r}")
-        if entry["name"] in seen:
-            raise UserError(f"{where}: the name appears twice")
-        seen.add(entry["name"])
+        file = posixpath.normpath(entry["name"])  # x, ./x and a//x are one file
+        if file in seen:
+            first = seen[file]
+            raise UserError(f"{where}: the name appears twice (entry {first} is {entries[first]['name']})")
+        seen[file] = i
     return entries
 
 
@@ -314,6 +327,8 @@ def read_lines(url, stride, skip=0):
             yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
     except FileNotFoundError:
         raise UserError(f"{url}: no such file (check --data_folder)") from None
+    except IsADirectoryError:
+        raise UserError(f"{url}: is a folder, not a data file (check its name in the data config)") from None
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
 
