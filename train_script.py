@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import itertools
 import json
@@ -30,6 +31,7 @@ import queue
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -607,8 +609,26 @@ def dry_run(sources, args, tokenizer, global_batch):
 AXIS = "devices"  # the pmap axis: one entry per device of the global batch
 
 
+# A tokenizer is saved whole (tokenizer.json) or as the vocabulary of its type: those of EXPORTABLE's.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def check_model_folder(folder):
+    """A local --model holds a config and a tokenizer. Checked by name because transformers, missing
+    them, guesses a model type from the folder's name (`empty` -> MPT) and fails deep inside."""
+    files = os.listdir(folder)
+    if not files:
+        raise UserError(f"--model {folder}: the folder is empty; expected a model saved with save_pretrained")
+    if "config.json" not in files:
+        raise UserError(f"--model {folder}: the folder has no config.json")
+    if not set(files) & set(TOKENIZER_FILES):
+        raise UserError(f"--model {folder}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+
+
 def load_tokenizer_and_config(args):
     """The cheap half of --model, checked before any weights are loaded."""
+    if os.path.isdir(args.model):
+        check_model_folder(args.model)
     try:
         config = AutoConfig.from_pretrained(args.model)
         tokenizer = AutoTokenizer.from_pretrained(args.model, use_fast=True)
@@ -630,17 +650,21 @@ def load_tokenizer_and_config(args):
 
 def load_model(args, config):
     """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch."""
+    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=compute_dtype(args))
     try:
-        return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args))
-    except OSError as e:
-        if "from_pt=True" not in str(e):
-            raise UserError(f"--model {args.model}: cannot load its weights ({first_line(e)})")
-    try:  # only pytorch_model.bin: converting it needs torch
-        import torch  # noqa: F401
-    except ImportError:
-        raise UserError(f"--model {args.model}: has only pytorch_model.bin weights, which need torch to "
-                        "convert; pip install torch, or save the model as model.safetensors")
-    return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args), from_pt=True)
+        try:
+            return load()
+        except OSError as e:
+            if "from_pt=True" not in str(e):
+                raise UserError(f"--model {args.model}: cannot load its weights ({first_line(e)})")
+        try:  # only pytorch_model.bin: converting it needs torch
+            import torch  # noqa: F401
+        except ImportError:
+            raise UserError(f"--model {args.model}: has only pytorch_model.bin weights, which need torch to "
+                            "convert; pip install torch, or save the model as model.safetensors")
+        return load(from_pt=True)
+    except (ValueError, RuntimeError, safetensors.SafetensorError) as e:  # msgpack's, torch's, safetensors' readers
+        raise UserError(f"--model {args.model}: its weights file is damaged or truncated ({first_line(e)})")
 
 
 def compute_dtype(args):
@@ -966,35 +990,44 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
     """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize.
 
     The folder is written under another name and renamed when complete: whenever a run stops,
-    OUTPUT/<step> is either a whole model or absent."""
+    OUTPUT/<step> is either a whole model or absent (and --resume writes it again)."""
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(os.path.join(partial, "1_Pooling"))
-    os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
-    save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-    config = config.__class__.from_dict(config.to_dict())
-    config.architectures = [EXPORTABLE[config.model_type]]
-    config.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    write_json(os.path.join(partial, "modules.json"), [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
-    write_json(os.path.join(partial, "sentence_bert_config.json"),
-               {"max_seq_length": args.max_length, "do_lower_case": False})
-    write_json(os.path.join(partial, "1_Pooling", "config.json"), {
-        "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": False, "include_prompt": True})
-    write_json(os.path.join(partial, "config_sentence_transformers.json"), {
-        "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
-                        "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
-        "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-    with open(os.path.join(partial, "README.md"), "w") as f:
-        f.write(model_card(folder, config, args, run))
+    try:
+        os.makedirs(os.path.join(partial, "1_Pooling"))
+        os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
+        save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        config = config.__class__.from_dict(config.to_dict())
+        config.architectures = [EXPORTABLE[config.model_type]]
+        config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        write_json(os.path.join(partial, "modules.json"), [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        write_json(os.path.join(partial, "sentence_bert_config.json"),
+                   {"max_seq_length": args.max_length, "do_lower_case": False})
+        write_json(os.path.join(partial, "1_Pooling", "config.json"), {
+            "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False, "include_prompt": True})
+        write_json(os.path.join(partial, "config_sentence_transformers.json"), {
+            "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
+                            "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
+            "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+        with open(os.path.join(partial, "README.md"), "w") as f:
+            f.write(model_card(folder, config, args, run))
+    except (OSError, safetensors.SafetensorError) as e:  # a full disk, most often
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"cannot write the export {folder} ({first_line(e)}); --resume writes it again from "
+                        f"the checkpoint of step {run['step']}") from e
     shutil.rmtree(folder, ignore_errors=True)  # a step exported again (a resumed run) replaces the old one
     os.replace(partial, folder)
+
+
+def export_folder(args, step):
+    return os.path.join(args.output, "final" if step == args.steps else str(step))
 
 
 def write_json(path, value):
@@ -1315,9 +1348,10 @@ def initial_state(args, model, checkpoints, identity):
             print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
         return fresh, 0, {}, {}
     state, meta = found
-    if meta["step"] >= args.steps:
-        raise UserError(f"--resume: the checkpoint of step {meta['step']} already reached --steps {args.steps}")
-    print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
+    if meta["step"] > args.steps:
+        raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
+    if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
+        print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
     return state, meta["step"], positions, meta.get("batches", {})
@@ -1366,16 +1400,32 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
     identity = run_identity(args, entries, devices)
     checkpoints = checkpoint_manager(args)
     start_state, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
-    if writer:
-        if first_step == 0:
-            start_run_record(args, entries, args.output)
-        else:
-            record_resume(args, first_step)
     versions = library_versions()
 
     all_devices = devices_of_all_processes(devices)
     sharding = device_sharding(all_devices)
     state = replicate(start_state, sharding, len(devices))
+
+    def export(step):
+        if writer:
+            params = jax.device_get(first_local_replica(state.params))
+            run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
+                   "mixture": entries, "versions": versions}
+            export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args, run)
+
+    # a resumed run first writes the export that a kill or a full disk cut short
+    if first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not os.path.isdir(
+            export_folder(args, first_step)):
+        export(first_step)
+    if first_step == args.steps:
+        if writer:  # a loop that restarts the command until it succeeds ends here
+            print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
+        return
+    if writer:
+        if first_step == 0:
+            start_run_record(args, entries, args.output)
+        else:
+            record_resume(args, first_step)
     train_step = make_train_step(model, args, all_devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
@@ -1396,14 +1446,6 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         if metrics:
             write_metrics(metrics, {"step": step, "eval": scores, "eval_seconds": seconds})
         return seconds
-
-    def export(step):
-        if writer:
-            params = jax.device_get(first_local_replica(state.params))
-            run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
-                   "mixture": entries, "versions": versions}
-            folder = os.path.join(args.output, "final" if step == args.steps else str(step))
-            export_sentence_transformer(folder, params, config, tokenizer, args, run)
 
     with (tokenizer_pool(tokenizer, args) as pool, stop_requests() as stop,
           contextlib.closing(background_batches(texts, pool, max(1, args.num_workers),
@@ -1571,38 +1613,122 @@ def join_processes(args):
         raise UserError(f"--multihost: cannot join the other processes ({first_line(e)})")
 
 
-def prepare_output(args):
-    """An empty OUTPUT, or with --resume the one to continue. One in use is only replaced with
-    --overwrite, and never if it holds an input."""
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UserError(f"{args.output} exists and is not a folder")
-    if os.path.exists(args.output) and os.listdir(args.output) and not args.resume:
-        if not args.overwrite:
-            raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
-                            "or --overwrite to replace it")
-        output = os.path.realpath(args.output)
-        inputs = {"the data config": args.data_config, "--data_folder": args.data_folder, "--model": args.model,
-                  "this script": __file__}
-        for what, path in inputs.items():
-            if os.path.exists(path) and os.path.commonpath([output, os.path.realpath(path)]) == output:
-                raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
-        shutil.rmtree(args.output)
-    os.makedirs(args.output, exist_ok=True)
+# OUTPUT belongs to one run at a time. Process 0 holds an exclusive lock (flock) on OUTPUT/.lock
+# from before anything in OUTPUT is deleted until the run ends; the file names the holder. The
+# kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
+
+LOCK_FILE = ".lock"
 
 
-def prepare_output_on_process_0(args):
-    """Process 0 alone checks and (re)creates OUTPUT; the others wait for it and share its verdict."""
-    problem = None
-    if jax.process_index() == 0:
+def local_path(url):
+    """The absolute path a local path or file:// URL names; None for a remote URL (gs://, hf://...)."""
+    url = url.split("::")[-1]  # a chained URL (simplecache::gs://...) ends with where the data lives
+    protocol, path = fsspec.core.split_protocol(url)
+    return os.path.abspath(path) if protocol in (None, "file", "local") else None
+
+
+def run_inputs(args, sources):
+    """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
+    inputs = [("the data config", args.data_config), ("this script", __file__), ("--model", args.model)]
+    if os.path.isdir(args.model):  # its files may be links to elsewhere
+        inputs += [("--model", os.path.join(args.model, name)) for name in os.listdir(args.model)]
+    inputs += [("the data file", local_path(s.url)) for s in sources]
+    return [(what, path) for what, path in inputs if path is not None]
+
+
+def inside(path, folder):
+    """Whether `path`, as written or with every link resolved, lies in `folder` (either form)."""
+    folders = {os.path.abspath(folder), os.path.realpath(folder)}
+    paths = {os.path.abspath(path), os.path.realpath(path)}
+    return any(os.path.commonpath([f, p]) == f for f in folders for p in paths)
+
+
+@contextlib.contextmanager
+def output_lock(output):
+    """OUTPUT/.lock held for the duration; a run holding it already is named and refused."""
+    path = os.path.join(output, LOCK_FILE)
+    while True:
+        lock = open(path, "a+")
         try:
-            prepare_output(args)
-        except UserError as e:
-            problem = e
-    ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
-    if problem:
-        raise problem
-    if not ready:
-        raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "starting"
+            lock.close()
+            raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
+        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
+            break
+        lock.close()  # locked a file that its holder removed on exiting: lock the new one
+    try:
+        yield lock
+    finally:
+        os.unlink(path)  # while still locked, so that no other run locks the removed file
+        lock.close()
+
+
+def prepare_output(args, inputs):
+    """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
+    a kill or a full disk left unfinished. One in use is only emptied with --overwrite, and never if
+    it holds an input."""
+    existing = [name for name in os.listdir(args.output) if name != LOCK_FILE]
+    if args.resume:
+        for name in existing:
+            if name.endswith(".partial"):  # --resume writes the export again
+                shutil.rmtree(os.path.join(args.output, name))
+        return
+    if existing and not args.overwrite:
+        raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
+                        "or --overwrite to replace it")
+    if existing and os.path.islink(args.output):
+        raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
+                        "pass the folder itself")
+    for what, path in inputs:
+        if existing and inside(path, args.output):
+            raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
+    for name in existing:
+        path = os.path.join(args.output, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def claim_output(args, inputs):
+    """OUTPUT created, locked and prepared; the lock held until the run ends."""
+    if os.path.lexists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"{args.output} exists and is not a folder")
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
+    with output_lock(args.output) as lock:
+        prepare_output(args, inputs)
+        try:  # after prepare_output, which may have freed space
+            lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+            lock.flush()
+            os.fsync(lock.fileno())
+        except OSError as e:
+            raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None
+        yield
+
+
+@contextlib.contextmanager
+def output_of_process_0(args, inputs):
+    """Process 0 alone claims OUTPUT and holds it for the run; the others wait for it and share its verdict."""
+    with contextlib.ExitStack() as claimed:
+        problem = None
+        if jax.process_index() == 0:
+            try:
+                claimed.enter_context(claim_output(args, inputs))
+            except UserError as e:
+                problem = e
+        ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
+        if problem:
+            raise problem
+        if not ready:
+            raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+        yield
 
 
 def main(argv=None):
@@ -1628,8 +1754,9 @@ def main(argv=None):
         raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
                         f"not {config.model_type}")
     model = load_model(args, config)
-    prepare_output_on_process_0(args)  # only once the model loads: --overwrite must not lose a run for nothing
-    train(args, model, tokenizer, config, sources, entries, devices, held_out)
+    # only once the model loads: --overwrite must not lose a run for nothing
+    with output_of_process_0(args, run_inputs(args, sources)):
+        train(args, model, tokenizer, config, sources, entries, devices, held_out)
 
 
 if __name__ == "__main__":
