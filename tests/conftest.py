@@ -19,3 +19,7 @@ def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     build_fixture(str(out), lines_per_file=2000, seed=0)
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over 30 s; `pytest -m 'not slow'` leaves it out")
