@@ -664,7 +664,8 @@ def load_model(args, config):
                             "convert; pip install torch, or save the model as model.safetensors")
         return load(from_pt=True)
     except (ValueError, RuntimeError, safetensors.SafetensorError) as e:  # msgpack's, torch's, safetensors' readers
-        raise UserError(f"--model {args.model}: its weights file is damaged or truncated ({first_line(e)})")
+        raise UserError(f"--model {args.model}: cannot read its weights ({first_line(e)}); "
+                        "is the file truncated or damaged?")
 
 
 def compute_dtype(args):
@@ -1648,12 +1649,12 @@ def output_lock(output):
     """OUTPUT/.lock held for the duration; a run holding it already is named and refused."""
     path = os.path.join(output, LOCK_FILE)
     while True:
-        lock = open(path, "a+")
+        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "starting"
+            holder = lock.read().decode().strip() or "starting"
             lock.close()
             raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
         if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
@@ -1705,8 +1706,8 @@ def claim_output(args, inputs):
     with output_lock(args.output) as lock:
         prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
-            lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
-            lock.flush()
+            lock.truncate(0)  # a killed run's
+            lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
             os.fsync(lock.fileno())
         except OSError as e:
             raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None

@@ -308,6 +308,22 @@ def test_a_full_disk_while_exporting_is_one_line_and_resume_writes_the_export_ag
     assert_same_params(final_params(output), final_params(uninterrupted))
 
 
+def test_resuming_on_a_full_disk_is_one_line_before_anything_is_written(tiny, tmp_path, uninterrupted, monkeypatch):
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    shutil.rmtree(output / "checkpoints" / str(STEPS))
+    shutil.rmtree(output / "final")
+    before = file_bytes(output)
+
+    def disk_full(fd):  # the kernel's answer when the run's first new block (its lock's) finds none
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train_script.os, "fsync", disk_full)
+    with pytest.raises(train_script.UserError, match=rf"^cannot write to {output} \(No space left on device\)$"):
+        train_script.main(tiny_args(tiny, output, "--resume"))
+    assert file_bytes(output) == before
+
+
 @pytest.mark.slow
 def test_resume_of_a_finished_run_exits_0_and_writes_only_a_missing_final_export(tiny, tmp_path, uninterrupted, capsys):
     """A restart loop (`until python train_script.py ... --resume; do sleep 60; done`) must end."""

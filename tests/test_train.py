@@ -389,7 +389,7 @@ def truncated_copy(tiny, tmp_path):
     (lambda tiny, tmp: ["--model", str(tokenizerless_copy(tiny, tmp))],
      r"--model .*/no_tokenizer: the folder has no tokenizer \(none of tokenizer.json, vocab.txt"),
     (lambda tiny, tmp: ["--model", str(truncated_copy(tiny, tmp))],
-     r"--model .*/truncated: its weights file is damaged or truncated"),
+     r"--model .*/truncated: cannot read its weights \(Unpack failed: incomplete input\); is the file truncated"),
     (lambda tiny, tmp: ["--nprocs", "9"],
      r"--nprocs 9 but only 8 cpu device\(s\).*XLA_FLAGS=--xla_force_host_platform_device_count=9"),
     (lambda tiny, tmp: ["--max_length", "129"], r"--max_length 129 exceeds the 128 positions"),
