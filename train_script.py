@@ -129,7 +129,7 @@ def parse_args(argv=None):
                    help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
     p.add_argument("--data_folder", default="data",
                    help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
-    p.add_argument("--lr", type=POSITIVE, default=2e-5, help="peak learning rate of AdamW")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=2e-5, help="peak learning rate of AdamW")
     p.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
     # 0.01 as the project specifies; the published script's transformers.AdamW used 0 (README)
     p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.01,
@@ -1630,9 +1630,10 @@ def local_path(url):
 
 def run_inputs(args, sources):
     """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
-    inputs = [("the data config", args.data_config), ("this script", __file__), ("--model", args.model)]
-    if os.path.isdir(args.model):  # its files may be links to elsewhere
-        inputs += [("--model", os.path.join(args.model, name)) for name in os.listdir(args.model)]
+    inputs = [("the data config", args.data_config), ("this script", __file__)]
+    if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
+        files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
+        inputs += [("--model", path) for path in [args.model, *files]]
     inputs += [("the data file", local_path(s.url)) for s in sources]
     return [(what, path) for what, path in inputs if path is not None]
 
@@ -1657,6 +1658,10 @@ def output_lock(output):
             holder = lock.read().decode().strip() or "starting"
             lock.close()
             raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
+        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {output}",
+                  file=sys.stderr)
+            break
         if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
             break
         lock.close()  # locked a file that its holder removed on exiting: lock the new one
@@ -1706,7 +1711,7 @@ def claim_output(args, inputs):
     with output_lock(args.output) as lock:
         prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
-            lock.truncate(0)  # a killed run's
+            lock.truncate(0)  # a killed run's line
             lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
             os.fsync(lock.fileno())
         except OSError as e:

@@ -393,8 +393,8 @@ def truncated_copy(tiny, tmp_path):
     (lambda tiny, tmp: ["--nprocs", "9"],
      r"--nprocs 9 but only 8 cpu device\(s\).*XLA_FLAGS=--xla_force_host_platform_device_count=9"),
     (lambda tiny, tmp: ["--max_length", "129"], r"--max_length 129 exceeds the 128 positions"),
-    (lambda tiny, tmp: ["--lr", "-1"], r"--lr must be a finite number above 0, got -1"),
-    (lambda tiny, tmp: ["--lr", "nan"], r"--lr must be a finite number above 0, got nan"),
+    (lambda tiny, tmp: ["--lr", "-1"], r"--lr must be a finite number of 0 or more, got -1"),
+    (lambda tiny, tmp: ["--lr", "nan"], r"--lr must be a finite number of 0 or more, got nan"),
     (lambda tiny, tmp: ["--scale", "nan"], r"--scale must be a finite number above 0, got nan"),
     (lambda tiny, tmp: ["--weight_decay", "-0.01"], r"--weight_decay must be a finite number of 0 or more"),
     (lambda tiny, tmp: ["--steps", "10", "--warmup_steps", "20"], r"--warmup_steps 20 exceeds --steps 10"),
@@ -470,5 +470,5 @@ def test_a_negative_learning_rate_is_refused_by_the_command(tiny, tmp_path):
     """Before, `--lr -1` trained, exited 0 and exported a model moved away from its data."""
     result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", tiny / "model",
                         "--data_folder", tiny / "data", "--lr", "-1", "--steps", "1")
-    assert one_error_line(result) == "error: --lr must be a finite number above 0, got -1"
+    assert one_error_line(result) == "error: --lr must be a finite number of 0 or more, got -1"
     assert not (tmp_path / "out").exists()
