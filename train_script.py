@@ -110,7 +110,7 @@ def parse_args(argv=None):
     p.add_argument("--resume_force", action="store_true",
                    help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
     p.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
-    p.add_argument("--mini_batch_size", type=COUNT, default=None,
+    p.add_argument("--mini_batch_size", type=int, default=None,
                    help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
                         "so activation memory follows this, not --batch_size (same gradients); None: one pass")
     p.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
@@ -193,7 +193,8 @@ def check_args(args):
     if args.eval_steps and args.eval_rows < 2:
         raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
                         f"got {args.eval_rows}")
-    if args.mini_batch_size is not None and args.batch_size % args.mini_batch_size:
+    if args.mini_batch_size is not None and not (
+            1 <= args.mini_batch_size <= args.batch_size and args.batch_size % args.mini_batch_size == 0):
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
 
