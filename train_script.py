@@ -18,17 +18,21 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import platform
+import posixpath
 import queue
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -76,8 +80,28 @@ class UserError(Exception):
 # Arguments
 # ============================================================================================
 
+def checked(kind, condition, requirement):
+    """An argparse type: the flag's text as `kind`, refused unless finite and `condition` holds."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not condition(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+    return parse
+
+
+COUNT = checked(int, lambda n: n >= 1, "at least 1 (a whole number)")
+NATURAL = checked(int, lambda n: n >= 0, "0 or more (a whole number)")
+POSITIVE = checked(float, lambda x: x > 0, "a finite number above 0")
+NON_NEGATIVE = checked(float, lambda x: x >= 0, "a finite number of 0 or more")
+PROBABILITY = checked(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
     p.add_argument("output", help="folder for the exported models, checkpoints and logs")
@@ -86,61 +110,62 @@ def parse_args(argv=None):
     p.add_argument("--base_model", type=hub_id, default=None, metavar="OWNER/NAME",
                    help="the Hub name the model card gives a local --model folder (one in the Hugging Face "
                         "cache, .../models--OWNER--NAME/snapshots/..., names itself); None: the card names none")
-    p.add_argument("--steps", type=int, default=540_000, help="training steps")
-    p.add_argument("--save_steps", type=int, default=10_000,
+    p.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
+    p.add_argument("--save_steps", type=COUNT, default=10_000,
                    help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the whole "
                         "training state to OUTPUT/checkpoints/<step> every this many steps")
-    p.add_argument("--keep_checkpoints", type=int, default=2,
+    p.add_argument("--keep_checkpoints", type=COUNT, default=2,
                    help="training-state checkpoints kept (the newest); exported models are all kept")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
     p.add_argument("--resume_force", action="store_true",
                    help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
-    p.add_argument("--batch_size", type=int, default=128, help="pairs per device; global batch = this x devices")
+    p.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
     p.add_argument("--mini_batch_size", type=int, default=None,
                    help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
                         "so activation memory follows this, not --batch_size (same gradients); None: one pass")
-    p.add_argument("--max_length", type=int, default=128, help="truncate every text to this many word pieces")
+    p.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
     p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
                    help="pad each column of a batch to the smallest of these lengths that fits its longest text "
                         "(--max_length is the last); None: every text padded to --max_length")
-    p.add_argument("--nprocs", type=int, default=None, help="devices to use; None: all local devices")
-    p.add_argument("--cpu_devices", type=int, default=None,
+    p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use; None: all local devices")
+    p.add_argument("--cpu_devices", type=COUNT, default=None,
                    help="without an accelerator: split the CPU into this many devices; XLA runs most of one "
                         "CPU device's step on one thread, so one per core is about cores x faster; None: XLA_FLAGS' "
                         "--xla_force_host_platform_device_count, else 1")
-    p.add_argument("--datasets_per_batch", type=int, default=2,
+    p.add_argument("--datasets_per_batch", type=COUNT, default=2,
                    help="sources that fill each global batch, in equal shares")
-    p.add_argument("--scale", type=float, default=20.0, help="cosine similarities are multiplied by this")
+    p.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
     p.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
     p.add_argument("--data_folder", default="data",
                    help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of AdamW")
-    p.add_argument("--warmup_steps", type=int, default=500, help="linear warm-up steps, then linear decay to 0")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=2e-5, help="peak learning rate of AdamW")
+    p.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
     # 0.01 as the project specifies; the published script's transformers.AdamW used 0 (README)
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
+    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.01,
+                   help="AdamW weight decay (not on biases, LayerNorm)")
     p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
-    p.add_argument("--log_steps", type=int, default=100, help="fetch and print loss/lr every this many steps")
-    p.add_argument("--dropout", type=float, default=None,
+    p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
+    p.add_argument("--dropout", type=PROBABILITY, default=None,
                    help="override the model's dropout probabilities; None: keep the checkpoint's")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="activations and matmuls; parameters, optimizer and loss stay float32")
-    p.add_argument("--shuffle_buffer", type=int, default=10_000,
+    p.add_argument("--shuffle_buffer", type=COUNT, default=10_000,
                    help="lines of a source shuffled together as it is streamed")
-    p.add_argument("--cache_small_sources", type=int, default=0,
+    p.add_argument("--cache_small_sources", type=NATURAL, default=0,
                    help="hold sources with fewer lines than this in RAM and shuffle them whole, as the "
                         "original did with 10000000 (tens of GB for the v1 mixture); 0: stream everything")
-    p.add_argument("--num_workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+    p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
                    help="tokenizer processes, one core each; 0 tokenizes in a thread of the trainer. The "
                         "default, half the host's cores but at most 4, keeps a TPU v3-8 fed at the card's batch")
-    p.add_argument("--prefetch", type=int, default=4, help="tokenized batches kept ready ahead of the step")
-    p.add_argument("--dry_run", type=int, default=None, metavar="N",
+    p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
+    p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
                    help="with --dry_run: write each global batch's texts and sources as a JSON line")
     p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
-    p.add_argument("--eval_steps", type=int, default=0,
+    p.add_argument("--eval_steps", type=NATURAL, default=0,
                    help="score held-out rows of every source by in-batch retrieval every this many steps "
                         "(and at the start and the end); 0: off, and no row is held out")
     p.add_argument("--eval_rows", type=int, default=1000,
@@ -152,9 +177,16 @@ def parse_args(argv=None):
                         "Open MPI; elsewhere give the three flags below (--coordinator_address implies --multihost)")
     p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
                    help="multi-host: process 0's address, the same on every host")
-    p.add_argument("--num_processes", type=int, default=None, help="multi-host: how many processes join")
-    p.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index, 0 .. N-1")
-    args = p.parse_args(argv)
+    p.add_argument("--num_processes", type=COUNT, default=None, help="multi-host: how many processes join")
+    p.add_argument("--process_id", type=NATURAL, default=None, help="multi-host: this process's index, 0 .. N-1")
+    try:
+        args = p.parse_args(argv)
+    except argparse.ArgumentError as e:  # a bad value: one line, as every other UserError
+        raise UserError(f"{e.argument_name} {e.message}") from None
+    # A short run (a smoke test) may keep the card's warm-up as it is; a value typed beyond --steps
+    # would leave the learning rate short of --lr for the whole run.
+    if args.warmup_steps > args.steps and args.warmup_steps != p.get_default("warmup_steps"):
+        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
     # as typed, for the run record and the model card
     args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
     check_args(args)
@@ -171,27 +203,13 @@ def hub_id(text):
 
 
 def check_args(args):
-    positive = ["steps", "save_steps", "batch_size", "max_length", "datasets_per_batch", "log_steps",
-                "shuffle_buffer", "prefetch", "keep_checkpoints"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.nprocs is not None and args.nprocs < 1:
-        raise UserError(f"--nprocs must be at least 1, got {args.nprocs}")
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        raise UserError(f"--cpu_devices must be at least 1, got {args.cpu_devices}")
-    if args.num_workers < 0 or args.warmup_steps < 0 or args.cache_small_sources < 0:
-        raise UserError("--num_workers, --warmup_steps and --cache_small_sources cannot be negative")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    """What the flags' types cannot see alone: the combinations."""
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
     if args.resume and args.overwrite:
         raise UserError("--resume continues OUTPUT and --overwrite deletes it: pass one of them")
     if args.resume_force and not args.resume:
         raise UserError("--resume_force only works with --resume")
-    if args.eval_steps < 0:
-        raise UserError(f"--eval_steps must be 0 (off) or positive, got {args.eval_steps}")
     if args.eval_steps and args.eval_rows < 2:
         raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
                         f"got {args.eval_rows}")
@@ -200,10 +218,6 @@ def check_args(args):
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
 
-    if args.num_processes is not None and args.num_processes < 1:
-        raise UserError(f"--num_processes must be at least 1, got {args.num_processes}")
-    if args.process_id is not None and args.process_id < 0:
-        raise UserError(f"--process_id cannot be negative, got {args.process_id}")
     if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
         raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
     if (args.num_processes is not None or args.process_id is not None) and not (
@@ -245,7 +259,7 @@ def load_data_config(path):
         raise UserError(f"data config {path}: cannot read it as JSON ({e})")
     if not isinstance(entries, list) or not entries:
         raise UserError(f"data config {path}: expected a non-empty JSON list of sources")
-    seen = set()
+    seen = {}  # {the file a name points to: the entry that named it first}
     for i, entry in enumerate(entries):
         where = f"data config {path}, entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
@@ -256,9 +270,11 @@ def load_data_config(path):
             raise UserError(f"{where}: \"weight\" must be a positive integer, got {weight!r}")
         if "lines" in entry and (type(entry["lines"]) is not int or entry["lines"] < 0):
             raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {entry['lines']!r}")
-        if entry["name"] in seen:
-            raise UserError(f"{where}: the name appears twice")
-        seen.add(entry["name"])
+        file = posixpath.normpath(entry["name"])  # x, ./x and a//x are one file
+        if file in seen:
+            first = seen[file]
+            raise UserError(f"{where}: the name appears twice (entry {first} is {entries[first]['name']})")
+        seen[file] = i
     return entries
 
 
@@ -334,6 +350,8 @@ def read_lines(url, stride, skip=0):
             yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
     except FileNotFoundError:
         raise UserError(f"{url}: no such file (check --data_folder)") from None
+    except IsADirectoryError:
+        raise UserError(f"{url}: is a folder, not a data file (check its name in the data config)") from None
     except (EOFError, OSError, zlib.error) as e:
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
 
@@ -612,8 +630,26 @@ def dry_run(sources, args, tokenizer, global_batch):
 AXIS = "devices"  # the pmap axis: one entry per device of the global batch
 
 
+# A tokenizer is saved whole (tokenizer.json) or as the vocabulary of its type: those of EXPORTABLE's.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def check_model_folder(folder):
+    """A local --model holds a config and a tokenizer. Checked by name because transformers, missing
+    them, guesses a model type from the folder's name (`empty` -> MPT) and fails deep inside."""
+    files = os.listdir(folder)
+    if not files:
+        raise UserError(f"--model {folder}: the folder is empty; expected a model saved with save_pretrained")
+    if "config.json" not in files:
+        raise UserError(f"--model {folder}: the folder has no config.json")
+    if not set(files) & set(TOKENIZER_FILES):
+        raise UserError(f"--model {folder}: the folder has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+
+
 def load_tokenizer_and_config(args):
     """The cheap half of --model, checked before any weights are loaded."""
+    if os.path.isdir(args.model):
+        check_model_folder(args.model)
     try:
         config = AutoConfig.from_pretrained(args.model)
         tokenizer = AutoTokenizer.from_pretrained(args.model, use_fast=True)
@@ -635,17 +671,22 @@ def load_tokenizer_and_config(args):
 
 def load_model(args, config):
     """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch."""
+    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=compute_dtype(args))
     try:
-        return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args))
-    except OSError as e:
-        if "from_pt=True" not in str(e):
-            raise UserError(f"--model {args.model}: cannot load its weights ({first_line(e)})")
-    try:  # only pytorch_model.bin: converting it needs torch
-        import torch  # noqa: F401
-    except ImportError:
-        raise UserError(f"--model {args.model}: has only pytorch_model.bin weights, which need torch to "
-                        "convert; pip install torch, or save the model as model.safetensors")
-    return FlaxAutoModel.from_pretrained(args.model, config=config, dtype=compute_dtype(args), from_pt=True)
+        try:
+            return load()
+        except OSError as e:
+            if "from_pt=True" not in str(e):
+                raise UserError(f"--model {args.model}: cannot load its weights ({first_line(e)})")
+        try:  # only pytorch_model.bin: converting it needs torch
+            import torch  # noqa: F401
+        except ImportError:
+            raise UserError(f"--model {args.model}: has only pytorch_model.bin weights, which need torch to "
+                            "convert; pip install torch, or save the model as model.safetensors")
+        return load(from_pt=True)
+    except (ValueError, RuntimeError, safetensors.SafetensorError) as e:  # msgpack's, torch's, safetensors' readers
+        raise UserError(f"--model {args.model}: cannot read its weights ({first_line(e)}); "
+                        "is the file truncated or damaged?")
 
 
 def compute_dtype(args):
@@ -972,36 +1013,45 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
     with a model card and a copy of the run record (OUTPUT/train_script.py and data_config.json).
 
     The folder is written under another name and renamed when complete: whenever a run stops,
-    OUTPUT/<step> is either a whole model or absent."""
+    OUTPUT/<step> is either a whole model or absent (and --resume writes it again)."""
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(os.path.join(partial, "1_Pooling"))
-    os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
-    save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-    config = config.__class__.from_dict(config.to_dict())
-    config.architectures = [EXPORTABLE[config.model_type]]
-    config.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    write_json(os.path.join(partial, "modules.json"), [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
-    write_json(os.path.join(partial, "sentence_bert_config.json"),
-               {"max_seq_length": args.max_length, "do_lower_case": False})
-    write_json(os.path.join(partial, "1_Pooling", "config.json"), {
-        "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": False, "include_prompt": True})
-    write_json(os.path.join(partial, "config_sentence_transformers.json"), {
-        "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
-                        "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
-        "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-    model_card(folder, config, args, run).save(os.path.join(partial, "README.md"))
-    for record in ("train_script.py", "data_config.json"):  # the run record travels with every upload
-        shutil.copyfile(os.path.join(args.output, record), os.path.join(partial, record))
+    try:
+        os.makedirs(os.path.join(partial, "1_Pooling"))
+        os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
+        save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+        config = config.__class__.from_dict(config.to_dict())
+        config.architectures = [EXPORTABLE[config.model_type]]
+        config.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        write_json(os.path.join(partial, "modules.json"), [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        write_json(os.path.join(partial, "sentence_bert_config.json"),
+                   {"max_seq_length": args.max_length, "do_lower_case": False})
+        write_json(os.path.join(partial, "1_Pooling", "config.json"), {
+            "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False, "include_prompt": True})
+        write_json(os.path.join(partial, "config_sentence_transformers.json"), {
+            "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
+                            "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
+            "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+        model_card(folder, config, args, run).save(os.path.join(partial, "README.md"))
+        for record in ("train_script.py", "data_config.json"):  # the run record travels with every upload
+            shutil.copyfile(os.path.join(args.output, record), os.path.join(partial, record))
+    except (OSError, safetensors.SafetensorError) as e:  # a full disk, most often
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"cannot write the export {folder} ({first_line(e)}); --resume writes it again from "
+                        f"the checkpoint of step {run['step']}") from e
     shutil.rmtree(folder, ignore_errors=True)  # a step exported again (a resumed run) replaces the old one
     os.replace(partial, folder)
+
+
+def export_folder(args, step):
+    return os.path.join(args.output, "final" if step == args.steps else str(step))
 
 
 def write_json(path, value):
@@ -1366,9 +1416,10 @@ def initial_state(args, model, checkpoints, identity):
             print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
         return fresh, 0, {}, {}
     state, meta = found
-    if meta["step"] >= args.steps:
-        raise UserError(f"--resume: the checkpoint of step {meta['step']} already reached --steps {args.steps}")
-    print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
+    if meta["step"] > args.steps:
+        raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
+    if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
+        print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
     return state, meta["step"], positions, meta.get("batches", {})
@@ -1417,16 +1468,33 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
     identity = run_identity(args, entries, devices)
     checkpoints = checkpoint_manager(args)
     start_state, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
-    if writer:
-        if first_step == 0:
-            start_run_record(args, entries, args.output)
-        else:
-            record_resume(args, first_step)
     versions = library_versions()
 
     all_devices = devices_of_all_processes(devices)
     sharding = device_sharding(all_devices)
     state = replicate(start_state, sharding, len(devices))
+    scores_at = {}  # step -> held-out scores, for the model card of an export at that step
+
+    def export(step):
+        if writer:
+            params = jax.device_get(first_local_replica(state.params))
+            run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
+                   "mixture": entries, "versions": versions, "scores": scores_at.get(step)}
+            export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args, run)
+
+    # a resumed run first writes the export that a kill or a full disk cut short
+    if first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not os.path.isdir(
+            export_folder(args, first_step)):
+        export(first_step)
+    if first_step == args.steps:
+        if writer:  # a loop that restarts the command until it succeeds ends here
+            print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
+        return
+    if writer:
+        if first_step == 0:
+            start_run_record(args, entries, args.output)
+        else:
+            record_resume(args, first_step)
     train_step = make_train_step(model, args, all_devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
@@ -1435,7 +1503,6 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
                          (process * local_batch, (process + 1) * local_batch), (process, processes), first_step)
     metrics = open_metrics(args.output) if writer else None
     embed_step = make_embed_step(model, devices) if held_out else None
-    scores_at = {}  # step -> held-out scores, for the model card of an export at that step
 
     def evaluate(step, tokens):
         """Scores the held-out rows (every process, on its own devices); returns the seconds it took."""
@@ -1448,14 +1515,6 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         if metrics:
             write_metrics(metrics, {"step": step, "eval": scores, "eval_seconds": seconds})
         return seconds
-
-    def export(step):
-        if writer:
-            params = jax.device_get(first_local_replica(state.params))
-            run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
-                   "mixture": entries, "versions": versions, "scores": scores_at.get(step)}
-            folder = os.path.join(args.output, "final" if step == args.steps else str(step))
-            export_sentence_transformer(folder, params, config, tokenizer, args, run)
 
     with (tokenizer_pool(tokenizer, args) as pool, stop_requests() as stop,
           contextlib.closing(background_batches(texts, pool, max(1, args.num_workers),
@@ -1614,38 +1673,127 @@ def join_processes(args):
         raise UserError(f"--multihost: cannot join the other processes ({first_line(e)})")
 
 
-def prepare_output(args):
-    """An empty OUTPUT, or with --resume the one to continue. One in use is only replaced with
-    --overwrite, and never if it holds an input."""
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UserError(f"{args.output} exists and is not a folder")
-    if os.path.exists(args.output) and os.listdir(args.output) and not args.resume:
-        if not args.overwrite:
-            raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
-                            "or --overwrite to replace it")
-        output = os.path.realpath(args.output)
-        inputs = {"the data config": args.data_config, "--data_folder": args.data_folder, "--model": args.model,
-                  "this script": __file__}
-        for what, path in inputs.items():
-            if os.path.exists(path) and os.path.commonpath([output, os.path.realpath(path)]) == output:
-                raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
-        shutil.rmtree(args.output)
-    os.makedirs(args.output, exist_ok=True)
+# OUTPUT belongs to one run at a time. Process 0 holds an exclusive lock (flock) on OUTPUT/.lock
+# from before anything in OUTPUT is deleted until the run ends; the file names the holder. The
+# kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
+
+LOCK_FILE = ".lock"
 
 
-def prepare_output_on_process_0(args):
-    """Process 0 alone checks and (re)creates OUTPUT; the others wait for it and share its verdict."""
-    problem = None
-    if jax.process_index() == 0:
+def local_path(url):
+    """The absolute path a local path or file:// URL names; None for a remote URL (gs://, hf://...)."""
+    url = url.split("::")[-1]  # a chained URL (simplecache::gs://...) ends with where the data lives
+    protocol, path = fsspec.core.split_protocol(url)
+    return os.path.abspath(path) if protocol in (None, "file", "local") else None
+
+
+def run_inputs(args, sources):
+    """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
+    inputs = [("the data config", args.data_config), ("this script", __file__)]
+    if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
+        files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
+        inputs += [("--model", path) for path in [args.model, *files]]
+    inputs += [("the data file", local_path(s.url)) for s in sources]
+    return [(what, path) for what, path in inputs if path is not None]
+
+
+def inside(path, folder):
+    """Whether `path`, as written or with every link resolved, lies in `folder` (either form)."""
+    folders = {os.path.abspath(folder), os.path.realpath(folder)}
+    paths = {os.path.abspath(path), os.path.realpath(path)}
+    return any(os.path.commonpath([f, p]) == f for f in folders for p in paths)
+
+
+@contextlib.contextmanager
+def output_lock(output):
+    """OUTPUT/.lock held for the duration; a run holding it already is named and refused."""
+    path = os.path.join(output, LOCK_FILE)
+    while True:
+        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
         try:
-            prepare_output(args)
-        except UserError as e:
-            problem = e
-    ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
-    if problem:
-        raise problem
-    if not ready:
-        raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().decode().strip() or "starting"
+            lock.close()
+            raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
+        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {output}",
+                  file=sys.stderr)
+            break
+        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
+            break
+        lock.close()  # locked a file that its holder removed on exiting: lock the new one
+    try:
+        yield lock
+    finally:
+        os.unlink(path)  # while still locked, so that no other run locks the removed file
+        lock.close()
+
+
+def prepare_output(args, inputs):
+    """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
+    a kill or a full disk left unfinished. One in use is only emptied with --overwrite, and never if
+    it holds an input."""
+    existing = [name for name in os.listdir(args.output) if name != LOCK_FILE]
+    if args.resume:
+        for name in existing:
+            if name.endswith(".partial"):  # --resume writes the export again
+                shutil.rmtree(os.path.join(args.output, name))
+        return
+    if existing and not args.overwrite:
+        raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
+                        "or --overwrite to replace it")
+    if existing and os.path.islink(args.output):
+        raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
+                        "pass the folder itself")
+    for what, path in inputs:
+        if existing and inside(path, args.output):
+            raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
+    for name in existing:
+        path = os.path.join(args.output, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def claim_output(args, inputs):
+    """OUTPUT created, locked and prepared; the lock held until the run ends."""
+    if os.path.lexists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"{args.output} exists and is not a folder")
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
+    with output_lock(args.output) as lock:
+        prepare_output(args, inputs)
+        try:  # after prepare_output, which may have freed space
+            lock.truncate(0)  # a killed run's line
+            lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
+            os.fsync(lock.fileno())
+        except OSError as e:
+            raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None
+        yield
+
+
+@contextlib.contextmanager
+def output_of_process_0(args, inputs):
+    """Process 0 alone claims OUTPUT and holds it for the run; the others wait for it and share its verdict."""
+    with contextlib.ExitStack() as claimed:
+        problem = None
+        if jax.process_index() == 0:
+            try:
+                claimed.enter_context(claim_output(args, inputs))
+            except UserError as e:
+                problem = e
+        ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
+        if problem:
+            raise problem
+        if not ready:
+            raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+        yield
 
 
 def main(argv=None):
@@ -1671,8 +1819,9 @@ def main(argv=None):
         raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
                         f"not {config.model_type}")
     model = load_model(args, config)
-    prepare_output_on_process_0(args)  # only once the model loads: --overwrite must not lose a run for nothing
-    train(args, model, tokenizer, config, sources, entries, devices, held_out)
+    # only once the model loads: --overwrite must not lose a run for nothing
+    with output_of_process_0(args, run_inputs(args, sources)):
+        train(args, model, tokenizer, config, sources, entries, devices, held_out)
 
 
 if __name__ == "__main__":

@@ -22,4 +22,4 @@ def tiny(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes over 30 s")
+    config.addinivalue_line("markers", "slow: takes over 30 s; `pytest -m 'not slow'` leaves it out")

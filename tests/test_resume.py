@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors
 from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import load_file
 
@@ -270,3 +272,165 @@ def test_a_producer_crash_stops_the_run_with_its_error_and_keeps_the_checkpoint(
         train_script.main(tiny_args(tiny, output, "--resume"))
     checkpoints = ocp.CheckpointManager(output / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
     assert checkpoints.all_steps() == [STEPS - SAVE_STEPS]
+
+
+def test_a_full_disk_while_exporting_is_one_line_and_resume_writes_the_export_again(
+        tiny, tmp_path, uninterrupted, monkeypatch, capsys):
+    save_file = train_script.save_file
+    step = 2 * SAVE_STEPS
+
+    def disk_full_at_the_second_export(tensors, path, metadata=None):
+        if os.path.basename(os.path.dirname(path)) == f"{step}.partial":  # safetensors' own error on ENOSPC
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(train_script, "save_file", disk_full_at_the_second_export)
+    output = tmp_path / "run"
+    with pytest.raises(train_script.UserError) as failed:
+        train_script.main(tiny_args(tiny, output))
+    message = str(failed.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert f"cannot write the export {output / str(step)}" in message and f"checkpoint of step {step}" in message
+    assert not (output / f"{step}.partial").exists(), "the unfinished export still takes the disk's space"
+    # the disk still full: resuming says so in one line, before any training
+    with pytest.raises(train_script.UserError, match=f"cannot write the export {output / str(step)} "):
+        train_script.main(tiny_args(tiny, output, "--resume"))
+    monkeypatch.undo()
+
+    (output / f"{step}.partial").mkdir()  # what a kill in the middle of an export leaves
+    (output / f"{step}.partial" / "model.safetensors").write_bytes(b"half a model")
+    capsys.readouterr()
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    assert f"resuming at step {step} from" in capsys.readouterr().out
+    assert not list(output.glob("*.partial"))
+    assert (output / str(step) / "model.safetensors").read_bytes() == \
+        (uninterrupted / str(step) / "model.safetensors").read_bytes()
+    assert_same_params(final_params(output), final_params(uninterrupted))
+
+
+def test_resuming_on_a_full_disk_is_one_line_before_anything_is_written(tiny, tmp_path, uninterrupted, monkeypatch):
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    shutil.rmtree(output / "checkpoints" / str(STEPS))
+    shutil.rmtree(output / "final")
+    before = file_bytes(output)
+
+    def disk_full(fd):  # the kernel's answer when the run's first new block (its lock's) finds none
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(train_script.os, "fsync", disk_full)
+    with pytest.raises(train_script.UserError, match=rf"^cannot write to {output} \(No space left on device\)$"):
+        train_script.main(tiny_args(tiny, output, "--resume"))
+    assert file_bytes(output) == before
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_exits_0_and_writes_only_a_missing_final_export(tiny, tmp_path, uninterrupted, capsys):
+    """A restart loop (`until python train_script.py ... --resume; do sleep 60; done`) must end."""
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    shutil.rmtree(output / "final")  # a full disk or a kill during the last export
+    result = subprocess.run([sys.executable, train_script.__file__, *tiny_args(tiny, output, "--resume")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"--resume: the run is complete ({STEPS} steps); model in {output / 'final'}" in result.stdout
+    assert_same_params(final_params(output), final_params(uninterrupted))
+
+    before = file_bytes(output)
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    assert "the run is complete" in capsys.readouterr().out
+    assert file_bytes(output) == before
+
+
+# --------------------------------------------------------------------------------------------
+# OUTPUT: one run at a time, and --overwrite never deletes an input
+# --------------------------------------------------------------------------------------------
+
+def file_bytes(folder):
+    """{path: content} of every file under `folder`, links followed."""
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_a_live_run_keeps_its_output_and_a_killed_one_is_taken_over(tiny, tmp_path, uninterrupted):
+    output, log_path = tmp_path / "run", tmp_path / "log"
+    with open(log_path, "w") as log:
+        process = start_script(tiny_args(tiny, output), log)
+        try:
+            wait_for_checkpoint(process, output, SAVE_STEPS, log_path)
+            process.send_signal(signal.SIGSTOP)  # alive and holding OUTPUT, but not finishing meanwhile
+            before = file_bytes(output)
+            holder = rf"host {socket.gethostname()} pid {process.pid}"
+            for second_run in (["--overwrite"], ["--resume"], []):
+                with pytest.raises(train_script.UserError, match=rf"{output} is in use by another run \({holder}\)"):
+                    train_script.main(tiny_args(tiny, output, *second_run))
+            assert file_bytes(output) == before
+        finally:
+            process.kill()
+            process.wait()
+    assert (output / ".lock").read_text().strip() == holder  # left by the killed run
+
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    assert_same_params(final_params(output), final_params(uninterrupted))
+    assert not (output / ".lock").exists()
+
+
+@pytest.fixture
+def project(tiny, tmp_path):
+    """A user's folder holding the data, the model and an earlier run's log, used as OUTPUT."""
+    output = tmp_path / "project"
+    shutil.copytree(tiny / "data", output / "data")
+    shutil.copytree(tiny / "model", output / "model")
+    (output / "metrics.jsonl").write_text("an earlier run\n")
+    return output
+
+
+@pytest.mark.parametrize("form", ["file-url", "relative", "linked-folder", "linked-file", "linked-model"])
+def test_overwrite_never_deletes_an_input_in_any_form(tiny, tmp_path, monkeypatch, project, form):
+    data, model = tiny / "data", tiny / "model"
+    if form == "file-url":
+        data = (project / "data").as_uri()
+    elif form == "relative":
+        monkeypatch.chdir(project)
+        data = "data"
+    elif form == "linked-folder":
+        (tmp_path / "data_link").symlink_to(project / "data")
+        data = tmp_path / "data_link"
+    elif form == "linked-file":  # one file of the mixture only
+        data = tmp_path / "data"
+        shutil.copytree(tiny / "data", data)
+        (data / "paraphrase_pairs.jsonl.gz").unlink()
+        (data / "paraphrase_pairs.jsonl.gz").symlink_to(project / "data" / "paraphrase_pairs.jsonl.gz")
+    else:
+        (tmp_path / "model_link").symlink_to(project / "model")
+        model = tmp_path / "model_link"
+    before = file_bytes(project)
+    argv = run_args(project, tiny / "data_config_pairs.json", data, model, "--overwrite")
+    with pytest.raises(train_script.UserError, match=r"--overwrite would delete .* it is inside .*project$") as refused:
+        train_script.main(argv)
+    assert "\n" not in str(refused.value)
+    assert file_bytes(project) == before
+
+
+def test_overwrite_of_a_linked_output_is_one_line(tiny, tmp_path):
+    (tmp_path / "disk" / "run").mkdir(parents=True)
+    (tmp_path / "disk" / "run" / "metrics.jsonl").write_text("an earlier run\n")
+    (tmp_path / "run").symlink_to(tmp_path / "disk" / "run")
+    with pytest.raises(train_script.UserError, match=r"--overwrite: .*/run is a link to .*/disk/run; pass the folder"):
+        train_script.main(tiny_args(tiny, tmp_path / "run", "--overwrite"))
+    assert (tmp_path / "disk" / "run" / "metrics.jsonl").read_text() == "an earlier run\n"
+
+
+def test_a_read_only_output_parent_is_one_line(tiny, tmp_path, monkeypatch):
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):  # root writes anyway: give it the refusal everyone else gets
+            def refuse(path, *_, **__):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            monkeypatch.setattr(train_script.os, "makedirs", refuse)
+        with pytest.raises(train_script.UserError, match=rf"cannot create {parent / 'out'} \(Permission denied\)"):
+            train_script.main(tiny_args(tiny, parent / "out"))
+    finally:
+        parent.chmod(0o755)

@@ -368,13 +368,46 @@ def weightless_copy(tiny, tmp_path):
     return folder
 
 
+def empty_folder(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+def tokenizerless_copy(tiny, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny / "model", folder, ignore=shutil.ignore_patterns("*token*", "vocab.txt"))
+    return folder
+
+
+def truncated_copy(tiny, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny / "model", folder)
+    weights = folder / "flax_model.msgpack"
+    os.truncate(weights, weights.stat().st_size // 2)
+    return folder
+
+
 @pytest.mark.parametrize("flags, message", [
     (lambda tiny, tmp: ["--model", str(tmp / "missing")], r"--model .*missing: cannot load it"),
     (lambda tiny, tmp: ["--model", str(weightless_copy(tiny, tmp))], r"--model .*no_weights: cannot load its weights"),
+    # transformers reads a model type into these names (eMPTy: MPT, my_BERT_dir: BERT)
+    (lambda tiny, tmp: ["--model", str(empty_folder(tmp, "empty"))], r"--model .*/empty: the folder is empty"),
+    (lambda tiny, tmp: ["--model", str(empty_folder(tmp, "my_bert_dir"))], r"--model .*/my_bert_dir: the folder is empty"),
+    (lambda tiny, tmp: ["--model", str(tokenizerless_copy(tiny, tmp))],
+     r"--model .*/no_tokenizer: the folder has no tokenizer \(none of tokenizer.json, vocab.txt"),
+    (lambda tiny, tmp: ["--model", str(truncated_copy(tiny, tmp))],
+     r"--model .*/truncated: cannot read its weights \(Unpack failed: incomplete input\); is the file truncated"),
     (lambda tiny, tmp: ["--nprocs", "9"],
      r"--nprocs 9 but only 8 cpu device\(s\).*XLA_FLAGS=--xla_force_host_platform_device_count=9"),
     (lambda tiny, tmp: ["--max_length", "129"], r"--max_length 129 exceeds the 128 positions"),
-], ids=["missing-model", "model-without-weights", "too-many-devices", "max-length-beyond-positions"])
+    (lambda tiny, tmp: ["--lr", "-1"], r"--lr must be a finite number of 0 or more, got -1"),
+    (lambda tiny, tmp: ["--lr", "nan"], r"--lr must be a finite number of 0 or more, got nan"),
+    (lambda tiny, tmp: ["--scale", "nan"], r"--scale must be a finite number above 0, got nan"),
+    (lambda tiny, tmp: ["--weight_decay", "-0.01"], r"--weight_decay must be a finite number of 0 or more"),
+    (lambda tiny, tmp: ["--steps", "10", "--warmup_steps", "20"], r"--warmup_steps 20 exceeds --steps 10"),
+], ids=["missing-model", "model-without-weights", "empty-model-folder", "empty-model-folder-named-bert",
+        "model-without-tokenizer", "truncated-weights", "too-many-devices", "max-length-beyond-positions",
+        "negative-lr", "nan-lr", "nan-scale", "negative-weight-decay", "warmup-beyond-steps"])
 def test_bad_input_fails_in_one_line_before_any_work(tiny, tmp_path, monkeypatch, flags, message):
     def never(*_):
         raise AssertionError("the step was built despite bad input")
@@ -385,6 +418,19 @@ def test_bad_input_fails_in_one_line_before_any_work(tiny, tmp_path, monkeypatch
         run(tiny, output, *flags(tiny, tmp_path))
     assert "\n" not in str(error.value)
     assert not output.exists()
+
+
+@pytest.mark.parametrize("second, message", [
+    ("./paraphrase_pairs.jsonl.gz", r"entry 1 \(./paraphrase_pairs.jsonl.gz\): the name appears twice \(entry 0 is "),
+    ("reddit//../paraphrase_pairs.jsonl.gz", r"entry 1 \(reddit//../paraphrase_pairs.jsonl.gz\): the name appears twice"),
+    ("reddit", r"data/reddit: is a folder, not a data file"),
+], ids=["dot-slash", "dot-dot", "folder"])
+def test_a_data_config_naming_one_file_twice_or_a_folder_is_one_line(tiny, tmp_path, second, message):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps([{"name": "paraphrase_pairs.jsonl.gz", "weight": 1}, {"name": second, "weight": 1}]))
+    with pytest.raises(train_script.UserError, match=message) as error:
+        train_script.main([str(config), str(tmp_path / "out"), "--data_folder", str(tiny / "data"), "--dry_run", "1"])
+    assert "\n" not in str(error.value) and "corrupt" not in str(error.value)
 
 
 def run_script(*argv, block_torch=False, timeout=300):
@@ -425,3 +471,11 @@ def test_a_batch_too_big_for_the_device_fails_in_one_line(tiny, tmp_path):
                         "--steps", "1", "--num_workers", "0")
     line = one_error_line(result)
     assert "does not fit in device memory" in line and "lower --batch_size" in line
+
+
+def test_a_negative_learning_rate_is_refused_by_the_command(tiny, tmp_path):
+    """Before, `--lr -1` trained, exited 0 and exported a model moved away from its data."""
+    result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", tiny / "model",
+                        "--data_folder", tiny / "data", "--lr", "-1", "--steps", "1")
+    assert one_error_line(result) == "error: --lr must be a finite number of 0 or more, got -1"
+    assert not (tmp_path / "out").exists()
