@@ -309,7 +309,7 @@ def usable_row(line, draws, columns):
     return row if row is not None and len(row) == columns else None
 
 
-def repeats_a_text(texts, seen, within_row):
+def repeats_a_text(texts, seen, within_row=True):
     """Whether a row repeats a text of `seen` (a text twice among the candidates is a false
     negative), or with `within_row` one of its own texts; the original only compared a row with
     earlier rows."""
