@@ -171,7 +171,7 @@ def test_original_draw_frequencies_follow_the_weights(tiny, original_batches):
         second = [d[1] for d in draws if columns[d[0]] == kind]
         observed = np.array([second.count(name) for name in same])
         expected = len(second) * np.array([weight[n] for n in same]) / sum(weight[n] for n in same)
-        assert observed.sum() == len(second) > 50
+        assert observed.sum() == len(second) > 30  # chi-square wants 5 or more expected per source
         assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
 
 
@@ -207,7 +207,7 @@ def test_first_pass_of_every_file_in_file_order_then_small_files_reshuffled(tiny
 def test_files_not_kept_are_reread_in_file_order(tiny, tmp_path):
     entries = json.loads((tiny / "data_config.json").read_text())
     lines = entries[0]["lines"]
-    batches = dry_run(tiny, tmp_path, "--cache_small_sources", str(lines), batches=600)  # "fewer than": none kept
+    batches = dry_run(tiny, tmp_path, "--cache_small_sources", str(lines), batches=1200, batch_size=2)  # none kept
     read = lines_read(batches, line_index(tiny / "data", entries))
     assert max(len(order) for order in read.values()) > 2 * lines
     for name, order in read.items():
@@ -277,7 +277,8 @@ def test_duplicate_texts_are_skipped_and_counted(tiny, tmp_path, capsys):
     rows = [[f"question {i}", f"shared answer {i % 12}"] for i in range(40)]
     write_source(tmp_path / "data" / "dups.jsonl.gz", rows)
     config = write_config(tmp_path / "config.json", [{"name": "dups.jsonl.gz", "weight": 1}])
-    batches = dry_run(tiny, tmp_path, *PER_BATCH, "--datasets_per_batch", "1", config=config,
+    # shuffled: in file order, 8 rows in a row never share one of the 12 answers
+    batches = dry_run(tiny, tmp_path, *PER_BATCH, *SHUFFLED, "--datasets_per_batch", "1", config=config,
                       data_folder=tmp_path / "data", batches=30)
     for batch in batches:
         texts = [t for row in batch["rows"] for t in row["texts"]]
@@ -508,8 +509,8 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_file(tmp_path):
         tracemalloc.stop()
         return peak
 
-    for flags in (["--cache_small_sources", "0"], [*SHUFFLED, "--shuffle_buffer", "100"]):
-        streamed = peak_while_reading(lines + 500, *flags)  # over the end of a pass
+    for order in (["--cache_small_sources", "0"], SHUFFLED):  # file order, nothing kept; or shuffled in blocks
+        streamed = peak_while_reading(lines + 500, *order, "--shuffle_buffer", "100")  # over the end of a pass
         assert streamed < decompressed / 20
     cached = peak_while_reading(10, "--cache_small_sources", str(lines + 1))
     assert cached > decompressed / 2  # the flag holds the whole file, as the original did
@@ -657,7 +658,7 @@ def test_a_killed_worker_stops_the_consumer_instead_of_hanging(tiny):
 def test_training_log_reports_skipped_lines(tiny, tmp_path, capsys):
     with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
         good = [f.readline().strip() for _ in range(100)]
-    write_source(tmp_path / "data" / "noisy.jsonl.gz", good + ["{broken"] * 100)
+    write_source(tmp_path / "data" / "noisy.jsonl.gz", [line for pair in zip(good, ["{broken"] * 100) for line in pair])
     config = write_config(tmp_path / "config.json", [{"name": "noisy.jsonl.gz", "weight": 1}])
     train_script.main([str(config), str(tmp_path / "out"), "--model", str(tiny / "model"),
                        "--data_folder", str(tmp_path / "data"), "--datasets_per_batch", "1",
