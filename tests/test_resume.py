@@ -144,9 +144,10 @@ def test_a_resume_mid_round_skips_the_rows_its_round_had_seen(tmp_path, tiny, ca
     """--mixing original: a text appears once per round, here 8 steps of 16 rows, so the checkpoint
     of step 4 falls mid-round. Lines 64..79 repeat the answers of step 0's rows: the uninterrupted
     run skips them at step 4; a resume that forgot the round's texts would train on them."""
-    rows = [[f"question {i}", f"answer {i}"] for i in range(400)]
+    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(400)]  # distinct texts, in the tiny model's vocabulary
     for i in range(64, 80):
-        rows[i][1] = f"answer {i - 64}"
+        rows[i][1] = rows[i - 64][1]
     os.makedirs(tmp_path / "data")
     with gzip.open(tmp_path / "data" / "planted.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -159,7 +160,7 @@ def test_a_resume_mid_round_skips_the_rows_its_round_had_seen(tmp_path, tiny, ca
     dump = tmp_path / "batches.jsonl"
     train_script.main([*args(tmp_path / "dry"), "--dry_run", "8", "--dump_batches", str(dump)])
     step_4 = [row["texts"][0] for row in json.loads(dump.read_text().splitlines()[4])["rows"]]
-    assert step_4 == [f"question {i}" for i in range(80, 96)]  # lines 64..79 skipped in the round
+    assert step_4 == [row[0] for row in rows[80:96]]  # lines 64..79 skipped in the round
 
     train_script.main(args(tmp_path / "uninterrupted"))
     output = tmp_path / "resumed"
