@@ -4,9 +4,9 @@
 
 The model card's recipe is the default of every flag: microsoft/MiniLM-L12-H384-uncased, 540k
 steps, 128 pairs per device on 8 devices (a global batch of 1024), 128 word pieces, AdamW at 2e-5
-with 500 warm-up steps, mean pooling, scale 20. Each step draws `--datasets_per_batch` sources
-from data_config.json with probability proportional to their weight, scores every anchor against
-every candidate of the global batch (embeddings are gathered over all devices) and minimises the
+with 500 warm-up steps, mean pooling, scale 20. Each step takes its global batch from one source
+of data_config.json, drawn with probability proportional to its weight (as the published script:
+`--mixing`), scores every anchor against every candidate of the global batch (embeddings are gathered over all devices) and minimises the
 cross-entropy of the true partner. OUTPUT/final is a sentence-transformers model.
 
 The file reads in the order of the work: arguments, data, model & loss, update step, evals,
@@ -463,7 +463,7 @@ class TextBatch:
 def check_batch_split(args, devices):
     """Refuses a global batch that --mixing cannot fill; `devices` counts every process's."""
     if args.mixing == "original" and devices % args.datasets_per_batch:
-        # the original computes 0 steps per source here and hangs
+        # the original rounds the steps per source down, and hangs where that gives 0
         raise UserError(f"--mixing original fills {devices} devices / --datasets_per_batch {args.datasets_per_batch} "
                         f"steps from each drawn source, which must be a whole number: pass a --datasets_per_batch "
                         f"that divides {devices}, or --mixing per_batch")

@@ -79,13 +79,14 @@ def test_metrics_jsonl_has_a_line_per_log_step(run, tiny):
         s = r["step"] - 1
         expected = 1e-3 * s / 5 if s < 5 else 1e-3 * (12 - s) / (12 - 5)
         assert r["lr"] == pytest.approx(expected, rel=1e-5)
-    # batches per source so far: the sources of step i are drawn from (seed, i) alone
+    # batches per source so far: --mixing original draws 2 sources per round of 8 steps from
+    # (seed, round) alone, each filling 4 steps
     sources = train_script.open_sources(train_script.load_data_config(str(tiny / "data_config.json")), args)
     for r in training:
         expected = dict.fromkeys((s.name for s in sources), 0)
         for step in range(r["step"]):
-            for s in train_script.choose_sources(np.random.default_rng([42, step]), sources, 2):
-                expected[s.name] += 1
+            drawn = train_script.choose_sources(np.random.default_rng([42, step // 8]), sources, 2)
+            expected[drawn[step % 8 // 4].name] += 1
         assert r["batches"] == expected
 
 
