@@ -140,6 +140,7 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tiny, tmp_pat
     assert_same_params(final_params(output), final_params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_a_resume_mid_round_skips_the_rows_its_round_had_seen(tmp_path, tiny, capsys):
     """--mixing original: a text appears once per round, here 8 steps of 16 rows, so the checkpoint
     of step 4 falls mid-round. Lines 64..79 repeat the answers of step 0's rows: the uninterrupted
