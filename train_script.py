@@ -4,9 +4,9 @@
 
 The model card's recipe is the default of every flag: microsoft/MiniLM-L12-H384-uncased, 540k
 steps, 128 pairs per device on 8 devices (a global batch of 1024), 128 word pieces, AdamW at 2e-5
-with 500 warm-up steps, mean pooling, scale 20. Each step draws `--datasets_per_batch` sources
-from data_config.json with probability proportional to their weight, scores every anchor against
-every candidate of the global batch (embeddings are gathered over all devices) and minimises the
+with 500 warm-up steps, mean pooling, scale 20. Each step takes its global batch from one source
+of data_config.json, drawn with probability proportional to its weight (as the published script:
+`--mixing`), scores every anchor against every candidate of the global batch (embeddings are gathered over all devices) and minimises the
 cross-entropy of the true partner. OUTPUT/final is a sentence-transformers model.
 
 The file reads in the order of the work: arguments, data, model & loss, update step, evals,
@@ -134,7 +134,12 @@ def parse_args(argv=None):
                         "CPU device's step on one thread, so one per core is about cores x faster; None: XLA_FLAGS' "
                         "--xla_force_host_platform_device_count, else 1")
     p.add_argument("--datasets_per_batch", type=COUNT, default=2,
-                   help="sources that fill each global batch, in equal shares")
+                   help="sources drawn per round of --mixing original, or per global batch of --mixing per_batch")
+    p.add_argument("--mixing", choices=["original", "per_batch"], default="original",
+                   help="original (the published script): every global batch from one source; a round of as many "
+                        "steps as devices draws --datasets_per_batch sources with one column count, each filling "
+                        "devices / --datasets_per_batch steps, and no text twice in a round. per_batch: each global "
+                        "batch split into --datasets_per_batch equal shares, drawn anew, no text twice in a batch")
     p.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
     p.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
@@ -151,11 +156,17 @@ def parse_args(argv=None):
                    help="override the model's dropout probabilities; None: keep the checkpoint's")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="activations and matmuls; parameters, optimizer and loss stay float32")
+    p.add_argument("--data_order", choices=["original", "shuffled"], default="original",
+                   help="original (the published script): the first pass over every file in file order; later "
+                        "passes of the files kept by --cache_small_sources reshuffled whole, of the others in file "
+                        "order. shuffled: every pass shuffled in blocks of --shuffle_buffer lines")
     p.add_argument("--shuffle_buffer", type=COUNT, default=10_000,
-                   help="lines of a source shuffled together as it is streamed")
-    p.add_argument("--cache_small_sources", type=NATURAL, default=0,
-                   help="hold sources with fewer lines than this in RAM and shuffle them whole, as the "
-                        "original did with 10000000 (tens of GB for the v1 mixture); 0: stream everything")
+                   help="lines of a source read together (and with --data_order shuffled, shuffled together)")
+    p.add_argument("--cache_small_sources", type=NATURAL, default=None,
+                   help="keep the lines of files whose config \"lines\" is below this in RAM from their first pass "
+                        "on, and shuffle them whole for every later pass; the RAM it takes is printed at the start. "
+                        "Default: 10000000 with --data_order original (the published script), 0 with shuffled; "
+                        "0: keep none")
     p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
                    help="tokenizer processes, one core each; 0 tokenizes in a thread of the trainer. The "
                         "default, half the host's cores but at most 4, keeps a TPU v3-8 fed at the card's batch")
@@ -204,6 +215,8 @@ def hub_id(text):
 
 def check_args(args):
     """What the flags' types cannot see alone: the combinations."""
+    if args.cache_small_sources is None:
+        args.cache_small_sources = 10_000_000 if args.data_order == "original" else 0
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
     if args.resume and args.overwrite:
@@ -243,10 +256,13 @@ def bucket_lengths(text, max_length):
 # ============================================================================================
 # Data: the weighted mixture, streamed
 # ============================================================================================
-# Every source is a gzip'd JSON-lines file read sequentially and cyclically. Lines are shuffled
-# in blocks of --shuffle_buffer, each block by an RNG seeded from (seed, source, pass, block), so a
-# source's stream is a pure function of the seed and the file, and its position is two integers
-# (pass, lines consumed in the pass). That makes batches reproducible and a resumed run exact.
+# Every source is a gzip'd JSON-lines file, read sequentially and cyclically. --data_order original
+# reads as the published script did: the first pass over a file in file order, later passes of the
+# files kept in RAM (--cache_small_sources) reshuffled whole, of the others in file order again;
+# --data_order shuffled shuffles every pass in blocks of --shuffle_buffer lines. Each block has an
+# RNG seeded from (seed, source, pass, block) for its order and the per-line draws, so a source's
+# stream is a pure function of the seed and the file, and its position is two integers (pass,
+# lines consumed in the pass). That makes batches reproducible and a resumed run exact.
 # With --eval_steps, the first --eval_rows lines of every file are held out for evaluation: the
 # stream starts after them (positions count from there), so no training batch ever sees them.
 
@@ -304,8 +320,8 @@ def parse_row(record, draws):
             record = [record["query"], pos[int(draws[0] * len(pos))]]
             if neg:
                 record.append(neg[int(draws[1] * len(neg))])
-        elif "context" in record and "response" in record:
-            record = [record["context"], record["response"]]
+        elif "context" in record and "response" in record:  # response first, as the original's Reddit reader
+            record = [record["response"], record["context"]]
         else:
             return None
     if not isinstance(record, list) or len(record) not in (2, 3):
@@ -329,10 +345,11 @@ def usable_row(line, draws, columns):
     return row if row is not None and len(row) == columns else None
 
 
-def repeats_a_text(texts, seen):
-    """Whether a row repeats one of its texts or one of `seen`: as in the original, a text seen
-    twice among the candidates would be a false negative."""
-    return len(set(texts)) < len(texts) or not seen.isdisjoint(texts)
+def repeats_a_text(texts, seen, within_row=True):
+    """Whether a row repeats a text of `seen` (a text twice among the candidates is a false
+    negative), or with `within_row` one of its own texts; the original only compared a row with
+    earlier rows."""
+    return not seen.isdisjoint(texts) or (within_row and len(set(texts)) < len(texts))
 
 
 def open_source(url):
@@ -356,13 +373,18 @@ def read_lines(url, stride, skip=0):
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
 
 
-def first_row(url):
-    """The first usable row of a file; checks that it exists and has one."""
+def head_of(url, count=1000):
+    """(The first usable row, the mean size of the first `count` lines) of a file; checks that it
+    exists and has a usable row."""
+    row, sizes = None, []
     for line in read_lines(url, (0, 1)):
-        row = parse_line(line, (0.0, 0.5))
-        if row is not None:
-            return row
-    raise UserError(f"{url}: no usable row in the whole file")
+        sizes.append(len(line))
+        row = row or parse_line(line, (0.0, 0.5))
+        if row is not None and len(sizes) >= count:
+            break
+    if row is None:
+        raise UserError(f"{url}: no usable row in the whole file")
+    return row, sum(sizes) / len(sizes)
 
 
 @dataclasses.dataclass
@@ -372,14 +394,15 @@ class Source:
     url: str
     weight: int
     columns: int
-    block: int                      # lines shuffled together
+    block: int                      # lines read together (and shuffled together with --data_order shuffled)
+    file_order: bool = False        # --data_order original
     held_out: int = 0               # first lines of the file, kept out of training for evaluation
     position: tuple = (0, 0)        # (pass over the file, lines consumed in this pass)
     invalid: int = 0                # lines skipped: not JSON, wrong shape, wrong column count
-    duplicate: int = 0              # rows skipped: a text already in the batch
+    duplicate: int = 0              # rows skipped: a text already in the batch (or round)
     rows: object = None             # the live iterator, opened on first use
-    keep_lines: bool = False        # --cache_small_sources: read the file once, keep its lines in RAM
-    kept: list = None               # those lines, once read
+    keep_lines: bool = False        # --cache_small_sources: keep the file's lines in RAM from the first pass on
+    kept: list = None               # those lines, once read whole
 
     def next_row(self, seed, stride):
         """The next usable row; counts (and skips) the unusable ones."""
@@ -392,54 +415,105 @@ class Source:
                 return row
             self.invalid += 1
 
+    def shuffled(self, pass_index):
+        """Whether a pass is shuffled: every pass with --data_order shuffled; with original, only
+        the later passes of a kept file."""
+        return not self.file_order or (self.keep_lines and pass_index > 0)
+
+    def _lines(self, stride):
+        """This process's lines of the file in file order; from RAM once kept."""
+        if self.kept is not None:
+            yield from self.kept
+            return
+        kept = [] if self.keep_lines else None
+        for line in read_lines(self.url, stride, skip=self.held_out):
+            if kept is not None:
+                kept.append(line)
+            yield line
+        self.kept = kept
+
     def _stream(self, seed, stride):
         source_key = zlib.crc32(self.name.encode())
         pass_index, offset = self.position
         while True:
-            lines = iter(self.kept) if self.kept else read_lines(self.url, stride, skip=self.held_out)
-            block_index, skip = divmod(offset, self.block)
-            for _ in itertools.islice(lines, block_index * self.block):
+            lines, shuffled = self._lines(stride), self.shuffled(pass_index)
+            size = sys.maxsize if shuffled and self.keep_lines else self.block  # a kept file is shuffled whole
+            block_index, skip = divmod(offset, size)
+            for _ in itertools.islice(lines, block_index * size):
                 pass
             seen_any = offset > 0
-            while block := list(itertools.islice(lines, self.block)):
+            while block := list(itertools.islice(lines, size)):
                 seen_any = True
-                if self.keep_lines:  # the block is the whole file
-                    self.kept = block
                 rng = np.random.default_rng([seed, source_key, pass_index, block_index])
-                order, draws = rng.permutation(len(block)), rng.random((len(block), 2))
+                order = rng.permutation(len(block)) if shuffled else range(len(block))
+                draws = rng.random((len(block), 2))
                 for k in range(skip, len(block)):
-                    yield (pass_index, block_index * self.block + k + 1), block[order[k]], draws[k]
+                    yield (pass_index, block_index * size + k + 1), block[order[k]], draws[k]
                 block_index, skip = block_index + 1, 0
             if not seen_any:
                 raise UserError(f"{self.url}: no lines for this process")
             pass_index, offset = pass_index + 1, 0
 
 
+# a kept line costs its bytes, a bytes object's header and its slot in the list
+KEPT_LINE_OVERHEAD = sys.getsizeof(b"") + 8
+
+
 def open_sources(entries, args):
-    """Checks every file before training starts (exists, has a usable row) and learns its format."""
+    """Checks every file before training starts (exists, has a usable row), learns its format, and
+    checks that the files --cache_small_sources keeps fit in RAM."""
     urls = [source_url(args.data_folder, e["name"]) for e in entries]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        firsts = list(pool.map(first_row, urls))
-    sources = []
-    for entry, url, row in zip(entries, urls, firsts):
-        whole = 0 < entry.get("lines", 0) < args.cache_small_sources
-        sources.append(Source(entry["name"], url, entry["weight"], len(row),
-                              block=sys.maxsize if whole else args.shuffle_buffer, keep_lines=whole,
-                              held_out=args.eval_rows if args.eval_steps else 0))
+        heads = list(pool.map(head_of, urls))
+    sources = [Source(entry["name"], url, entry["weight"], len(row), block=args.shuffle_buffer,
+                      file_order=args.data_order == "original",
+                      keep_lines=0 < entry.get("lines", 0) < args.cache_small_sources,
+                      held_out=args.eval_rows if args.eval_steps else 0)
+               for entry, url, (row, _) in zip(entries, urls, heads)]
+    kept = [entry["lines"] * (line_bytes + KEPT_LINE_OVERHEAD)
+            for entry, source, (_, line_bytes) in zip(entries, sources, heads) if source.keep_lines]
+    if kept:
+        check_ram_for_kept_lines(len(kept), sum(kept) / jax.process_count(), args.cache_small_sources)
     return sources
+
+
+def check_ram_for_kept_lines(files, needed, limit):
+    """Says how much RAM the kept files take (from the config's lines and the size of their first
+    lines; each process keeps its own share) and refuses a run that would exhaust the machine's."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"--cache_small_sources {limit}: {files} file(s) kept in RAM, about {needed / 2**20:,.0f} MiB "
+          f"of this machine's {total / 2**20:,.0f} MiB")
+    if needed > total:
+        raise UserError(f"--cache_small_sources {limit} keeps {files} file(s) in RAM, about {needed / 2**20:,.0f} "
+                        f"MiB, more than this machine's {total / 2**20:,.0f} MiB: lower --cache_small_sources "
+                        "(0 keeps none)")
 
 
 @dataclasses.dataclass
 class TextBatch:
     step: int
-    sources: list          # the source of each slot, in batch order
+    sources: list          # the source of each slot, in batch order (one with --mixing original)
     rows: list             # (source name, texts) per row of this process's part of the batch
-    stream_state: dict     # {source name: position} after this batch: enough to resume exactly
+    stream_state: dict     # {source name: position} that text_batches resumes from at the next step
     invalid: dict          # {source name: unusable lines skipped so far}, sources with any
 
 
+def check_batch_split(args, devices):
+    """Refuses a global batch that --mixing cannot fill; `devices` counts every process's."""
+    if args.mixing == "original" and devices % args.datasets_per_batch:
+        # the original rounds the steps per source down, and hangs where that gives 0
+        raise UserError(f"--mixing original fills {devices} devices / --datasets_per_batch {args.datasets_per_batch} "
+                        f"steps from each drawn source, which must be a whole number: pass a --datasets_per_batch "
+                        f"that divides {devices}, or --mixing per_batch")
+    global_batch = args.batch_size * devices
+    if args.mixing == "per_batch" and global_batch % args.datasets_per_batch:
+        raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x {devices} devices) "
+                        f"cannot be split into --datasets_per_batch {args.datasets_per_batch} equal shares")
+
+
 def choose_sources(rng, sources, count):
-    """The first source by weight; the others by weight among those with the same columns."""
+    """The first source by weight; the others by weight among those with the same columns (the
+    original redrew each until its columns matched the first's: the same distribution)."""
     weights = np.array([s.weight for s in sources], dtype=np.float64)
     first = sources[rng.choice(len(sources), p=weights / weights.sum())]
     same = [s for s in sources if s.columns == first.columns]
@@ -448,35 +522,61 @@ def choose_sources(rng, sources, count):
     return [first] + [same[i] for i in others]
 
 
+def step_sources(sources, args, devices, step):
+    """The sources of global step `step`, in batch order: a pure function of (seed, step), so every
+    process of a multi-host run picks the same ones and a resumed run continues the sequence.
+
+    per_batch: --datasets_per_batch shares, drawn anew every step. original: one source; the round
+    of `devices` steps that holds the step draws --datasets_per_batch, each filling its share of them."""
+    if args.mixing == "per_batch":
+        return choose_sources(np.random.default_rng([args.seed, step]), sources, args.datasets_per_batch)
+    round_index, step_in_round = divmod(step, devices)
+    drawn = choose_sources(np.random.default_rng([args.seed, round_index]), sources, args.datasets_per_batch)
+    return [drawn[step_in_round * args.datasets_per_batch // devices]]
+
+
+def new_rows(source, count, seen, args, stride):
+    """The next `count` rows of a source with no text in `seen`, which their texts join. A row that
+    repeats a text within itself is kept with --mixing original, as the original did."""
+    rows, rejecting_since = [], None  # the pass in which the current run of rejected rows began
+    while len(rows) < count:
+        texts = source.next_row(args.seed, stride)
+        if repeats_a_text(texts, seen, within_row=args.mixing == "per_batch"):
+            source.duplicate += 1
+            if rejecting_since is None:
+                rejecting_since = source.position[0]
+            if source.position[0] > rejecting_since + 1:  # every line of a whole pass rejected
+                unit = "round" if args.mixing == "original" else "batch"
+                raise UserError(f"{source.url}: too few distinct texts to fill its rows of a {unit} "
+                                f"(a whole pass gave no row new to the {unit})")
+            continue
+        rejecting_since = None
+        seen.update(texts)
+        rows.append((source.name, texts))
+    return rows
+
+
 def text_batches(sources, args, global_batch, local_range, stride, start_step=0):
     """Yields the text of every step's batch (this process's rows of it), forever.
 
-    The sources of step i depend only on (seed, i), so every process of a multi-host run picks
-    the same ones and a resumed run continues the same sequence."""
-    share = global_batch // args.datasets_per_batch
+    A text appears once per batch (per_batch) or once per round (original). A round that a
+    checkpoint cut is replayed from its first step on resume, so that the same rows are skipped:
+    mid-round, a batch's stream_state is the positions at the start of its round."""
+    devices = global_batch // args.batch_size
+    period = devices if args.mixing == "original" else 1  # steps that share the set of seen texts
     local_start, local_stop = local_range
-    for step in itertools.count(start_step):
-        chosen = choose_sources(np.random.default_rng([args.seed, step]), sources, args.datasets_per_batch)
-        rows, in_batch = [], set()
+    for step in itertools.count(start_step - start_step % period):
+        if step % period == 0:
+            seen, round_start = set(), {s.name: s.position for s in sources}
+        chosen = step_sources(sources, args, devices, step)
+        share, rows = global_batch // len(chosen), []
         for slot, source in enumerate(chosen):
-            needed = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
-            rejecting_since = None  # the pass in which the current run of rejected rows began
-            while needed > 0:
-                texts = source.next_row(args.seed, stride)
-                if repeats_a_text(texts, in_batch):
-                    source.duplicate += 1
-                    if rejecting_since is None:
-                        rejecting_since = source.position[0]
-                    if source.position[0] > rejecting_since + 1:  # every line of a whole pass rejected
-                        raise UserError(f"{source.url}: too few distinct texts to fill {share} rows of a "
-                                        "batch (a whole pass gave no row new to the batch)")
-                    continue
-                rejecting_since = None
-                in_batch.update(texts)
-                rows.append((source.name, texts))
-                needed -= 1
-        yield TextBatch(step, [s.name for s in chosen], rows, {s.name: s.position for s in sources},
-                        {s.name: s.invalid for s in sources if s.invalid})
+            count = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
+            rows += new_rows(source, max(0, count), seen, args, stride)
+        resume_from = {s.name: s.position for s in sources} if (step + 1) % period == 0 else round_start
+        if step >= start_step:
+            yield TextBatch(step, [s.name for s in chosen], rows, resume_from,
+                            {s.name: s.invalid for s in sources if s.invalid})
 
 
 def invalid_lines_report(invalid):
@@ -1302,7 +1402,7 @@ def record_resume(args, step):
 # Checkpoints: the whole training state, and where a run starts
 # ============================================================================================
 # OUTPUT/checkpoints/<step>/ holds two items: "state" (parameters, AdamW moments, step counter)
-# and "meta" (every data stream's position after the last consumed batch, the batches drawn from
+# and "meta" (the position every data stream resumes from (text_batches), the batches drawn from
 # each source so far, and the flags that make the run what it is). Orbax writes a checkpoint into
 # a temporary folder and renames it when it is complete, so a kill at any moment leaves the whole
 # checkpoint or none. Nothing else is needed to continue exactly: the sources of a batch derive
@@ -1312,7 +1412,7 @@ def record_resume(args, step):
 # (logging, saving, workers, prefetch, --data_folder) only change how it is computed or reported.
 RUN_FLAGS = ("model", "steps", "batch_size", "mini_batch_size", "max_length", "pad_to_buckets", "datasets_per_batch",
              "scale", "symmetric_loss", "lr", "warmup_steps", "weight_decay", "dropout", "dtype", "seed",
-             "shuffle_buffer", "cache_small_sources")
+             "mixing", "data_order", "shuffle_buffer", "cache_small_sources")
 
 
 class Interrupted(Exception):
@@ -1803,10 +1903,7 @@ def main(argv=None):
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
     global_batch = args.batch_size * len(devices) * jax.process_count()
-    if global_batch % args.datasets_per_batch:
-        raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x "
-                        f"{len(devices) * jax.process_count()} devices) cannot be split into "
-                        f"--datasets_per_batch {args.datasets_per_batch} equal shares")
+    check_batch_split(args, len(devices) * jax.process_count())
     if len(args.pad_to_buckets) > 1 and jax.process_count() > 1:
         # each process tokenizes only its rows, so processes could choose different lengths
         raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_script import (MRR_CUTOFF, Source, UserError, first_row, held_out_rows, held_out_texts,  # noqa: E402
+from train_script import (MRR_CUTOFF, Source, UserError, head_of, held_out_rows, held_out_texts,  # noqa: E402
                           load_data_config, score_held_out, source_url)
 
 STS_COLUMNS = ("sentence1", "sentence2", "score")
@@ -55,7 +55,7 @@ def load_held_out_pairs(config, data_folder, max_rows):
     held_out = {}
     for entry in load_data_config(config):
         url = source_url(data_folder, entry["name"])
-        source = Source(entry["name"], url, entry["weight"], columns=len(first_row(url)), block=max_rows)
+        source = Source(entry["name"], url, entry["weight"], columns=len(head_of(url)[0]), block=max_rows)
         held_out[entry["name"]] = held_out_rows(source, min(max_rows, entry.get("lines", max_rows + 1) - 1))
     return held_out
 

@@ -12,6 +12,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over 30 s (deselect with -m 'not slow')")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The tiny fixture of scripts/make_tiny_data.py: data/, data_config.json, model/."""

@@ -2,7 +2,8 @@
 
 Most tests drive the producer the way a user checks a mixture: `--dry_run N --dump_batches FILE`
 through train_script.main (in-process; tokenization in a thread with --num_workers 0 unless a
-test is about the worker processes)."""
+test is about the worker processes). The published script's behaviour is the default (--mixing
+original, --data_order original); the tests of the alternatives pass PER_BATCH / SHUFFLED."""
 import gzip
 import json
 import os
@@ -24,6 +25,8 @@ from train_script import TextBatch, UserError, parse_row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8  # conftest.py emulates 8 CPU devices
+PER_BATCH = ("--mixing", "per_batch")
+SHUFFLED = ("--data_order", "shuffled")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,6 +75,34 @@ def pairs(prefix, count):
     return [[f"{prefix} question {i}", f"{prefix} answer {i}"] for i in range(count)]
 
 
+def line_index(folder, entries):
+    """{source name: {text: index of its line in the file}}; every fixture text is on one line."""
+    index = {}
+    for entry in entries:
+        with gzip.open(folder / entry["name"], "rt") as f:
+            index[entry["name"]] = {text: i for i, line in enumerate(f) for text in texts_in(json.loads(line))}
+    return index
+
+
+def texts_in(record):
+    if isinstance(record, str):
+        return [record]
+    return [t for value in (record.values() if isinstance(record, dict) else record) for t in texts_in(value)]
+
+
+def lines_read(batches, index):
+    """{source name: the file lines its rows came from, in batch order}."""
+    read = {}
+    for batch in batches:
+        for row in batch["rows"]:
+            read.setdefault(row["source"], []).append(index[row["source"]][row["texts"][0]])
+    return read
+
+
+def rounds(batches, steps):
+    return [batches[start:start + steps] for start in range(0, len(batches) - steps + 1, steps)]
+
+
 # --------------------------------------------------------------------------------------------
 # data_config.json: the v1 mixture
 # --------------------------------------------------------------------------------------------
@@ -91,14 +122,119 @@ def test_shipped_config_is_the_v1_mixture():
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mixed_batches(tiny, tmp_path_factory):
-    """600 global batches of 16 rows from every source of the fixture (pairs and triplets)."""
-    return dry_run(tiny, tmp_path_factory.mktemp("mixed"), batches=600, batch_size=2)
+def original_batches(tiny, tmp_path_factory):
+    """2400 global batches of 8 rows (300 rounds of 8 steps, 600 draws) from every source of the
+    fixture (pairs and triplets), with the defaults: --mixing original, --data_order original."""
+    return dry_run(tiny, tmp_path_factory.mktemp("original"), batches=2400)
+
+
+@pytest.mark.parametrize("per_round", [1, 2, 4, 8])
+def test_original_mixing_fills_each_global_batch_from_one_source_for_p_over_d_steps(tiny, tmp_path, per_round):
+    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", str(per_round), batches=96)
+    steps = DEVICES // per_round
+    for batch in batches:
+        assert len(batch["sources"]) == 1 and len(batch["rows"]) == DEVICES
+        assert {row["source"] for row in batch["rows"]} == set(batch["sources"])
+    runs = rounds(batches, steps)
+    assert all(len({b["sources"][0] for b in run}) == 1 for run in runs)
+    assert len({run[0]["sources"][0] for run in runs}) > 1  # draws do change
+
+
+def test_original_rounds_draw_sources_of_one_column_count(original_batches):
+    widths = [{len(row["texts"]) for batch in r for row in batch["rows"]} for r in rounds(original_batches, DEVICES)]
+    assert all(len(w) == 1 for w in widths)
+    assert {w.pop() for w in widths} == {2, 3}  # both kinds occur
+
+
+def test_no_text_twice_in_a_round(original_batches):
+    # the fixture's rows never repeat a text within themselves, so every text of a round is distinct
+    for r in rounds(original_batches, DEVICES):
+        texts = [t for batch in r for row in batch["rows"] for t in row["texts"]]
+        assert len(texts) == len(set(texts))
+
+
+def test_original_draw_frequencies_follow_the_weights(tiny, original_batches):
+    # The first draw of a round is among all sources by weight; the second, among the sources with
+    # the first's column count, by weight. Each draw fills DEVICES / 2 steps.
+    entries = json.loads((tiny / "data_config.json").read_text())
+    weight = {e["name"]: e["weight"] for e in entries}
+    draws = [[r[0]["sources"][0], r[DEVICES // 2]["sources"][0]] for r in rounds(original_batches, DEVICES)]
+    assert len(draws) == 300
+    first = [d[0] for d in draws]
+    observed = np.array([first.count(name) for name in weight])
+    expected = len(first) * np.array(list(weight.values())) / sum(weight.values())
+    assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
+    columns = {batch["sources"][0]: len(batch["rows"][0]["texts"]) for batch in original_batches}
+    assert len(columns) == len(entries)
+    for kind in (2, 3):
+        same = [name for name in weight if columns[name] == kind]
+        second = [d[1] for d in draws if columns[d[0]] == kind]
+        observed = np.array([second.count(name) for name in same])
+        expected = len(second) * np.array([weight[n] for n in same]) / sum(weight[n] for n in same)
+        assert observed.sum() == len(second) > 30  # chi-square wants 5 or more expected per source
+        assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_a_round_keeps_a_row_repeating_itself_and_forgets_its_texts_after(tiny, tmp_path):
+    # 100 distinct rows, one of which repeats its own text; a round is 8 steps of 8 rows
+    rows = pairs("p", 100)
+    rows[5] = ["same text", "same text"]
+    write_source(tmp_path / "data" / "one.jsonl.gz", rows)
+    config = write_config(tmp_path / "config.json", [{"name": "one.jsonl.gz", "lines": 100, "weight": 1}])
+    batches = dry_run(tiny, tmp_path, config=config, data_folder=tmp_path / "data", batches=16)
+    first, second = ([tuple(row["texts"]) for b in r for row in b["rows"]] for r in rounds(batches, DEVICES))
+    assert first == [tuple(r) for r in rows[:64]]  # file order, the self-repeating row kept
+    assert len({t for row in second for t in row}) == 2 * len(second)  # nothing twice within the round
+    assert set(second) & set(first)  # the second round may reuse the first round's texts
+
+    per_batch = dry_run(tiny, tmp_path, *PER_BATCH, config=config, data_folder=tmp_path / "data", batches=16)
+    assert ("same text", "same text") not in {tuple(row["texts"]) for b in per_batch for row in b["rows"]}
+
+
+def test_first_pass_of_every_file_in_file_order_then_small_files_reshuffled(tiny, original_batches):
+    entries = json.loads((tiny / "data_config.json").read_text())
+    read = lines_read(original_batches, line_index(tiny / "data", entries))
+    lines = entries[0]["lines"]
+    for name, order in read.items():
+        assert order[:lines] == list(range(min(lines, len(order)))), name
+    later = [order[lines:] for order in read.values() if len(order) > lines + 500]
+    assert later  # the weightiest sources are read more than once
+    for order in later:  # kept in RAM (fewer lines than --cache_small_sources) and shuffled whole
+        second_pass = order[:lines - 100]  # a few lines of the new pass repeat texts of the round
+        assert len(set(second_pass)) == len(second_pass) and second_pass != sorted(second_pass)
+
+
+def test_files_not_kept_are_reread_in_file_order(tiny, tmp_path):
+    entries = json.loads((tiny / "data_config.json").read_text())
+    lines = entries[0]["lines"]
+    batches = dry_run(tiny, tmp_path, "--cache_small_sources", str(lines), batches=1200, batch_size=2)  # none kept
+    read = lines_read(batches, line_index(tiny / "data", entries))
+    assert max(len(order) for order in read.values()) > 2 * lines
+    for name, order in read.items():
+        assert order == [i % lines for i in range(len(order))], name
+
+
+def test_later_passes_of_a_small_file_differ_and_follow_the_seed(tiny, tmp_path):
+    # 64 rows, the size of a round (8 steps of 8 rows): each round is one whole pass
+    rows = pairs("s", 64)
+    write_source(tmp_path / "data" / "small.jsonl.gz", rows)
+    config = write_config(tmp_path / "config.json", [{"name": "small.jsonl.gz", "lines": 64, "weight": 1}])
+
+    def passes(*flags):
+        batches = dry_run(tiny, tmp_path, *flags, config=config, data_folder=tmp_path / "data", batches=32)
+        return [[rows.index(row["texts"]) for b in r for row in b["rows"]] for r in rounds(batches, DEVICES)]
+
+    seeded = passes()
+    assert seeded[0] == list(range(64))
+    assert all(sorted(p) == list(range(64)) for p in seeded)
+    assert len({tuple(p) for p in seeded}) == 4  # every later pass a new order
+    assert passes() == seeded
+    assert passes("--seed", "7")[1:] != seeded[1:]
 
 
 def test_pairs_source_frequencies_follow_the_weights(tiny, tmp_path):
     # With pairs-only sources every slot is an independent draw with P(source) = weight / sum.
-    batches = dry_run(tiny, tmp_path, config=tiny / "data_config_pairs.json", batches=1500)
+    batches = dry_run(tiny, tmp_path, *PER_BATCH, config=tiny / "data_config_pairs.json", batches=1500)
     entries = json.loads((tiny / "data_config_pairs.json").read_text())
     drawn = [name for batch in batches for name in batch["sources"]]
     observed = np.array([drawn.count(e["name"]) for e in entries])
@@ -107,6 +243,12 @@ def test_pairs_source_frequencies_follow_the_weights(tiny, tmp_path):
     assert scipy.stats.chisquare(observed, observed.sum() * weights / weights.sum()).pvalue > 1e-3
     for batch in batches:
         check_slots(batch, DEVICES // 2)
+
+
+@pytest.fixture(scope="module")
+def mixed_batches(tiny, tmp_path_factory):
+    """--mixing per_batch: 600 global batches of 16 rows from every source of the fixture."""
+    return dry_run(tiny, tmp_path_factory.mktemp("mixed"), *PER_BATCH, *SHUFFLED, batches=600, batch_size=2)
 
 
 def test_mixed_first_source_frequencies_follow_the_weights(tiny, mixed_batches):
@@ -135,7 +277,8 @@ def test_duplicate_texts_are_skipped_and_counted(tiny, tmp_path, capsys):
     rows = [[f"question {i}", f"shared answer {i % 12}"] for i in range(40)]
     write_source(tmp_path / "data" / "dups.jsonl.gz", rows)
     config = write_config(tmp_path / "config.json", [{"name": "dups.jsonl.gz", "weight": 1}])
-    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config,
+    # shuffled: in file order, 8 rows in a row never share one of the 12 answers
+    batches = dry_run(tiny, tmp_path, *PER_BATCH, *SHUFFLED, "--datasets_per_batch", "1", config=config,
                       data_folder=tmp_path / "data", batches=30)
     for batch in batches:
         texts = [t for row in batch["rows"] for t in row["texts"]]
@@ -152,7 +295,7 @@ def test_a_source_too_small_for_its_share_is_an_error_not_a_hang(tiny, tmp_path)
 
 @pytest.mark.parametrize("per_batch", [1, 4, 8])
 def test_datasets_per_batch_is_honoured(tiny, tmp_path, per_batch):
-    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", str(per_batch), batches=30)
+    batches = dry_run(tiny, tmp_path, *PER_BATCH, "--datasets_per_batch", str(per_batch), batches=30)
     for batch in batches:
         assert len(batch["sources"]) == per_batch
         check_slots(batch, DEVICES // per_batch)
@@ -178,7 +321,7 @@ def test_parse_row_reads_every_published_format():
     assert parse_row({"query": "q", "pos": ["p0", "p1"], "neg": ["n0", "n1", "n2"]}, (0.6, 0.5)) == ("q", "p1", "n1")
     assert parse_row({"query": "q", "pos": ["p0"]}, (0.3, 0.9)) == ("q", "p0")
     assert parse_row({"query": "q", "pos": ["p0"], "neg": []}, (0.3, 0.9)) == ("q", "p0")
-    assert parse_row({"context": "c", "response": "r"}, (0.0, 0.0)) == ("c", "r")
+    assert parse_row({"context": "c", "response": "r"}, (0.0, 0.0)) == ("r", "c")  # the original's order
 
 
 def test_duplicate_sets_give_two_different_members_each_possible():
@@ -197,31 +340,33 @@ def test_parse_row_rejects_unusable_records(record):
 
 
 def test_every_format_streams_end_to_end(tiny, tmp_path):
+    # 64 rows a file: a round (8 steps of 8 rows) may draw one file for all its 8 draws
+    n = 64
     formats = {
-        "list2.jsonl.gz": [[f"l2 a{i}", f"l2 b{i}"] for i in range(20)],
-        "texts.jsonl.gz": [{"texts": [f"tx a{i}", f"tx b{i}"]} for i in range(20)],
-        "set.jsonl.gz": [{"set": [f"set{i} m{j}" for j in range(3)]} for i in range(20)],
-        "reddit.jsonl.gz": [{"context": f"ctx {i}", "response": f"resp {i}"} for i in range(20)],
-        "query_pos.jsonl.gz": [{"query": f"qp {i}", "pos": [f"qp pos{i}"]} for i in range(20)],
-        "list3.jsonl.gz": [[f"l3 a{i}", f"l3 p{i}", f"l3 n{i}"] for i in range(20)],
+        "list2.jsonl.gz": [[f"l2 a{i}", f"l2 b{i}"] for i in range(n)],
+        "texts.jsonl.gz": [{"texts": [f"tx a{i}", f"tx b{i}"]} for i in range(n)],
+        "set.jsonl.gz": [{"set": [f"set{i} m{j}" for j in range(3)]} for i in range(n)],
+        "reddit.jsonl.gz": [{"context": f"ctx {i}", "response": f"resp {i}"} for i in range(n)],
+        "query_pos.jsonl.gz": [{"query": f"qp {i}", "pos": [f"qp pos{i}"]} for i in range(n)],
+        "list3.jsonl.gz": [[f"l3 a{i}", f"l3 p{i}", f"l3 n{i}"] for i in range(n)],
         "query_pos_neg.jsonl.gz": [{"query": f"q {i}", "pos": [f"q{i} pos{j}" for j in range(2)],
-                                    "neg": [f"q{i} neg{j}" for j in range(3)]} for i in range(20)],
+                                    "neg": [f"q{i} neg{j}" for j in range(3)]} for i in range(n)],
     }
     for name, rows in formats.items():
         write_source(tmp_path / "data" / name, rows)
-    config = write_config(tmp_path / "config.json", [{"name": n, "weight": 1} for n in formats])
-    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config,
+    config = write_config(tmp_path / "config.json", [{"name": name, "weight": 1} for name in formats])
+    batches = dry_run(tiny, tmp_path, "--datasets_per_batch", "8", config=config,
                       data_folder=tmp_path / "data", batches=60)
     expected = {  # every row a source may give, built from the records by hand
-        "list2.jsonl.gz": {(f"l2 a{i}", f"l2 b{i}") for i in range(20)},
-        "texts.jsonl.gz": {(f"tx a{i}", f"tx b{i}") for i in range(20)},
-        "set.jsonl.gz": {(f"set{i} m{a}", f"set{i} m{b}") for i in range(20) for a in range(3) for b in range(3)
+        "list2.jsonl.gz": {(f"l2 a{i}", f"l2 b{i}") for i in range(n)},
+        "texts.jsonl.gz": {(f"tx a{i}", f"tx b{i}") for i in range(n)},
+        "set.jsonl.gz": {(f"set{i} m{a}", f"set{i} m{b}") for i in range(n) for a in range(3) for b in range(3)
                          if a != b},
-        "reddit.jsonl.gz": {(f"ctx {i}", f"resp {i}") for i in range(20)},
-        "query_pos.jsonl.gz": {(f"qp {i}", f"qp pos{i}") for i in range(20)},
-        "list3.jsonl.gz": {(f"l3 a{i}", f"l3 p{i}", f"l3 n{i}") for i in range(20)},
+        "reddit.jsonl.gz": {(f"resp {i}", f"ctx {i}") for i in range(n)},  # response first, as the original
+        "query_pos.jsonl.gz": {(f"qp {i}", f"qp pos{i}") for i in range(n)},
+        "list3.jsonl.gz": {(f"l3 a{i}", f"l3 p{i}", f"l3 n{i}") for i in range(n)},
         "query_pos_neg.jsonl.gz": {(f"q {i}", f"q{i} pos{p}", f"q{i} neg{n}")
-                                   for i in range(20) for p in range(2) for n in range(3)},
+                                   for i in range(n) for p in range(2) for n in range(3)},
     }
     seen = {}
     for batch in batches:
@@ -269,9 +414,18 @@ def test_bad_config_is_one_line_naming_the_culprit(tiny, tmp_path, entries, matc
     check_refused_in_one_line(tmp_path, tiny, entries, match)
 
 
+@pytest.mark.parametrize("per_batch", [3, 16])
+def test_sources_per_round_that_do_not_divide_the_devices_are_refused(tiny, tmp_path, per_batch):
+    # the original computes 0 or a fraction of steps per source here, and hangs
+    message = check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1}],
+                                        rf"--mixing original fills 8 devices / --datasets_per_batch {per_batch}",
+                                        "--datasets_per_batch", str(per_batch))
+    assert "a --datasets_per_batch that divides 8, or --mixing per_batch" in message
+
+
 def test_indivisible_global_batch_is_refused(tiny, tmp_path):
     check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1}],
-               r"global batch of 8 .* --datasets_per_batch 3 equal shares", "--datasets_per_batch", "3")
+               r"global batch of 8 .* --datasets_per_batch 3 equal shares", *PER_BATCH, "--datasets_per_batch", "3")
 
 
 def test_file_without_a_usable_row_is_named(tiny, tmp_path):
@@ -315,13 +469,15 @@ def test_unusable_lines_are_skipped_and_counted(tiny, tmp_path, capsys):
     assert 3 * len(bad) <= source.invalid <= 4 * len(bad)
 
     config = write_config(tmp_path / "config.json", [{"name": "mixed.jsonl.gz", "weight": 1}])
-    dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config, data_folder=tmp_path / "data", batches=2)
+    # per_batch: 8 distinct rows a batch, where a round of 8 steps would need more than the 10 here
+    dry_run(tiny, tmp_path, *PER_BATCH, "--datasets_per_batch", "1", config=config, data_folder=tmp_path / "data",
+            batches=2)
     assert int(capsys.readouterr().out.split("mixed.jsonl.gz")[1].split()[1]) >= len(bad)  # invalid column
 
 
 def test_invalid_counts_travel_with_the_batch_for_the_training_log(tiny, tmp_path):
     write_source(tmp_path / "data" / "a.jsonl.gz", pairs("a", 8) + ["broken"] * 3)
-    args = args_for(tmp_path, "--datasets_per_batch", "1", "--shuffle_buffer", "100")
+    args = args_for(tmp_path, "--datasets_per_batch", "1", "--shuffle_buffer", "100", "--batch_size", "4")
     sources = train_script.open_sources([{"name": "a.jsonl.gz", "weight": 1}], args)
     batches = train_script.text_batches(sources, args, 4, (0, 4), (0, 1))
     invalid = [next(batches).invalid.get("a.jsonl.gz", 0) for _ in range(3)]  # 12 rows: past one pass
@@ -353,20 +509,21 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_file(tmp_path):
         tracemalloc.stop()
         return peak
 
-    streamed = peak_while_reading(lines + 500, "--shuffle_buffer", "100")  # over the end of a pass
-    assert streamed < decompressed / 20
+    for order in (["--cache_small_sources", "0"], SHUFFLED):  # file order, nothing kept; or shuffled in blocks
+        streamed = peak_while_reading(lines + 500, *order, "--shuffle_buffer", "100")  # over the end of a pass
+        assert streamed < decompressed / 20
     cached = peak_while_reading(10, "--cache_small_sources", str(lines + 1))
     assert cached > decompressed / 2  # the flag holds the whole file, as the original did
 
 
-def test_cache_small_sources_shuffles_whole_files(tiny):
+def test_cache_small_sources_shuffles_whole_files_with_shuffled_order(tiny):
     name = "paraphrase_pairs.jsonl.gz"
     with gzip.open(tiny / "data" / name, "rt") as f:
         line_of = {tuple(json.loads(line)): i for i, line in enumerate(f)}
     entry = {"name": name, "weight": 1, "lines": len(line_of)}
 
     def first_lines(*flags):
-        source = train_script.open_sources([entry], args_for(tiny, "--shuffle_buffer", "100", *flags))[0]
+        source = train_script.open_sources([entry], args_for(tiny, *SHUFFLED, "--shuffle_buffer", "100", *flags))[0]
         return [line_of[source.next_row(0, (0, 1))] for _ in range(100)]
 
     streamed = first_lines()
@@ -380,8 +537,9 @@ def test_cache_small_sources_reads_a_file_once(tiny, tmp_path):
     write_source(tmp_path / "data" / "once.jsonl.gz", pairs("once", 50))
     entry = {"name": "once.jsonl.gz", "weight": 1, "lines": 50}
     cached, streamed = (train_script.open_sources([entry], args_for(tmp_path, *flags))[0]
-                        for flags in (["--cache_small_sources", "100"], []))
+                        for flags in ([], ["--cache_small_sources", "0"]))
     first_pass = [cached.next_row(0, (0, 1)) for _ in range(50)]
+    assert first_pass == [tuple(p) for p in pairs("once", 50)]  # --data_order original: file order
     streamed.next_row(0, (0, 1))  # opened, and its first block read
     os.remove(tmp_path / "data" / "once.jsonl.gz")
     second_pass = [cached.next_row(0, (0, 1)) for _ in range(50)]
@@ -389,6 +547,27 @@ def test_cache_small_sources_reads_a_file_once(tiny, tmp_path):
     with pytest.raises(UserError, match="once.jsonl.gz: no such file"):
         for _ in range(100):
             streamed.next_row(0, (0, 1))
+
+
+def test_ram_of_kept_files_is_printed_close_to_what_they_take(tmp_path, capsys):
+    lengths = np.random.default_rng(0).integers(50, 1500, 5000)
+    write_source(tmp_path / "data" / "kept.jsonl.gz", [["q" * int(n), f"answer {i}"] for i, n in enumerate(lengths)])
+    entry = {"name": "kept.jsonl.gz", "weight": 1, "lines": len(lengths)}
+    source = train_script.open_sources([entry], args_for(tmp_path))[0]
+    estimate = float(capsys.readouterr().out.split("about ")[1].split(" MiB")[0].replace(",", "")) * 2**20
+    tracemalloc.start()
+    for _ in range(len(lengths) + 1):  # the whole first pass, kept
+        source.next_row(0, (0, 1))
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert source.kept is not None and 0.8 < estimate / held < 1.25
+
+
+def test_kept_files_beyond_the_machine_memory_are_refused(tiny, tmp_path):
+    check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1, "lines": 10**12}],
+                              r"--cache_small_sources 10000000000000 keeps 1 file\(s\) in RAM, about [\d,]+ MiB, "
+                              r"more than this machine's [\d,]+ MiB: lower --cache_small_sources",
+                              "--cache_small_sources", str(10**13))
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])
@@ -479,7 +658,7 @@ def test_a_killed_worker_stops_the_consumer_instead_of_hanging(tiny):
 def test_training_log_reports_skipped_lines(tiny, tmp_path, capsys):
     with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
         good = [f.readline().strip() for _ in range(100)]
-    write_source(tmp_path / "data" / "noisy.jsonl.gz", good + ["{broken"] * 100)
+    write_source(tmp_path / "data" / "noisy.jsonl.gz", [line for pair in zip(good, ["{broken"] * 100) for line in pair])
     config = write_config(tmp_path / "config.json", [{"name": "noisy.jsonl.gz", "weight": 1}])
     train_script.main([str(config), str(tmp_path / "out"), "--model", str(tiny / "model"),
                        "--data_folder", str(tmp_path / "data"), "--datasets_per_batch", "1",

@@ -2,9 +2,9 @@
 (gloo collectives), against one process x 8 devices.
 
 Can the two runs see the same global batch? Each process reads every second line of a source
-(process p: lines p, p+2, ...) and fills its own rows of the global batch. With one source per
-batch (--datasets_per_batch 1) and no shuffling (--shuffle_buffer 1), the 2-process global batch
-is lines [0, 2, .., 14, 1, 3, .., 15] and the 1-process one lines [0 .. 15] (then 16 .. 31): the same pairs in
+(process p: lines p, p+2, ...) and fills its own rows of the global batch. With one source and its
+first pass in file order (--data_order original), the 2-process global batch is lines
+[0, 2, .., 14, 1, 3, .., 15] and the 1-process one lines [0 .. 15] (then 16 .. 31): the same pairs in
 another order. The in-batch loss is a mean over anchors, each scored against all candidates, so
 it does not depend on the order: with --dropout 0, the steps must give the same parameters up to
 float rounding (two steps, so that the second also takes the state as pmap handed it back). It would not if the loss or the gradient mean covered only one host's devices.
@@ -49,18 +49,17 @@ def distinct_pairs(tiny, tmp_path_factory):
 def flags(tiny, data):
     return ["--model", str(tiny / "model"), "--data_folder", str(data), "--steps", "2",
             "--batch_size", "2", "--max_length", "16", "--dropout", "0", "--lr", "1e-3",
-            "--warmup_steps", "0", "--datasets_per_batch", "1", "--shuffle_buffer", "1",
-            "--num_workers", "0", "--log_steps", "1"]
+            "--warmup_steps", "0", "--num_workers", "0", "--log_steps", "1"]
 
 
-def launch_two_processes(config, outputs, extra):
+def launch_two_processes(config, outputs, extra, per_process=([], [])):
     """Starts processes 0 and 1 (4 CPU devices each) and waits for both: [(returncode, output)]."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train_script.py"), str(config), str(output), *extra,
+        [sys.executable, os.path.join(ROOT, "train_script.py"), str(config), str(output), *extra, *per_process[p],
          "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id", str(p)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         for p, output in enumerate(outputs)]
@@ -131,6 +130,26 @@ def test_existing_output_stops_every_process(tiny, distinct_pairs, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier work"
 
 
+@pytest.mark.slow
+def test_two_processes_draw_the_one_process_batches(tiny, tmp_path):
+    """--mixing original counts the devices of every process (P = 8 here, as with one process x 8):
+    both processes' dry runs dump the global batches of one process with 8 devices."""
+    extra = ["--model", str(tiny / "model"), "--data_folder", str(tiny / "data"), "--batch_size", "1",
+             "--max_length", "16", "--num_workers", "0", "--dry_run", "40"]
+    dumps = [tmp_path / f"process{p}.jsonl" for p in (0, 1)]
+    results = launch_two_processes(tiny / "data_config.json", [tmp_path / "out"] * 2, extra,
+                                   [["--dump_batches", str(dump)] for dump in dumps])
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:]
+    train_script.main([str(tiny / "data_config.json"), str(tmp_path / "out"), *extra,
+                       "--dump_batches", str(tmp_path / "one.jsonl")])
+    one = (tmp_path / "one.jsonl").read_text()
+    runs = [[json.loads(line)["sources"] for line in one.splitlines()][start:start + 4] for start in range(0, 40, 4)]
+    assert all(len(set(map(tuple, run))) == 1 for run in runs)  # P / D = 8 / 2 steps a source
+    assert len({run[0][0] for run in runs}) > 1
+    for dump in dumps:
+        assert dump.read_text() == one
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"], "must be below --num_processes 2"),
     (["--coordinator_address", "h:1", "--num_processes", "0"], "--num_processes must be at least 1"),
@@ -146,7 +165,8 @@ def test_cpu_devices_split_the_cpu(tiny):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train_script.py"), str(tiny / "data_config_pairs.json"), "unused",
          "--model", str(tiny / "model"), "--data_folder", str(tiny / "data"), "--batch_size", "2",
-         "--max_length", "16", "--num_workers", "0", "--cpu_devices", "3", "--dry_run", "1"],
+         "--max_length", "16", "--num_workers", "0", "--cpu_devices", "3", "--datasets_per_batch", "1",
+         "--dry_run", "1"],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 batches of 6 rows" in result.stdout  # 2 per device x 3 devices

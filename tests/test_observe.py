@@ -75,13 +75,14 @@ def test_metrics_jsonl_has_a_line_per_log_step(run, tiny):
         s = r["step"] - 1
         expected = 1e-3 * s / 5 if s < 5 else 1e-3 * (12 - s) / (12 - 5)
         assert r["lr"] == pytest.approx(expected, rel=1e-5)
-    # batches per source so far: the sources of step i are drawn from (seed, i) alone
+    # batches per source so far: --mixing original draws 2 sources per round of 8 steps from
+    # (seed, round) alone, each filling 4 steps
     sources = train_script.open_sources(train_script.load_data_config(str(tiny / "data_config.json")), args)
     for r in training:
         expected = dict.fromkeys((s.name for s in sources), 0)
         for step in range(r["step"]):
-            for s in train_script.choose_sources(np.random.default_rng([42, step]), sources, 2):
-                expected[s.name] += 1
+            drawn = train_script.choose_sources(np.random.default_rng([42, step // 8]), sources, 2)
+            expected[drawn[step % 8 // 4].name] += 1
         assert r["batches"] == expected
 
 
@@ -122,19 +123,20 @@ def test_held_out_scores_match_sentence_transformers_on_the_export(run, tiny):
 
 
 def test_held_out_rows_never_reach_a_training_batch(tiny, tmp_path):
-    """Small files read several times over: every training line is seen, no held-out line is."""
+    """Small files read several times over (140 training lines: a round of 8 steps x 16 rows fits in
+    one): every training line is seen, no held-out line is."""
     data = tmp_path / "data"
     config = []
     for entry in json.load(open(tiny / "data_config.json"))[:2]:
-        lines = file_lines(tiny / "data" / entry["name"])[:60]
+        lines = file_lines(tiny / "data" / entry["name"])[:160]
         os.makedirs(os.path.dirname(data / entry["name"]), exist_ok=True)
         with gzip.open(data / entry["name"], "wt") as f:
             f.writelines(lines)
-        config.append({"name": entry["name"], "lines": 60, "weight": 1})
+        config.append({"name": entry["name"], "lines": 160, "weight": 1})
     json.dump(config, open(tmp_path / "config.json", "w"))
     train_script.main([str(tmp_path / "config.json"), str(tmp_path / "out"), "--model", str(tiny / "model"),
                        "--data_folder", str(data), "--eval_steps", "10", "--eval_rows", "20",
-                       "--dry_run", "30", "--dump_batches", str(tmp_path / "batches.jsonl"), "--batch_size", "2",
+                       "--dry_run", "60", "--dump_batches", str(tmp_path / "batches.jsonl"), "--batch_size", "2",
                        "--shuffle_buffer", "16", "--num_workers", "0"])
     seen = {t for line in open(tmp_path / "batches.jsonl") for row in json.loads(line)["rows"] for t in row["texts"]}
     for entry in config:

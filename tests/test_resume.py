@@ -142,6 +142,40 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tiny, tmp_pat
     assert_same_params(final_params(output), final_params(uninterrupted))
 
 
+@pytest.mark.slow
+def test_a_resume_mid_round_skips_the_rows_its_round_had_seen(tmp_path, tiny, capsys):
+    """--mixing original: a text appears once per round, here 8 steps of 16 rows, so the checkpoint
+    of step 4 falls mid-round. Lines 64..79 repeat the answers of step 0's rows: the uninterrupted
+    run skips them at step 4; a resume that forgot the round's texts would train on them."""
+    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(400)]  # distinct texts, in the tiny model's vocabulary
+    for i in range(64, 80):
+        rows[i][1] = rows[i - 64][1]
+    os.makedirs(tmp_path / "data")
+    with gzip.open(tmp_path / "data" / "planted.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    (tmp_path / "config.json").write_text(json.dumps([{"name": "planted.jsonl.gz", "lines": 400, "weight": 1}]))
+
+    def args(output, *extra):
+        return run_args(output, tmp_path / "config.json", tmp_path / "data", tiny / "model",
+                        "--keep_checkpoints", "3", *extra)
+
+    dump = tmp_path / "batches.jsonl"
+    train_script.main([*args(tmp_path / "dry"), "--dry_run", "8", "--dump_batches", str(dump)])
+    step_4 = [row["texts"][0] for row in json.loads(dump.read_text().splitlines()[4])["rows"]]
+    assert step_4 == [row[0] for row in rows[80:96]]  # lines 64..79 skipped in the round
+
+    train_script.main(args(tmp_path / "uninterrupted"))
+    output = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "uninterrupted", output)
+    for later in ("final", "checkpoints/8", "checkpoints/12"):
+        shutil.rmtree(output / later)
+    capsys.readouterr()
+    train_script.main(args(output, "--resume"))
+    assert "resuming at step 4 from" in capsys.readouterr().out
+    assert_same_params(final_params(output), final_params(tmp_path / "uninterrupted"))
+
+
 def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tiny, tmp_path, uninterrupted, capsys):
     output = tmp_path / "run"
     shutil.copytree(uninterrupted, output)
@@ -198,7 +232,7 @@ def poison(tiny, tmp_path, only_snowmen=False):
         for i in range(200):
             f.write(json.dumps([f"snowman {i} \u2603", f"a snowman number {i}"]) + "\n")
     entries = [] if only_snowmen else json.loads((tiny / "data_config_pairs.json").read_text())
-    entries.append({"name": "snowmen.jsonl.gz", "lines": 200, "weight": 2})
+    entries.append({"name": "snowmen.jsonl.gz", "lines": 200, "weight": 4})
     (tmp_path / "config.json").write_text(json.dumps(entries))
     args = run_args(tmp_path / "run", tmp_path / "config.json", tmp_path / "data", tmp_path / "model")
     return args, model
@@ -228,7 +262,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_even_across_log_windows(tiny, tm
     # window to the next reaches MAX_BAD_STEPS = 5 (at step 5, seen when step 8 is logged).
     args, _ = poison(tiny, tmp_path, only_snowmen=True)
     with pytest.raises(train_script.UserError, match=r"5 non-finite losses in a row, the last at step 5 "
-                                                     r"\(sources snowmen.jsonl.gz, snowmen.jsonl.gz\)"):
+                                                     r"\(sources snowmen.jsonl.gz\)"):
         train_script.main(args)
     assert not (tmp_path / "run" / "final").exists()
 

@@ -147,8 +147,8 @@ def test_buckets_leave_the_loss_and_gradients_unchanged(setup, plain_and_cached)
     _, results = plain_and_cached
     bucket_args = changed(args, pad_to_buckets=ts.bucket_lengths(BUCKETS, MAX_LENGTH))
     columns = tokenized(bucket_args, tokenizer, texts)
-    # the first batch is reddit's short comments and stackexchange's long bodies: one column is cut
-    assert [ids.shape[-1] for ids, _ in columns] == [24, MAX_LENGTH]
+    # the first batch is reddit's: long responses (cut), then short comments
+    assert [ids.shape[-1] for ids, _ in columns] == [MAX_LENGTH, 24]
     loss, grads = jax.pmap(functools.partial(ts.loss_and_grads, model, args), axis_name=ts.AXIS)(params, columns, keys)
     plain_loss, plain_grads = results[None]
     np.testing.assert_allclose(loss, plain_loss, rtol=0, atol=1e-5)

@@ -155,7 +155,8 @@ def test_eight_devices_make_the_same_steps_as_one(tiny, tmp_path, logged):
     pairs. Two steps without warm-up (the first step of a warm-up has lr 0) and without dropout.
     The first step's loss is also checked against torch + sentence-transformers on the same texts."""
     flags = ["--steps", "2", "--warmup_steps", "0", "--lr", "1e-3", "--dropout", "0", "--log_steps", "1",
-             "--max_length", "16", "--no-symmetric_loss"]
+             "--max_length", "16", "--no-symmetric_loss",
+             "--mixing", "per_batch"]  # its batches do not depend on the devices; a round of original's does
     run(tiny, tmp_path / "eight", "--nprocs", "8", "--batch_size", "2", *flags)
     eight = list(logged)
     logged.clear()
@@ -467,7 +468,8 @@ def test_a_batch_too_big_for_the_device_fails_in_one_line(tiny, tmp_path):
     config.max_position_embeddings = 131072
     FlaxBertModel(config, seed=0).save_pretrained(folder)
     result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", folder, "--data_folder",
-                        tiny / "data", "--nprocs", "1", "--batch_size", "2", "--max_length", "131072",
+                        tiny / "data", "--nprocs", "1", "--datasets_per_batch", "1", "--batch_size", "2",
+                        "--max_length", "131072",
                         "--steps", "1", "--num_workers", "0")
     line = one_error_line(result)
     assert "does not fit in device memory" in line and "lower --batch_size" in line
