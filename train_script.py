@@ -857,11 +857,11 @@ def make_train_step(model, args, devices):
         loss, grads = loss_and_grads(model, args, state.params, columns, key)
         if args.clip_scope == "device":
             grads = jax.tree_util.tree_map(lambda g: g / len(devices), grads)
-            grad_norm = jax.lax.pmean(optax.global_norm(grads), AXIS)
+            grad_norm = jax.lax.pmean(optax.tree.norm(grads), AXIS)
             grads = jax.lax.pmean(clip_to_norm_1(grads), AXIS)
         else:
             grads = jax.lax.pmean(grads, AXIS)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             grads = clip_to_norm_1(grads)
         loss = jax.lax.pmean(loss, AXIS)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
