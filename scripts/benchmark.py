@@ -10,9 +10,10 @@ runs the real make_train_step pmapped over all local devices (the batch split ov
 runs on CUDA when there is a GPU, else on the CPU. Flags after `--` go to train_script's parser
 (e.g. --dtype, --pad_to_buckets, --mini_batch_size where the script has them) and apply to the
 JAX step only. Also measured: the JAX step with the cheaper alternatives to the published update
-rule (--clip_scope global, --attention_dropout shared), the producer (streaming, parsing, tokenizing; pairs/s), the step on
-length buckets if train_script has --pad_to_buckets, and GradCache's activation memory (XLA's
-buffer assignment of the compiled step) if it has --mini_batch_size.
+rule (--clip_scope global, --attention_dropout shared), the producer (streaming, parsing,
+tokenizing; pairs/s), the step on length buckets if train_script has --pad_to_buckets, and
+GradCache's activation memory (XLA's buffer assignment of the compiled step) if it has
+--mini_batch_size.
 
 The texts are synthetic with a realistic length mix: short questions, long answers. The tiny
 fixture's tokenizer (scripts/make_tiny_data.py) turns them into ids, so nothing is downloaded.

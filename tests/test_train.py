@@ -32,8 +32,7 @@ from jax._src.array import ArrayImpl  # where every implicit conversion of an ar
 from safetensors.numpy import load_file
 from sentence_transformers.sentence_transformer.losses import (MultipleNegativesRankingLoss,
                                                                MultipleNegativesSymmetricRankingLoss)
-from transformers import (AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, FlaxBertModel,
-                          get_linear_schedule_with_warmup)
+from transformers import AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, FlaxBertModel
 
 import train_script
 
@@ -98,7 +97,9 @@ def test_optimizer_is_transformers_adamw_on_the_linear_schedule(tmp_path, weight
     the decay, against the hand-written formula. Weight decay: none by default (the published
     script passed none); with --weight_decay, not on the parameters named *bias or *LayerNorm.weight."""
     lr, warmup, steps = 1e-3, 3, 12
-    flags = ["--weight_decay", str(weight_decay)] + (["--schedule_steps", str(schedule_steps)] if schedule_steps else [])
+    flags = ["--weight_decay", str(weight_decay)]
+    if schedule_steps:
+        flags += ["--schedule_steps", str(schedule_steps)]
     args = train_script.parse_args([str(tmp_path / "config.json"), str(tmp_path / "out"), "--lr", str(lr),
                                     "--warmup_steps", str(warmup), "--steps", str(steps), *flags])
     assert args.schedule_steps == (schedule_steps or steps)
@@ -140,8 +141,8 @@ def test_optimizer_is_transformers_adamw_on_the_linear_schedule(tmp_path, weight
         assert np.abs(ours[n] - reference[n]).max() <= 1e-5 * np.abs(reference[n] - start[n]).max() + rounding, n
     # the test tells the formula apart: optax.adamw adds eps after the bias correction, and a
     # schedule that ends at --steps when --schedule_steps is longer moves the parameters more
-    optax_adamw = run_optax(optax.adamw(train_script.learning_rate_schedule(args), b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay,
-                                        mask=train_script.decays))
+    optax_adamw = run_optax(optax.adamw(train_script.learning_rate_schedule(args), b1=0.9, b2=0.999, eps=1e-6,
+                                        weight_decay=weight_decay, mask=train_script.decays))
     assert largest_relative_difference(optax_adamw, reference, offset=start) > 1e-3
     if schedule_steps:
         short = transformers_adamw_by_hand(start, gradients, linear_schedule_by_hand(lr, warmup, steps),
@@ -309,7 +310,8 @@ def test_a_skipped_step_leaves_the_state_as_a_run_without_it(tiny, tmp_path):
     without, measured_without = jax_steps(args, start, [a, b], devices)
     assert [bool(m["finite"]) for m in measured] == [True, False, True]
     assert int(with_skip.step) == int(with_skip.opt_state.count) == 2
-    assert measured[2]["lr"] == measured_without[1]["lr"] == pytest.approx(STEP_LR * (STEP_SCHEDULE - 1) / STEP_SCHEDULE)
+    second_lr = STEP_LR * (STEP_SCHEDULE - 1) / STEP_SCHEDULE  # the schedule at one update made
+    assert measured[2]["lr"] == measured_without[1]["lr"] == pytest.approx(second_lr)
     for x, y in zip(jax.tree_util.tree_leaves(with_skip), jax.tree_util.tree_leaves(without)):
         np.testing.assert_array_equal(x, y)
 
@@ -347,8 +349,8 @@ def test_attention_dropout_is_drawn_per_element_for_every_model_type(model_type)
     kept = kept_attention(model_type, "element")
     examples_differ = np.mean(kept[:, 0] != kept[:, 1])
     heads_differ = np.mean(kept[:, :, 0] != kept[:, :, 1])
-    print(f"\n{model_type}: kept {kept.mean():.3f} of {kept.size} (rate 0.1); examples differ at {examples_differ:.3f}, "
-          f"heads at {heads_differ:.3f} of their positions (independent draws: 0.18)")
+    print(f"\n{model_type}: kept {kept.mean():.3f} of {kept.size} (rate 0.1); examples differ at "
+          f"{examples_differ:.3f}, heads at {heads_differ:.3f} of their positions (independent draws: 0.18)")
     # 8192 draws: the kept fraction of 0.9 to within 4 standard deviations (0.013)
     assert kept.mean() == pytest.approx(0.9, abs=0.013)
     # two independent masks disagree at 2 x 0.9 x 0.1 = 18% of the positions (2048 each)
