@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import importlib
 import itertools
 import json
 import logging
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 import zlib
+from typing import NamedTuple
 
 import flax
 import fsspec
@@ -147,9 +149,18 @@ def parse_args(argv=None):
                    help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
     p.add_argument("--lr", type=NON_NEGATIVE, default=2e-5, help="peak learning rate of AdamW")
     p.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
-    # 0.01 as the project specifies; the published script's transformers.AdamW used 0 (README)
-    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.01,
-                   help="AdamW weight decay (not on biases, LayerNorm)")
+    p.add_argument("--schedule_steps", type=COUNT, default=None,
+                   help="the step at which the linear decay reaches lr 0; None: --steps. A run may stop before "
+                        "it, as a 1M-step schedule stopped at 540k would (README)")
+    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.0,
+                   help="AdamW's decoupled weight decay, not on biases and LayerNorm (the published script: none)")
+    p.add_argument("--clip_scope", choices=["device", "global"], default="device",
+                   help="device: clip each device's share of the gradient to norm 1, then average them, as the "
+                        "published script's cores did; global: average, then clip the whole gradient to norm 1")
+    p.add_argument("--attention_dropout", choices=["element", "shared"], default="element",
+                   help="element: an independent attention-dropout draw per example, head and position, as "
+                        "PyTorch (the published run); shared: transformers' Flax default, one mask per layer "
+                        "shared by the examples and heads of a device")
     p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
     p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
     p.add_argument("--dropout", type=PROBABILITY, default=None,
@@ -217,6 +228,11 @@ def check_args(args):
     """What the flags' types cannot see alone: the combinations."""
     if args.cache_small_sources is None:
         args.cache_small_sources = 10_000_000 if args.data_order == "original" else 0
+    if args.schedule_steps is None:
+        args.schedule_steps = args.steps
+    if args.schedule_steps < args.steps:
+        raise UserError(f"--schedule_steps {args.schedule_steps} is below --steps {args.steps}: the lr would be 0 "
+                        "from there on")
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
     if args.resume and args.overwrite:
@@ -766,6 +782,9 @@ def load_tokenizer_and_config(args):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if hasattr(config, name):
                 setattr(config, name, args.dropout)
+    if args.attention_dropout == "shared" and config.model_type in EXPORTABLE.keys() - SHARED_MASK_ATTENTION.keys():
+        raise UserError(f"--attention_dropout shared: the Flax {config.model_type} draws its attention-dropout "
+                        f"masks per element only; shared masks exist for {', '.join(SHARED_MASK_ATTENTION)}")
     return tokenizer, config
 
 
@@ -800,10 +819,44 @@ def first_line(error):
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
-def embed(model, params, input_ids, attention_mask, dropout_key=None):
-    """Mean of the last hidden states over the attention mask, L2-normalised (dropout if a key)."""
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, params=params,
-                   dropout_rng=dropout_key, train=dropout_key is not None)[0]
+# transformers' Flax BERT, RoBERTa, XLM-RoBERTa and ALBERT call flax's dot_product_attention_weights
+# with broadcast_dropout=True: one attention-dropout mask per layer, shared by every example and head
+# of a device. PyTorch's models, which trained the published weights, draw every element of the
+# attention probabilities independently, as Flax DistilBERT does too (an nn.Dropout of its own).
+SHARED_MASK_ATTENTION = {"bert": "transformers.models.bert.modeling_flax_bert",
+                         "roberta": "transformers.models.roberta.modeling_flax_roberta",
+                         "xlm-roberta": "transformers.models.xlm_roberta.modeling_flax_xlm_roberta",
+                         "albert": "transformers.models.albert.modeling_flax_albert"}
+
+
+@contextlib.contextmanager
+def attention_dropout_masks(model_type, masks):
+    """While tracing the model inside it, its attention dropout draws `masks`: "element" (PyTorch's
+    independent draws) or "shared" (transformers' Flax masks). transformers has no option for
+    this, so the attention-weights function its module calls is swapped for one that sets
+    broadcast_dropout, and put back on leaving."""
+    if model_type not in SHARED_MASK_ATTENTION:  # per element already ("shared" is refused up front)
+        yield
+        return
+    module = importlib.import_module(SHARED_MASK_ATTENTION[model_type])
+    library = module.dot_product_attention_weights
+
+    def attention_weights(*args, broadcast_dropout, **kwargs):
+        return library(*args, broadcast_dropout=masks == "shared", **kwargs)
+
+    module.dot_product_attention_weights = attention_weights
+    try:
+        yield
+    finally:
+        module.dot_product_attention_weights = library
+
+
+def embed(model, params, input_ids, attention_mask, dropout_key=None, attention_dropout="element"):
+    """Mean of the last hidden states over the attention mask, L2-normalised (dropout if a key, with
+    attention-dropout masks drawn as attention_dropout_masks says)."""
+    with attention_dropout_masks(model.config.model_type, attention_dropout):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, params=params,
+                       dropout_rng=dropout_key, train=dropout_key is not None)[0]
     mask = attention_mask[..., None].astype(jnp.float32)
     mean = (hidden.astype(jnp.float32) * mask).sum(-2) / jnp.maximum(mask.sum(-2), 1e-9)
     # the eps of torch.nn.functional.normalize, as sentence-transformers' Normalize module uses
@@ -839,9 +892,10 @@ def in_batch_loss(embeddings, scale, symmetric):
 # ============================================================================================
 
 def learning_rate_schedule(args):
-    """Linear warm-up to --lr over --warmup_steps, then linear decay to 0 at --steps."""
+    """Linear warm-up to --lr over --warmup_steps, then linear decay to 0 at --schedule_steps:
+    transformers' get_linear_schedule_with_warmup, as the published script used."""
     warmup = optax.linear_schedule(0.0, args.lr, max(args.warmup_steps, 1))
-    decay = optax.linear_schedule(args.lr, 0.0, max(args.steps - args.warmup_steps, 1))
+    decay = optax.linear_schedule(args.lr, 0.0, max(args.schedule_steps - args.warmup_steps, 1))
     return optax.join_schedules([warmup, decay], [args.warmup_steps])
 
 
@@ -853,12 +907,45 @@ def decays(params):
         for path in flat})
 
 
+class AdamWState(NamedTuple):
+    count: jax.Array  # updates made so far: the schedule's step, and Adam's t - 1
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def transformers_adamw(learning_rate, b1, b2, eps, weight_decay, mask):
+    """transformers.AdamW(correct_bias=True), the published script's optimizer, as an optax transformation.
+
+    It differs from optax.adamw in two places: eps is added to sqrt(v) before the bias correction
+    (step size lr * sqrt(1 - b2^t) / (1 - b1^t)), which changes the first updates; and the decoupled
+    decay multiplies the parameters already moved by Adam, p <- p' - lr * wd * p'."""
+    def init(params):
+        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)  # noqa: E731
+        return AdamWState(jnp.zeros([], jnp.int32), zeros(), zeros())
+
+    def update(grads, state, params):
+        mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+        nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+        lr, t = learning_rate(state.count), (state.count + 1).astype(jnp.float32)
+        # 1 - b^t as -expm1(t log b): float32 holds 1 - 0.999 only to 1e-5, expm1 to its last bit
+        step_size = lr * jnp.sqrt(-jnp.expm1(t * math.log(b2))) / -jnp.expm1(t * math.log(b1))
+        moved = jax.tree_util.tree_map(lambda m, v: -step_size * m / (jnp.sqrt(v) + eps), mu, nu)
+        updates = jax.tree_util.tree_map(
+            lambda a, p, decayed: a - lr * weight_decay * (p + a) if decayed and weight_decay else a,
+            moved, params, mask(params))
+        return updates, AdamWState(state.count + 1, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(args):
-    return optax.chain(
-        optax.clip_by_global_norm(1.0),
-        # eps 1e-6: transformers' AdamW, which the published script used
-        optax.adamw(learning_rate_schedule(args), b1=0.9, b2=0.999, eps=1e-6,
-                    weight_decay=args.weight_decay, mask=decays))
+    return transformers_adamw(learning_rate_schedule(args), b1=0.9, b2=0.999, eps=1e-6,
+                              weight_decay=args.weight_decay, mask=decays)
+
+
+def clip_to_norm_1(grads):
+    """torch.nn.utils.clip_grad_norm_(..., 1.0): scaled down to global norm 1 when above it."""
+    return optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]
 
 
 def loss_and_grads(model, args, params, columns, key):
@@ -867,7 +954,8 @@ def loss_and_grads(model, args, params, columns, key):
     Each column is embedded with its own dropout key and scored by in_batch_loss; the gradient
     comes in one pass, or with --mini_batch_size chunk by chunk (GradCache)."""
     keys = jax.random.split(key, len(columns))
-    embed_rows = functools.partial(embed, model)  # (params, ids, mask, dropout key) -> [rows, dim]
+    # (params, ids, mask, dropout key) -> [rows, dim]
+    embed_rows = functools.partial(embed, model, attention_dropout=args.attention_dropout)
     loss_of = functools.partial(in_batch_loss, scale=args.scale, symmetric=args.symmetric_loss)
     if args.mini_batch_size is None:
         return jax.value_and_grad(
@@ -911,26 +999,37 @@ def make_train_step(model, args, devices):
     Gradient reduction: device d computes L_d, the mean loss of its own anchors against the
     gathered global batch. The transpose of all_gather is a reduce-scatter, so the gradient
     that reaches device d's embeddings is that of sum_d' L_d' (every device's loss that used
-    them), and device d's parameter gradient is the gradient of sum_d' L_d' through its own
-    examples. Summing over devices gives d(sum_d' L_d')/d(params) in full; pmean (sum / D)
-    gives the gradient of the global mean loss: the update of one device on the whole batch.
+    them), and device d's parameter gradient g_d is the gradient of sum_d' L_d' through its own
+    examples. So g_d / P (P devices) is the gradient of the global mean loss through device d's
+    rows, and these add up to the full gradient, whose norm --clip_scope global clips after a pmean.
+    --clip_scope device clips each g_d / P to norm 1 and then averages them (a pmean, so the update
+    follows (1 / P) sum_d clip(g_d / P)): the published script's cores each clipped the gradient
+    that reached them and all-reduced a mean. The measured grad_norm is the norm that was clipped:
+    with device scope the mean over devices of each device's norm.
     """
     schedule = learning_rate_schedule(args)
 
     def train_step(state, columns, dropout_key):
         make_train_step.traces += 1  # runs only when jax traces (and compiles) the step
         key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), jax.lax.axis_index(AXIS))
-        lr = schedule(state.step)
+        lr = schedule(state.step)  # the lr of this update: state.step counts the updates made
         loss, grads = loss_and_grads(model, args, state.params, columns, key)
-        grads = jax.lax.pmean(grads, AXIS)
+        if args.clip_scope == "device":
+            grads = jax.tree_util.tree_map(lambda g: g / len(devices), grads)
+            grad_norm = jax.lax.pmean(optax.tree.norm(grads), AXIS)
+            grads = jax.lax.pmean(clip_to_norm_1(grads), AXIS)
+        else:
+            grads = jax.lax.pmean(grads, AXIS)
+            grad_norm = optax.tree.norm(grads)
+            grads = clip_to_norm_1(grads)
         loss = jax.lax.pmean(loss, AXIS)
-        grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the whole state as it was: parameters, moments and the step
+        # counter, so that the schedule, Adam's bias correction and the dropout keys count the
+        # updates made. (optax.apply_if_finite would keep the optimizer's state only, and sees
+        # the gradients but not the loss.)
         updated = state.apply_gradients(grads=grads)
-        # a non-finite step leaves parameters and moments untouched; only the counter moves on
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        state = updated.replace(params=jax.tree_util.tree_map(keep, updated.params, state.params),
-                                opt_state=jax.tree_util.tree_map(keep, updated.opt_state, state.opt_state))
+        state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
         return state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
 
     make_train_step.traces = 0
@@ -1411,8 +1510,9 @@ def record_resume(args, step):
 # The flags a resumed run must share with its checkpoint to compute the same thing; the others
 # (logging, saving, workers, prefetch, --data_folder) only change how it is computed or reported.
 RUN_FLAGS = ("model", "steps", "batch_size", "mini_batch_size", "max_length", "pad_to_buckets", "datasets_per_batch",
-             "scale", "symmetric_loss", "lr", "warmup_steps", "weight_decay", "dropout", "dtype", "seed",
-             "mixing", "data_order", "shuffle_buffer", "cache_small_sources")
+             "scale", "symmetric_loss", "lr", "warmup_steps", "schedule_steps", "weight_decay", "clip_scope",
+             "dropout", "attention_dropout", "dtype", "seed", "mixing", "data_order", "shuffle_buffer",
+             "cache_small_sources")
 
 
 class Interrupted(Exception):
@@ -1650,7 +1750,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
             # the window is checked before a checkpoint, so a run that must stop never writes one
             if (step + 1) % args.log_steps == 0 or checkpoint_now:
                 line, bad_in_a_row = log_window(bar, window, waited, time.perf_counter() - window_start,
-                                                global_batch, bad_in_a_row)
+                                                global_batch, bad_in_a_row, checkpoints.latest_step())
                 skipped += line["skipped"]
                 if metrics:
                     write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
@@ -1694,16 +1794,18 @@ def compile_step(train_step, state, columns, dropout_key, args, bar):
     return state, measured
 
 
-def log_window(bar, window, waited, seconds, global_batch, bad_in_a_row):
+def log_window(bar, window, waited, seconds, global_batch, bad_in_a_row, last_checkpoint):
     """Fetches the window's measurements (the only host sync) and reports them; returns the line
-    and how many steps in a row, up to the window's last, were not finite."""
+    and how many steps in a row, up to the window's last, were not finite. last_checkpoint: the
+    step of the newest checkpoint in OUTPUT, None if there is none."""
     measured = jax.device_get([m for _, m in window])
     for (text, _), m in zip(window, measured):
         bad_in_a_row = 0 if m["finite"][0] else bad_in_a_row + 1
         if bad_in_a_row >= MAX_BAD_STEPS:
+            kept = (f"the checkpoint of step {last_checkpoint} is intact" if last_checkpoint is not None
+                    else "no checkpoint was written")
             raise UserError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
-                            f"(sources {', '.join(text.sources)}); their updates were skipped, the last "
-                            "checkpoint is intact")
+                            f"(sources {', '.join(text.sources)}); their updates were skipped; {kept}")
     finite = [m for m in measured if m["finite"][0]]
 
     def mean(key):

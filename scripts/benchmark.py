@@ -9,9 +9,11 @@ from a random init built offline; both frameworks start from the same weights, d
 runs the real make_train_step pmapped over all local devices (the batch split over them); PyTorch
 runs on CUDA when there is a GPU, else on the CPU. Flags after `--` go to train_script's parser
 (e.g. --dtype, --pad_to_buckets, --mini_batch_size where the script has them) and apply to the
-JAX step only. Also measured: the producer (streaming, parsing, tokenizing; pairs/s), the step on
-length buckets if train_script has --pad_to_buckets, and GradCache's activation memory (XLA's
-buffer assignment of the compiled step) if it has --mini_batch_size.
+JAX step only. Also measured: the JAX step with the cheaper alternatives to the published update
+rule (--clip_scope global, --attention_dropout shared), the producer (streaming, parsing,
+tokenizing; pairs/s), the step on length buckets if train_script has --pad_to_buckets, and
+GradCache's activation memory (XLA's buffer assignment of the compiled step) if it has
+--mini_batch_size.
 
 The texts are synthetic with a realistic length mix: short questions, long answers. The tiny
 fixture's tokenizer (scripts/make_tiny_data.py) turns them into ids, so nothing is downloaded.
@@ -60,7 +62,8 @@ def parse_args():
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="without an accelerator: JAX CPU devices, the batch split over them (default: one per "
                         "core, or XLA_FLAGS' --xla_force_host_platform_device_count when set)")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: torch,buckets,gradcache,producer")
+    p.add_argument("--skip", default="",
+                   help="comma-separated parts to leave out: update_rule,torch,buckets,gradcache,producer")
     p.add_argument("train_script_flags", nargs="*",
                    help="after --: flags for train_script's parser, for every JAX step (e.g. --dtype bfloat16)")
     return p.parse_args()
@@ -222,6 +225,11 @@ def main():
         if "torch" not in skip:
             rows.append((f"PyTorch: sentence-transformers MNRL step, {torch_device}, {shape}",
                          time_steps(torch_step(folder, columns, torch_device), options.steps)))
+        if "update_rule" not in skip:  # the published update rule against the cheaper choices
+            for choice in (["--clip_scope", "global"], ["--attention_dropout", "shared"]):
+                rows.append((f"JAX: the same with {' '.join(choice)}",
+                             time_steps(jax_step(script_args(folder, options, per_device, [*flags, *choice]), columns),
+                                        options.steps)))
         if "buckets" not in skip:
             bucketed = script_args(folder, options, per_device, [*flags, "--pad_to_buckets", options.buckets])
             bucket_columns = tokenized_columns(texts, tokenizer, bucketed, len(devices))
@@ -237,7 +245,7 @@ def main():
         print("| step | seconds/step (median of %d) | pairs/s |\n|---|---:|---:|" % options.steps)
         for name, times in rows:
             print(f"| {name} | {statistics.median(times):.3f} | {options.batch_size / statistics.median(times):.1f} |")
-        if "torch" not in skip:
+        if "torch" not in skip:  # rows[1] is PyTorch's
             ratio = statistics.median(rows[0][1]) / statistics.median(rows[1][1])
             print(f"\nJAX seconds per step / PyTorch seconds per step: {ratio:.2f}")
 

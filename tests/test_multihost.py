@@ -47,9 +47,12 @@ def distinct_pairs(tiny, tmp_path_factory):
 
 
 def flags(tiny, data):
+    # --clip_scope global: each process reads every other line of a file, so a device holds other
+    # rows of the same global batch than in the one-process run; the global clip does not depend
+    # on which device holds which row, the per-device clip (the default) does
     return ["--model", str(tiny / "model"), "--data_folder", str(data), "--steps", "2",
             "--batch_size", "2", "--max_length", "16", "--dropout", "0", "--lr", "1e-3",
-            "--warmup_steps", "0", "--num_workers", "0", "--log_steps", "1"]
+            "--warmup_steps", "0", "--num_workers", "0", "--log_steps", "1", "--clip_scope", "global"]
 
 
 def launch_two_processes(config, outputs, extra, per_process=([], [])):

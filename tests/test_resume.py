@@ -257,13 +257,18 @@ def test_a_nan_step_is_skipped_and_counted(tiny, tmp_path, capsys):
     assert not np.allclose(trained["encoder.layer.0.attention.self.query.weight"], np.asarray(start).T)
 
 
-def test_non_finite_steps_in_a_row_stop_the_run_even_across_log_windows(tiny, tmp_path):
+@pytest.mark.parametrize("extra, kept", [([], "the checkpoint of step 4 is intact"),
+                                         (["--save_steps", str(STEPS)], "no checkpoint was written")],
+                         ids=["after-a-checkpoint", "before-any-checkpoint"])
+def test_non_finite_steps_in_a_row_stop_the_run_even_across_log_windows(tiny, tmp_path, extra, kept):
     # Every batch is poisoned; the log windows hold 4 steps, so only a streak carried from one
-    # window to the next reaches MAX_BAD_STEPS = 5 (at step 5, seen when step 8 is logged).
+    # window to the next reaches MAX_BAD_STEPS = 5 (at step 5, seen when step 8 is logged). The
+    # message names the checkpoint left, if any (that of step 4 holds the skipped steps' state).
     args, _ = poison(tiny, tmp_path, only_snowmen=True)
     with pytest.raises(train_script.UserError, match=r"5 non-finite losses in a row, the last at step 5 "
-                                                     r"\(sources snowmen.jsonl.gz\)"):
-        train_script.main(args)
+                                                     r"\(sources snowmen.jsonl.gz\)") as stopped:
+        train_script.main([*args, *extra])
+    assert str(stopped.value).endswith(kept)
     assert not (tmp_path / "run" / "final").exists()
 
 

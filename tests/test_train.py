@@ -1,6 +1,10 @@
 """The update step and the train loop ("Optimizer & update step", "Train loop", "Main").
 
-- the optimizer against torch.optim.AdamW + the published linear schedule + clip_grad_norm_,
+- the optimizer against transformers' AdamW formula (written out here) on the linear schedule,
+- the 8-device step against the published script's update computed in torch: each core's
+  gradient through its own rows, clipped on its own, averaged; GradCache too,
+- a non-finite step skipped as if it never ran (parameters, moments, counter, lr),
+- attention dropout drawn per element (PyTorch's) for every exportable model type, or shared,
 - one run on 8 emulated devices against one device with the same global batch,
 - a tiny model trained from scratch learns the fixture's paraphrases (held-out retrieval),
 - the step is compiled once, and the loop fetches from the device only at logging steps,
@@ -9,12 +13,14 @@
 Run with -s to see the measured differences.
 """
 import gzip
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import optax
@@ -26,8 +32,7 @@ from jax._src.array import ArrayImpl  # where every implicit conversion of an ar
 from safetensors.numpy import load_file
 from sentence_transformers.sentence_transformer.losses import (MultipleNegativesRankingLoss,
                                                                MultipleNegativesSymmetricRankingLoss)
-from transformers import (AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, FlaxBertModel,
-                          get_linear_schedule_with_warmup)
+from transformers import AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, FlaxBertModel
 
 import train_script
 
@@ -40,70 +45,358 @@ pytestmark = pytest.mark.filterwarnings("ignore:The MultipleNegativesSymmetricRa
 # The optimizer
 # ============================================================================================
 
-def test_optimizer_matches_torch_adamw_schedule_and_clipping(tmp_path):
-    """Twelve steps on fixed gradients, some above and some below the clipping norm, through the
-    warm-up and the decay. torch's side is built the usual transformers way: no decay for the
-    parameters named *bias or *LayerNorm.weight, transformers' linear schedule (a LambdaLR)."""
-    lr, warmup, steps, weight_decay = 1e-3, 3, 12, 0.1
+def transformers_adamw_by_hand(start, gradients, lr_of_step, weight_decay, decayed, eps=1e-6):
+    """transformers.AdamW(correct_bias=True), the published script's optimizer, written out in
+    float64 NumPy from its formula: m, v as usual; denom = sqrt(v) + eps (eps before the bias
+    correction); step = lr sqrt(1 - b2^t) / (1 - b1^t); p -= step m / denom; then the decoupled
+    decay p -= lr wd p on the parameters in `decayed`. start: {name: array}; gradients: one
+    {name: array} per step; lr_of_step(t) for t = 0, 1, ..."""
+    b1, b2 = 0.9, 0.999
+    params = {n: p.astype(np.float64) for n, p in start.items()}
+    m = {n: np.zeros_like(p) for n, p in params.items()}
+    v = {n: np.zeros_like(p) for n, p in params.items()}
+    for t, grads in enumerate(gradients, start=1):
+        lr = lr_of_step(t - 1)
+        for n in params:
+            g = grads[n].astype(np.float64)
+            m[n] = b1 * m[n] + (1 - b1) * g
+            v[n] = b2 * v[n] + (1 - b2) * g * g
+            step_size = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            params[n] = params[n] - step_size * m[n] / (np.sqrt(v[n]) + eps)
+            if n in decayed:
+                params[n] = params[n] - lr * weight_decay * params[n]
+    return params
+
+
+def linear_schedule_by_hand(lr, warmup, schedule_steps):
+    """transformers' get_linear_schedule_with_warmup, as a function of the step."""
+    return lambda t: lr * t / warmup if t < warmup else lr * max(0.0, (schedule_steps - t) / (schedule_steps - warmup))
+
+
+def largest_relative_difference(ours, reference, offset=None):
+    """max over parameters of max|ours - reference| / max|reference - offset|; where the reference
+    equals the offset (a parameter that got no update), any difference is infinite."""
+    worst = 0.0
+    for n in reference:
+        difference = np.abs(ours[n] - reference[n]).max()
+        size = np.abs(reference[n] - (offset[n] if offset else 0)).max()
+        worst = max(worst, difference / size if size else np.inf if difference else 0.0)
+    return worst
+
+
+def perturbed_start(params, seed=0, scale=0.05):
+    """Parameters with non-zero biases and LayerNorm offsets, as in a pretrained checkpoint."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda p: (np.asarray(p) + rng.normal(scale=scale, size=np.shape(p))).astype(np.float32), params)
+
+
+@pytest.mark.parametrize("weight_decay, schedule_steps", [(0.0, None), (0.1, 20)], ids=["defaults", "decay-schedule"])
+def test_optimizer_is_transformers_adamw_on_the_linear_schedule(tmp_path, weight_decay, schedule_steps):
+    """Twelve steps on fixed gradients, large and tiny (where eps matters), through the warm-up and
+    the decay, against the hand-written formula. Weight decay: none by default (the published
+    script passed none); with --weight_decay, not on the parameters named *bias or *LayerNorm.weight."""
+    lr, warmup, steps = 1e-3, 3, 12
+    flags = ["--weight_decay", str(weight_decay)]
+    if schedule_steps:
+        flags += ["--schedule_steps", str(schedule_steps)]
     args = train_script.parse_args([str(tmp_path / "config.json"), str(tmp_path / "out"), "--lr", str(lr),
-                                    "--warmup_steps", str(warmup), "--steps", str(steps),
-                                    "--weight_decay", str(weight_decay)])
+                                    "--warmup_steps", str(warmup), "--steps", str(steps), *flags])
+    assert args.schedule_steps == (schedule_steps or steps)
     config = BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=16, max_position_embeddings=16)
-    params = FlaxBertModel(config, seed=0).params
-    names = list(train_script.torch_state_dict(params))  # the PyTorch names, in flatten_dict order
-    rng = np.random.default_rng(0)
-    # non-zero biases and LayerNorm offsets, as in a pretrained checkpoint
-    start = {path: (np.asarray(p) + rng.normal(scale=0.05, size=np.shape(p))).astype(np.float32)
-             for path, p in traverse_util.flatten_dict(params).items()}
-    paths = list(start)
+    start_tree = perturbed_start(FlaxBertModel(config, seed=0).params)
+    names = list(train_script.torch_state_dict(start_tree))  # the PyTorch names, in flatten_dict order
+    paths = list(traverse_util.flatten_dict(start_tree))
+    start = dict(zip(names, traverse_util.flatten_dict(start_tree).values()))
+    rng = np.random.default_rng(1)
     gradients = []
-    for norm in [4.0, 0.3, 2.0, 0.8, 10.0, 0.05, 1.5, 0.5, 3.0, 0.9, 6.0, 0.2]:  # global norms
-        raw = [rng.normal(size=start[p].shape) for p in paths]
-        total = np.sqrt(sum(np.sum(g * g) for g in raw))
-        gradients.append([(g * norm / total).astype(np.float32) for g in raw])
+    for norm in [4.0, 0.3, 2.0, 0.8, 10.0, 0.005, 1.5, 0.5, 3.0, 0.9, 6.0, 0.002]:  # global norms
+        raw = {n: rng.normal(size=p.shape) for n, p in start.items()}
+        total = np.sqrt(sum(np.sum(g * g) for g in raw.values()))
+        gradients.append({n: (g * norm / total).astype(np.float32) for n, g in raw.items()})
 
-    tx = train_script.make_optimizer(args)
-    ours = traverse_util.unflatten_dict(start)
-    opt_state, update = tx.init(ours), jax.jit(tx.update)
-    for grads in gradients:
-        updates, opt_state = update(traverse_util.unflatten_dict(dict(zip(paths, grads))), opt_state, ours)
-        ours = optax.apply_updates(ours, updates)
-    ours = traverse_util.flatten_dict(ours)
-
-    def torch_adamw(no_decay):
-        tensors = [torch.nn.Parameter(torch.tensor(start[p])) for p in paths]
-        decayed = [t for n, t in zip(names, tensors) if not any(nd in n for nd in no_decay)]
-        exempt = [t for n, t in zip(names, tensors) if any(nd in n for nd in no_decay)]
-        optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
-                                       {"params": exempt, "weight_decay": 0.0}],
-                                      lr=lr, betas=(0.9, 0.999), eps=1e-6)
-        schedule = get_linear_schedule_with_warmup(optimizer, warmup, steps)
+    def run_optax(tx):
+        params = traverse_util.unflatten_dict(dict(zip(paths, start.values())))
+        state, update = tx.init(params), jax.jit(tx.update)
         for grads in gradients:
-            for t, g in zip(tensors, grads):
-                t.grad = torch.tensor(g)
-            torch.nn.utils.clip_grad_norm_(tensors, 1.0)
-            optimizer.step()
-            schedule.step()
-        return {p: t.detach().numpy() for p, t in zip(paths, tensors)}, len(exempt)
+            updates, state = update(traverse_util.unflatten_dict(dict(zip(paths, grads.values()))), state, params)
+            params = optax.apply_updates(params, updates)
+        return dict(zip(names, map(np.asarray, traverse_util.flatten_dict(params).values())))
 
-    def largest_relative_difference(a, b, offset=0):
-        return max(np.abs(a[p] - b[p]).max() / np.abs(b[p] - offset[p] if offset else b[p]).max() for p in paths)
-
-    theirs, exempt = torch_adamw(no_decay=("bias", "LayerNorm.weight"))
-    values = largest_relative_difference(ours, theirs)
-    updates = largest_relative_difference(ours, theirs, offset=start)
-    print(f"\noptimizer, {steps} steps vs torch: parameters differ by {values:.1e} of their size, "
-          f"the total updates by {updates:.1e} of theirs")
+    ours = run_optax(train_script.make_optimizer(args))
+    decayed = {n for n in names if "bias" not in n and "LayerNorm.weight" not in n}
+    schedule = linear_schedule_by_hand(lr, warmup, schedule_steps or steps)
+    reference = transformers_adamw_by_hand(start, gradients, schedule, weight_decay, decayed)
+    values = largest_relative_difference(ours, reference)
+    updates = largest_relative_difference(ours, reference, offset=start)
+    print(f"\noptimizer, {steps} steps vs transformers' AdamW formula: parameters differ by {values:.1e} "
+          f"of their size, the total updates by {updates:.1e} of theirs")
     assert values <= 1e-6
-    # The updates agree less closely, for two float32 reasons that are not ours to fix: optax
-    # computes Adam's bias correction 1 - 0.999**t in float32 (1.3e-5 off at t=1; torch uses
-    # float64), and a LayerNorm scale near 1.0 holds its ~4e-3 update to within 1.2e-7 (its ulp).
-    assert updates <= 1e-4
-    # the test can tell the decay mask apart: decaying everything gives different parameters
-    assert exempt > 0
-    everything, _ = torch_adamw(no_decay=())
-    assert largest_relative_difference(ours, everything, offset=start) > 1e-3
+    # the updates to within 1e-5 of their size, once the float32 rounding of the stored parameters
+    # is allowed for (up to one unit in the last place per step: a LayerNorm scale near 1.0 holds
+    # its ~4e-3 update to within 1.2e-7)
+    for n in reference:
+        rounding = steps * np.spacing(np.abs(reference[n]).max().astype(np.float32))
+        assert np.abs(ours[n] - reference[n]).max() <= 1e-5 * np.abs(reference[n] - start[n]).max() + rounding, n
+    # the test tells the formula apart: optax.adamw adds eps after the bias correction, and a
+    # schedule that ends at --steps when --schedule_steps is longer moves the parameters more
+    optax_adamw = run_optax(optax.adamw(train_script.learning_rate_schedule(args), b1=0.9, b2=0.999, eps=1e-6,
+                                        weight_decay=weight_decay, mask=train_script.decays))
+    assert largest_relative_difference(optax_adamw, reference, offset=start) > 1e-3
+    if schedule_steps:
+        short = transformers_adamw_by_hand(start, gradients, linear_schedule_by_hand(lr, warmup, steps),
+                                           weight_decay, decayed)
+        assert largest_relative_difference(short, reference, offset=start) > 1e-2
+    if weight_decay:
+        everything = transformers_adamw_by_hand(start, gradients, schedule, weight_decay, set(names))
+        assert largest_relative_difference(everything, reference, offset=start) > 1e-3
+
+
+# ============================================================================================
+# The update step: the published script's rule, on 8 devices, against torch
+# ============================================================================================
+
+STEP_LR, STEP_SCHEDULE, PER_DEVICE, STEP_LENGTH = 1e-3, 10, 2, 16
+
+
+def fixture_pairs(tiny, batches, rows):
+    """`batches` lists of `rows` paraphrase pairs from the fixture, in file order."""
+    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
+        pairs = [json.loads(line) for line, _ in zip(f, range(batches * rows))]
+    return [pairs[i * rows:(i + 1) * rows] for i in range(batches)]
+
+
+def step_args(tiny, tmp_path, *flags):
+    return train_script.parse_args([
+        str(tiny / "data_config_pairs.json"), str(tmp_path / "out"), "--model", str(tiny / "model"), "--dropout", "0",
+        "--lr", str(STEP_LR), "--warmup_steps", "0", "--steps", "4", "--schedule_steps", str(STEP_SCHEDULE),
+        "--batch_size", str(PER_DEVICE), "--max_length", str(STEP_LENGTH), *flags])
+
+
+def jax_steps(args, start, batches, devices, model=None):
+    """train_script's pmapped step over `batches` from `start`; (host state, measurements per step)."""
+    tokenizer, config = train_script.load_tokenizer_and_config(args)
+    model = model or train_script.load_model(args, config)
+    model.params = start
+    sharding = train_script.device_sharding(devices)
+    state = train_script.replicate(train_script.init_state(model, args), sharding, len(devices))
+    step = train_script.make_train_step(model, args, devices)
+    key = train_script.replicate(jax.random.PRNGKey(0), sharding, len(devices))
+    measured = []
+    for batch in batches:
+        state, m = step(state, train_script.to_devices(batch, sharding), key)
+        measured.append(jax.device_get(train_script.first_local_replica(m)))
+    return jax.device_get(train_script.first_local_replica(state)), measured
+
+
+def tokenized_pairs(tokenizer, pairs, devices):
+    """[(ids, mask)] per column, [devices, per device, length]: rows d * B ... (d + 1) * B on device d."""
+    columns = []
+    for texts in zip(*pairs):
+        t = tokenizer(list(texts), padding="max_length", truncation=True, max_length=STEP_LENGTH, return_tensors="np")
+        columns.append(tuple(t[k].reshape(devices, -1, STEP_LENGTH) for k in ("input_ids", "attention_mask")))
+    return columns
+
+
+def published_update_in_torch(model_folder, start, pairs_per_step, devices, scope):
+    """The published script's steps, in torch: each core's gradient is that of the global mean
+    loss (symmetric, scale 20) through its own rows only (the other cores' embeddings detached,
+    as all_gather's backward hands a core only its slice); with scope "device" each core clips
+    its own to norm 1 (torch.nn.utils.clip_grad_norm_) and the mean is taken; with "global" the
+    full gradient is clipped. Then transformers' AdamW. Returns (parameters, per-core norms)."""
+    config = BertConfig.from_pretrained(model_folder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertModel(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    names = list(start)
+    gradients, norms = [], []
+
+    def state_at(step):  # the parameters before `step`, from the hand-written optimizer
+        return transformers_adamw_by_hand(start, gradients[:step], linear_schedule_by_hand(STEP_LR, 0, STEP_SCHEDULE),
+                                          0.0, set())
+
+    for step, pairs in enumerate(pairs_per_step):
+        model.load_state_dict({n: torch.tensor(p, dtype=torch.float32) for n, p in state_at(step).items()})
+        parameters = [dict(model.named_parameters())[n] for n in names]
+        embeddings = []
+        for texts in zip(*pairs):
+            batch = tokenizer(list(texts), padding="max_length", truncation=True, max_length=STEP_LENGTH,
+                              return_tensors="pt")
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            embeddings.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1))
+        rows = len(pairs)
+
+        def global_loss(anchors, positives):
+            scores = 20.0 * anchors @ positives.T
+            labels = torch.arange(rows)
+            return (F.cross_entropy(scores, labels) + F.cross_entropy(scores.T, labels)) / 2
+
+        def gradient(loss):
+            grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+            return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+
+        def clipped(grads):
+            holders = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+            for h, g in zip(holders, grads):
+                h.grad = g.clone()
+            norms[-1].append(float(torch.nn.utils.clip_grad_norm_(holders, 1.0)))
+            return [h.grad for h in holders]
+
+        norms.append([])
+        if scope == "device":
+            per_core = []
+            for d in range(devices):
+                own = torch.zeros(rows, 1, dtype=torch.bool)
+                own[d * rows // devices:(d + 1) * rows // devices] = True
+                only_own = [torch.where(own, e, e.detach()) for e in embeddings]
+                per_core.append(clipped(gradient(global_loss(*only_own))))
+            mean = [torch.stack(gs).mean(0) for gs in zip(*per_core)]
+        else:
+            mean = clipped(gradient(global_loss(*embeddings)))
+        gradients.append({n: g.numpy() for n, g in zip(names, mean)})
+    return state_at(len(pairs_per_step)), norms
+
+
+@pytest.mark.parametrize("flags", [[], ["--mini_batch_size", "1"]], ids=["one-pass", "gradcache"])
+def test_the_step_is_the_published_update_rule(tiny, tmp_path, flags):
+    """Four steps of the 8-device step with the defaults (--clip_scope device, transformers'
+    AdamW, a linear decay to 0 at --schedule_steps 10), dropout off, against the published
+    script's update computed independently in torch; different batches every step. The
+    per-core clipping binds (per-core norms above 1), and the test tells it from --clip_scope global."""
+    devices = jax.local_devices()
+    args = step_args(tiny, tmp_path, *flags)
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    pairs_per_step = fixture_pairs(tiny, 4, PER_DEVICE * len(devices))
+    start_tree = perturbed_start(FlaxAutoModel.from_pretrained(tiny / "model").params)
+    state, measured = jax_steps(args, start_tree, [tokenized_pairs(tokenizer, p, len(devices)) for p in pairs_per_step],
+                                devices)
+    ours = train_script.torch_state_dict(state.params)
+    start = train_script.torch_state_dict(start_tree)
+    reference, norms = published_update_in_torch(tiny / "model", start, pairs_per_step, len(devices), "device")
+    global_rule, _ = published_update_in_torch(tiny / "model", start, pairs_per_step, len(devices), "global")
+
+    values = largest_relative_difference(ours, reference)
+    moved = largest_relative_difference(reference, start)
+    other_rule = largest_relative_difference(global_rule, reference, offset=start)
+    worst = max(reference, key=lambda n: np.abs(ours[n] - reference[n]).max() / np.abs(reference[n]).max())
+    print(f"\n8-device step vs torch, 4 steps: parameters differ by {values:.1e} of their size ({worst}; they "
+          f"moved by up to {moved:.1e} of it); per-core norms {[[round(n, 2) for n in step] for step in norms]}; "
+          f"--clip_scope global's update differs by {other_rule:.1e}")
+    assert values <= 1e-6
+    assert all(n > 1 for step in norms for n in step)  # every core's clipping binds
+    assert other_rule > 1e-2
+    assert [m["grad_norm"] for m in measured] == pytest.approx([np.mean(step) for step in norms], rel=1e-4)
+    assert [m["lr"] for m in measured] == pytest.approx([STEP_LR * (STEP_SCHEDULE - t) / STEP_SCHEDULE
+                                                          for t in range(4)], rel=1e-6)
+    assert int(state.step) == int(state.opt_state.count) == 4
+
+
+def test_a_skipped_step_leaves_the_state_as_a_run_without_it(tiny, tmp_path):
+    """Steps A, P, B where P's batch reaches a NaN embedding row, against A, B: the same
+    parameters, moments, step counter and lr at B (the schedule counts the updates made)."""
+    devices = jax.local_devices()
+    args = step_args(tiny, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    start = FlaxAutoModel.from_pretrained(tiny / "model").params
+    embedding = np.array(start["embeddings"]["word_embeddings"]["embedding"])
+    embedding[tokenizer.unk_token_id] = np.nan  # no clean batch holds [UNK]
+    start["embeddings"]["word_embeddings"]["embedding"] = embedding
+    a, b, poisoned = (tokenized_pairs(tokenizer, p, len(devices)) for p in fixture_pairs(tiny, 3, PER_DEVICE * 8))
+    assert not any((ids == tokenizer.unk_token_id).any() for batch in (a, b) for ids, _ in batch)
+    poisoned[0][0][3, 1, 2] = tokenizer.unk_token_id
+
+    with_skip, measured = jax_steps(args, start, [a, poisoned, b], devices)
+    without, measured_without = jax_steps(args, start, [a, b], devices)
+    assert [bool(m["finite"]) for m in measured] == [True, False, True]
+    assert int(with_skip.step) == int(with_skip.opt_state.count) == 2
+    second_lr = STEP_LR * (STEP_SCHEDULE - 1) / STEP_SCHEDULE  # the schedule at one update made
+    assert measured[2]["lr"] == measured_without[1]["lr"] == pytest.approx(second_lr)
+    for x, y in zip(jax.tree_util.tree_leaves(with_skip), jax.tree_util.tree_leaves(without)):
+        np.testing.assert_array_equal(x, y)
+
+
+# ============================================================================================
+# Attention dropout: PyTorch's independent draws, or transformers' Flax shared masks
+# ============================================================================================
+
+def tiny_config(model_type, vocab_size):
+    """A small model of each exportable type: attention dropout 0.1, every other dropout 0."""
+    from transformers import AutoConfig
+    if model_type == "distilbert":
+        sizes = dict(dim=32, n_layers=2, n_heads=2, hidden_dim=64, dropout=0.0, attention_dropout=0.1)
+    else:
+        sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.1)
+        if model_type == "albert":
+            sizes["embedding_size"] = 16
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, max_position_embeddings=64, pad_token_id=1, **sizes)
+
+
+def kept_attention(model_type, masks, examples=8, length=16):
+    """Which attention probabilities survive dropout in a training-mode forward pass inside
+    train_script.attention_dropout_masks: bool [layers, examples, heads, length, length]."""
+    model = FlaxAutoModel.from_config(tiny_config(model_type, 100), seed=0)
+    ids = np.random.default_rng(0).integers(5, 100, size=(examples, length))
+    with train_script.attention_dropout_masks(model_type, masks):
+        attentions = model(ids, np.ones_like(ids), output_attentions=True, train=True,
+                           dropout_rng=jax.random.PRNGKey(0)).attentions
+    return np.stack([np.asarray(a) != 0 for a in attentions])  # every probability is > 0 before dropout
+
+
+@pytest.mark.parametrize("model_type", sorted(train_script.EXPORTABLE))
+def test_attention_dropout_is_drawn_per_element_for_every_model_type(model_type):
+    kept = kept_attention(model_type, "element")
+    examples_differ = np.mean(kept[:, 0] != kept[:, 1])
+    heads_differ = np.mean(kept[:, :, 0] != kept[:, :, 1])
+    print(f"\n{model_type}: kept {kept.mean():.3f} of {kept.size} (rate 0.1); examples differ at "
+          f"{examples_differ:.3f}, heads at {heads_differ:.3f} of their positions (independent draws: 0.18)")
+    # 8192 draws: the kept fraction of 0.9 to within 4 standard deviations (0.013)
+    assert kept.mean() == pytest.approx(0.9, abs=0.013)
+    # two independent masks disagree at 2 x 0.9 x 0.1 = 18% of the positions (2048 each)
+    assert examples_differ == pytest.approx(0.18, abs=0.04) and heads_differ == pytest.approx(0.18, abs=0.04)
+
+
+@pytest.mark.parametrize("model_type", sorted(train_script.SHARED_MASK_ATTENTION))
+def test_shared_attention_dropout_is_transformers_flax_mask(model_type):
+    kept = kept_attention(model_type, "shared")
+    assert (kept == kept[:, :1, :1]).all()  # one mask per layer, for every example and head
+    assert kept.mean() == pytest.approx(0.9, abs=0.04)
+    # and leaving the context gives transformers' own code back
+    module = importlib.import_module(train_script.SHARED_MASK_ATTENTION[model_type])
+    assert module.dot_product_attention_weights is flax.linen.attention.dot_product_attention_weights
+
+
+def test_the_attention_dropout_flag_reaches_embed_and_distilbert_refuses_shared(tiny, tmp_path):
+    args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path / "out"), "--model",
+                                    str(tiny / "model"), "--dropout", "0.1"])
+    assert args.attention_dropout == "element"
+    tokenizer, config = train_script.load_tokenizer_and_config(args)
+    model = train_script.load_model(args, config)
+    t = tokenizer(["how do i cook rice in the kitchen?"] * 4, padding="max_length", max_length=16, return_tensors="np")
+    key = jax.random.PRNGKey(3)
+
+    def embed(*masks):
+        return np.asarray(train_script.embed(model, model.params, t["input_ids"], t["attention_mask"], key, *masks))
+
+    assert np.array_equal(embed(), embed("element"))
+    assert np.abs(embed("element") - embed("shared")).max() > 1e-4
+
+    folder = tmp_path / "distilbert"
+    config = tiny_config("distilbert", config.vocab_size)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(train_script.UserError, match="--attention_dropout shared: .*distilbert.*per element"):
+        train_script.load_tokenizer_and_config(train_script.parse_args(
+            ["config.json", "out", "--model", str(folder), "--max_length", "16", "--attention_dropout", "shared"]))
+
+
+def test_schedule_steps_default_and_bounds():
+    def parse(*flags):
+        return train_script.parse_args(["config.json", "out", "--steps", "100", *flags]).schedule_steps
+    assert parse() == 100 and parse("--schedule_steps", "250") == 250
+    with pytest.raises(train_script.UserError, match="--schedule_steps 99 is below --steps 100"):
+        parse("--schedule_steps", "99")
 
 
 # ============================================================================================
@@ -152,10 +445,11 @@ def reference_embeddings(model_folder, texts, max_length):
 
 def test_eight_devices_make_the_same_steps_as_one(tiny, tmp_path, logged):
     """The user's path twice with the same seed and data: 8 devices x 2 pairs, then 1 device x 16
-    pairs. Two steps without warm-up (the first step of a warm-up has lr 0) and without dropout.
+    pairs. Two steps without warm-up (the first step of a warm-up has lr 0) and without dropout,
+    with --clip_scope global (the default clips each device's share, so the device count matters).
     The first step's loss is also checked against torch + sentence-transformers on the same texts."""
     flags = ["--steps", "2", "--warmup_steps", "0", "--lr", "1e-3", "--dropout", "0", "--log_steps", "1",
-             "--max_length", "16", "--no-symmetric_loss",
+             "--max_length", "16", "--no-symmetric_loss", "--clip_scope", "global",
              "--mixing", "per_batch"]  # its batches do not depend on the devices; a round of original's does
     run(tiny, tmp_path / "eight", "--nprocs", "8", "--batch_size", "2", *flags)
     eight = list(logged)
