@@ -1273,8 +1273,8 @@ def mixture_table(mixture, pairs_drawn, group=None):
     """The mixture as a Markdown table, one row per file or (with `group`) per group of files.
 
     A file's expected share of the training pairs is weight / total weight. That is the chance
-    that it is a batch's first source; the other sources are drawn in proportion to weight among
-    the files of the same format, which gives every slot of a batch the same chance."""
+    that it is a round's (or a batch's) first source; the other sources are drawn in proportion to
+    weight among the files of the same format, which gives every draw the same chance."""
     total_weight = sum(e["weight"] for e in mixture)
     rows = collections.defaultdict(lambda: [0, 0, 0])  # files, lines, weight
     for e in mixture:
@@ -1325,6 +1325,18 @@ def card_metadata(args, name, scores):
         datasets=datasets or None, tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "jax"],
         model_name=name if results else None,  # the model-index's name; alone it is no Hub field
         eval_results=results or None)
+
+
+def batch_composition(args, run):
+    """How the card's run made its batches, in a sentence or two."""
+    if args.mixing == "per_batch":
+        return (f"Each global batch of {run['global_batch']:,} pairs is split into {args.datasets_per_batch} equal "
+                "shares, each from a file drawn anew in proportion to its weight (files after the first only "
+                "among those with the same number of columns); no text repeats within a batch.")
+    return (f"Each global batch of {run['global_batch']:,} pairs comes from a single file. A round of "
+            f"{run['devices']} steps draws {args.datasets_per_batch} files in proportion to their weights, all with "
+            f"the same number of columns, each filling {run['devices'] // args.datasets_per_batch} consecutive steps; "
+            "no text repeats within a round.")
 
 
 def model_card(folder, config, args, run):
@@ -1434,8 +1446,7 @@ embeddings = F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p
 
 ### Training Data
 
-Each batch is filled by {args.datasets_per_batch} files in equal shares, drawn in proportion to their
-weights (files after the first only among those with the same number of columns). A file's share
+{batch_composition(args, run)} A file's share
 of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that share of
 the {pairs_drawn:,} pairs of the {run['step']:,} steps behind this export. {len(mixture)} files in
 {len(groups)} sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
@@ -1448,12 +1459,12 @@ the {pairs_drawn:,} pairs of the {run['step']:,} steps behind this export. {len(
 |---|---|
 | steps | {run['step']:,} of {args.steps:,} |
 | global batch | {run['global_batch']:,} ({args.batch_size} per device x {run['devices']} devices, {device.device_kind}) |
-| optimizer | AdamW, lr {args.lr}, betas (0.9, 0.999), eps 1e-6, weight decay {args.weight_decay} (not on biases and LayerNorm) |
-| schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.steps:,} |
-| gradient clipping | global norm 1.0 |
+| optimizer | transformers' AdamW (eps 1e-6 added before the bias correction), lr {args.lr}, betas (0.9, 0.999), weight decay {args.weight_decay} (not on biases and LayerNorm) |
+| schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.schedule_steps:,} |
+| gradient clipping | norm 1.0, {"each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device" else "of the gradient averaged over the devices"} |
 | max sequence length | {args.max_length} tokens |
 | loss | {loss}, scale {args.scale}, candidates gathered over all devices |
-| dropout | {"the base model's" if args.dropout is None else args.dropout} |
+| dropout | {"the base model's" if args.dropout is None else args.dropout}; attention dropout {"drawn per element" if args.attention_dropout == "element" else "one mask per layer, shared by a device's examples and heads"} |
 | seed | {args.seed} |
 
 The exact command (`train_script.py`, the script that ran with its command appended, and
