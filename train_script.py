@@ -1306,12 +1306,23 @@ def checkpoint_manager(args):
         enable_async_checkpointing=False,  # a save that fails (a full disk) fails at its own step
         cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
+    report = sys.unraisablehook
+
+    def unless_too_late(unraisable):
+        # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it
+        # find the event loop awaiting them closed: nothing is lost, nothing to report
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            report(unraisable)
+
+    sys.unraisablehook = unless_too_late
     try:
         yield manager
     except BaseException:
         with contextlib.suppress(Exception):
             manager.close()
         raise
+    finally:
+        sys.unraisablehook = report
     manager.close()
 
 
