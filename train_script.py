@@ -1459,6 +1459,9 @@ def handle_stop_signals():
     in the main thread and between two bytecodes, so it would wait for an XLA compilation, a step
     or a stuck call, where a second signal must stop at once."""
     requests = StopRequests()
+    # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
+    # tracker, which removes them and would warn about each; it takes its warning filters from here.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
 
@@ -1555,14 +1558,14 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
     with (tokenizer_pool(tokenizer, args) as pool,
           contextlib.closing(background_batches(texts, pool, max(1, args.num_workers),
                                                 (len(devices), args.batch_size), args.prefetch,
-                                                args.batch_timeout, stop_asked)) as batches):
+                                                args.batch_timeout, stop_asked)) as batches,
+          tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
+                    disable=not writer, dynamic_ncols=True) as bar):  # closed: a last line starts a line
         def next_batch():
             """The next batch and its columns on the devices; (None, None) if a stop was asked meanwhile."""
             batch = next(batches, None)
             return (batch, to_devices(batch.columns, sharding)) if batch else (None, None)
 
-        bar = tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
-                        disable=not writer, dynamic_ncols=True)
         if held_out:
             held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
             evaluate(first_step, held_out_tokens)
@@ -1597,8 +1600,8 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
                     failed = e
                 waited += time.perf_counter() - wait_start
             if failed and processes > 1:  # the others wait in the next step: no checkpoint without them
-                raise Interrupted(f"{failed}; no checkpoint written (it needs every process); resume with: "
-                                  f"{resume_command(args)}", 1)
+                raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
+                                  f"resume with: {resume_command(args)}", 1)
             signalled = agreed_stop(stop, step, processes)
             checkpoint_now = ((step + 1) % args.save_steps == 0 or step + 1 == args.steps
                               or bool(signalled or failed))
@@ -1621,9 +1624,9 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
             if failed:
-                raise Interrupted(f"{failed}; checkpoint of step {step + 1} written; resume with: "
-                                  f"{resume_command(args)}", 1)
-            if signalled:
+                raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step + 1} written; "
+                                  f"resume with: {resume_command(args)}", 1)
+            if signalled and step + 1 < args.steps:  # after the last step, the export is all that is left
                 raise Interrupted(f"{signalled.name} at step {step + 1}, checkpoint written; resume with: "
                                   f"{resume_command(args)}", 128 + signalled)
         stop.in_loop = False  # a signal from here stops at once: the last checkpoint is written
