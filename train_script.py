@@ -608,10 +608,12 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
             return f"no batch in {waited:.0f}s (--batch_timeout): the data reader gave no texts for the next one"
         text_batch = pending[0][0]
         pid = holder.get(text_batch.step)
-        who = ("no tokenizer worker took it" if pid is None else "the tokenizer thread has it"
-               if pid == os.getpid() else f"tokenizer worker pid {pid} has it")
-        return (f"no batch in {waited:.0f}s (--batch_timeout): {who}, the batch of step {text_batch.step + 1} "
-                f"(sources {', '.join(text_batch.sources)})")
+        workers = ", ".join(str(w.pid) for w in multiprocessing.active_children())
+        who = (f"tokenizer worker pid {pid} has it" if pid and pid != os.getpid() else
+               "the tokenizer thread has it" if pid else
+               f"none of the tokenizer workers (pid {workers}) took it" if workers else "no tokenizer took it")
+        return (f"no batch in {waited:.0f}s (--batch_timeout) for step {text_batch.step + 1} "
+                f"(sources {', '.join(text_batch.sources)}): {who}")
 
     thread = threading.Thread(target=produce, name="producer", daemon=True)
     thread.start()
