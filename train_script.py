@@ -1741,6 +1741,9 @@ def join_processes(args):
         return
     # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax's preemption service would take SIGTERM from this script's handler (handle_stop_signals),
+    # which serves SIGINT too and lets the processes agree on the step to stop after (agreed_stop)
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     except (ValueError, RuntimeError) as e:
