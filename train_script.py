@@ -1440,7 +1440,7 @@ class StopRequests:
     (the loop reads `first`); any other signal, or one outside the loop, stops at once."""
     first: signal.Signals = None   # the signal the loop was asked to stop for
     in_loop: bool = False          # the loop runs: there is a step to checkpoint
-    resume: str = None             # once a checkpoint of this run exists: the command continuing it
+    resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
 
     def receive(self, signum):
         if self.in_loop and self.first is None:
