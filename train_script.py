@@ -182,6 +182,9 @@ def parse_args(argv=None):
                    help="tokenizer processes, one core each; 0 tokenizes in a thread of the trainer. The "
                         "default, half the host's cores but at most 4, keeps a TPU v3-8 fed at the card's batch")
     p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
+    p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
+                   help="seconds the trainer waits for a batch before it names the stuck worker, checkpoints "
+                        "its last finished step and stops (exit 1); 0: wait forever")
     p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
@@ -607,30 +610,27 @@ def invalid_lines_report(invalid):
 
 _tokenizer = None
 _buckets = None
+_taken = None  # a queue told (step, pid) as a worker takes a batch: which worker holds a late one
 
 
-def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets):
-    global _tokenizer, _buckets
+def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken):
+    global _tokenizer, _buckets, _taken
     _tokenizer = Tokenizer.from_str(tokenizer_json)
     _tokenizer.enable_truncation(max_length)
     _tokenizer.enable_padding(length=max_length, pad_id=pad_id, direction="right")
-    _buckets = buckets
+    _buckets, _taken = buckets, taken
 
 
-def _init_worker(*init):
+def _init_worker(parent, *init):
     # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
     # tokenizer's own thread pool does not compete with the trainer's threads for the others.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # Ctrl-C reaches the whole process group: the trainer finishes its step and checkpoints, so
-    # its workers must not die first; they end with the trainer, even one killed with -9.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _init_tokenizer(*init)
 
 
 def _exit_with_parent(parent):
-    while os.getppid() == parent:
+    while os.getppid() == parent:  # the parent's pid, given: one that died first is not mistaken
         time.sleep(1)
     os._exit(1)
 
@@ -647,28 +647,76 @@ def tokenize_columns(columns, shape):
     return out
 
 
+def tokenize_batch(step, columns, shape):
+    _taken.put((step, os.getpid()))
+    return tokenize_columns(columns, shape)
+
+
 @dataclasses.dataclass
 class Batch:
     text: TextBatch
     columns: list          # [(input_ids, attention_mask)] per column, numpy [devices, per_device, length]
 
 
+class PipelineError(RuntimeError):
+    """The input pipeline failed (a worker died, a reader raised) or gave no batch in --batch_timeout
+    seconds; the trainer checkpoints its last finished step and stops with this one line."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
-    """An executor whose workers tokenize: processes, or one thread with --num_workers 0."""
-    init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets)
+    """An executor whose workers tokenize: processes, or one thread with --num_workers 0.
+
+    Leaving it kills the processes rather than waiting for them: their pending batches are not
+    needed, and a stuck one (stopped, spinning) would hold the trainer forever."""
+    taken = multiprocessing.get_context("spawn").Queue() if args.num_workers else queue.SimpleQueue()
+    init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
     if args.num_workers == 0:
-        return concurrent.futures.ThreadPoolExecutor(1, initializer=_init_tokenizer, initargs=init)
-    # spawn: forking a process that runs JAX's threads is unsafe
-    return concurrent.futures.ProcessPoolExecutor(
-        args.num_workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=init)
+        pool = concurrent.futures.ThreadPoolExecutor(1, initializer=_init_tokenizer, initargs=init)
+    else:
+        # spawn: forking a process that runs JAX's threads is unsafe
+        pool = concurrent.futures.ProcessPoolExecutor(
+            args.num_workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(os.getpid(), *init))
+        start_workers_deaf(pool, args.num_workers)
+    pool.taken = taken
+    try:
+        yield pool
+    finally:
+        end_workers()
+        pool.shutdown(cancel_futures=True)
 
 
-def background_batches(texts, pool, workers, shape, depth):
+def start_workers_deaf(pool, workers):
+    """Starts every worker now, with SIGINT and SIGTERM ignored: a process inherits ignored signals,
+    so a Ctrl-C sent to the whole process group (a terminal, a container's stop) cannot kill a
+    worker, even during the seconds it takes to start; the trainer alone decides what they mean."""
+    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    try:
+        for _ in range(workers):  # each submit starts a process while none is idle
+            pool.submit(int)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def end_workers():
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+
+def background_batches(texts, pool, workers, shape, depth, timeout=None, interrupted=lambda: False):
     """Tokenized batches, produced by a background thread into a bounded queue.
 
-    Any failure of the producer or a worker reaches the consumer as an exception: never a hang."""
+    Any failure of the producer or a worker reaches the consumer as a PipelineError, and so does a
+    wait for a batch longer than `timeout` seconds, naming the worker and the batch: never a hang.
+    Ends early if `interrupted()` becomes true while the consumer waits."""
     ready, stop = queue.Queue(depth), threading.Event()
+    pending = collections.deque()  # (text batch, future) submitted, in order
+    holder = {}                    # step -> pid of the worker that took its batch
 
     def put(item):
         while not stop.is_set():
@@ -677,40 +725,70 @@ def background_batches(texts, pool, workers, shape, depth):
             except queue.Full:
                 pass
 
+    def note_holders():
+        with contextlib.suppress(queue.Empty):
+            while True:
+                step, pid = pool.taken.get_nowait()
+                holder[step] = pid
+
+    def deliver():
+        text_batch, future = pending[0]
+        columns = future.result()
+        pending.popleft()
+        note_holders()
+        holder.pop(text_batch.step, None)
+        put(Batch(text_batch, columns))
+
     def produce():
         try:
-            pending = collections.deque()
             for text_batch in texts:
                 columns = list(zip(*(row for _, row in text_batch.rows)))
-                pending.append((text_batch, pool.submit(tokenize_columns, columns, shape)))
-                # keep every worker busy, and batches in order
-                if len(pending) > workers:
-                    text_batch, future = pending.popleft()
-                    put(Batch(text_batch, future.result()))
+                pending.append((text_batch, pool.submit(tokenize_batch, text_batch.step, columns, shape)))
+                if len(pending) > workers:  # keep every worker busy, and batches in order
+                    deliver()
                 if stop.is_set():
                     return
-            for text_batch, future in pending:  # a finite `texts` (tests, benchmarks) ends here
-                put(Batch(text_batch, future.result()))
+            while pending:  # a finite `texts` (tests, benchmarks) ends here
+                deliver()
             put(None)
         except BaseException as e:  # handed to the trainer, which stops with it
             put(e)
+
+    def late(waited):
+        """One line: the batch that is late, and who has it."""
+        note_holders()
+        if not pending:
+            return f"no batch in {waited:.0f}s (--batch_timeout): the data reader gave no texts for the next one"
+        text_batch = pending[0][0]
+        pid = holder.get(text_batch.step)
+        workers = ", ".join(str(w.pid) for w in multiprocessing.active_children())
+        who = (f"tokenizer worker pid {pid} has it" if pid and pid != os.getpid() else
+               "the tokenizer thread has it" if pid else
+               f"none of the tokenizer workers (pid {workers}) took it" if workers else "no tokenizer took it")
+        return (f"no batch in {waited:.0f}s (--batch_timeout) for step {text_batch.step + 1} "
+                f"(sources {', '.join(text_batch.sources)}): {who}")
 
     thread = threading.Thread(target=produce, name="producer", daemon=True)
     thread.start()
     try:
         while True:
-            try:
-                item = ready.get(timeout=1.0)
-            except queue.Empty:
+            since = time.monotonic()
+            while True:
+                with contextlib.suppress(queue.Empty):
+                    item = ready.get(timeout=0.2)
+                    break
+                if interrupted():
+                    return
                 if not thread.is_alive():
-                    raise RuntimeError("the data producer stopped without a reason")
-                continue
+                    raise PipelineError("the data producer stopped without a reason")
+                if timeout and time.monotonic() - since > timeout:
+                    raise PipelineError(late(time.monotonic() - since))
             if item is None:
                 return
+            if isinstance(item, UserError):
+                raise item
             if isinstance(item, BaseException):
-                if isinstance(item, UserError):
-                    raise item
-                raise RuntimeError(f"the data producer failed: {type(item).__name__}: {item}") from item
+                raise PipelineError(f"the data producer failed: {type(item).__name__}: {item}") from item
             yield item
     finally:
         stop.set()
@@ -723,7 +801,8 @@ def dry_run(sources, args, tokenizer, global_batch):
     started = time.perf_counter()
     with (tokenizer_pool(tokenizer, args) as pool,
           open(args.dump_batches, "w") if args.dump_batches else contextlib.nullcontext() as dump):
-        batches = background_batches(texts, pool, max(1, args.num_workers), (global_batch,), args.prefetch)
+        batches = background_batches(texts, pool, max(1, args.num_workers), (global_batch,), args.prefetch,
+                                     args.batch_timeout)
         for batch in itertools.islice(batches, args.dry_run):
             counts.update(batch.text.sources)
             if dump:
@@ -1527,11 +1606,12 @@ RUN_FLAGS = ("model", "steps", "batch_size", "mini_batch_size", "max_length", "p
 
 
 class Interrupted(Exception):
-    """SIGTERM or SIGINT stopped the run after a checkpoint; exit status 128 + the signal number."""
+    """A signal or the input pipeline stopped the run (after a checkpoint of its last finished step,
+    where there was one to write); exits with `status`."""
 
-    def __init__(self, message, signum):
+    def __init__(self, message, status):
         super().__init__(message)
-        self.signum = signum
+        self.status = status
 
 
 def run_identity(args, entries, devices):
@@ -1544,12 +1624,34 @@ def run_identity(args, entries, devices):
     return json.loads(json.dumps(identity))
 
 
+@contextlib.contextmanager
 def checkpoint_manager(args):
+    """Orbax's CheckpointManager, closed on leaving: its threads end before the interpreter does,
+    instead of failing by the hundred on a closed event loop after an error. When an error is
+    already on its way out, closing's own complaints (the failed save's leftovers) are not reported."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=args.keep_checkpoints,
         enable_async_checkpointing=False,  # a save that fails (a full disk) fails at its own step
         cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
+    report = sys.unraisablehook
+
+    def unless_too_late(unraisable):
+        # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it
+        # find the event loop awaiting them closed: nothing is lost, nothing to report
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            report(unraisable)
+
+    sys.unraisablehook = unless_too_late
+    try:
+        yield manager
+    except BaseException:
+        with contextlib.suppress(Exception):
+            manager.close()
+        raise
+    finally:
+        sys.unraisablehook = report
+    manager.close()
 
 
 def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_source):
@@ -1563,13 +1665,34 @@ def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_sou
     meta = {"step": step, "run": identity, "batches": dict(batches_per_source),
             "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
     intact = checkpoints.all_steps()
+    threads_before = set(threading.enumerate())
     try:
-        checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
+        with orbax_logs_quiet():
+            checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
+                                                           meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:
+        # The other writes of a failed save go on in orbax's threads; once they end, nothing writes
+        # into its temporary folder while the run stops, or when a resume cleans it up.
+        with orbax_logs_quiet():
+            for thread in set(threading.enumerate()) - threads_before:
+                if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
+                    thread.join()
         kept = f"the checkpoint of step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
         raise UserError(f"cannot write the checkpoint of step {step} to {checkpoints.directory} "
                         f"({first_line(e)}); {kept}") from e
+
+
+@contextlib.contextmanager
+def orbax_logs_quiet():
+    """Orbax logs every failure of its threads, traceback and all, then hands it to the caller,
+    which reports it in one line: its logger (absl's) keeps quiet meanwhile."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def restore_checkpoint(checkpoints, fresh, identity, force):
@@ -1636,26 +1759,65 @@ def initial_state(args, model, checkpoints, identity):
     return state, meta["step"], positions, meta.get("batches", {})
 
 
-@contextlib.contextmanager
-def stop_requests():
-    """A list that receives the first SIGTERM (a preemption notice) or SIGINT.
+@dataclasses.dataclass
+class StopRequests:
+    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked, and what stopping at once says.
 
-    The loop polls it after each step, checkpoints and stops; a second signal stops at once."""
-    received = []
+    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop
+    (the loop reads `first`); any other signal, or one outside the loop, stops at once."""
+    first: signal.Signals = None   # the signal the loop was asked to stop for
+    in_loop: bool = False          # the loop runs: there is a step to checkpoint
+    resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
 
-    def request_stop(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signal.Signals(signum))
-        print(f"\n{received[0].name}: finishing the step, then writing a checkpoint (again to stop at once)",
-              file=sys.stderr)
+    def receive(self, signum):
+        if self.in_loop and self.first is None:
+            self.first = signum
+            print(f"\n{signum.name}: finishing the step, then writing a checkpoint (again to stop at once)",
+                  file=sys.stderr, flush=True)
+            return
+        saved = f"resume with: {self.resume}" if self.resume else "no checkpoint to resume from"
+        print(f"\nstopped: {signum.name}, at once; {saved}", file=sys.stderr, flush=True)
+        end_workers()
+        os._exit(128 + signum)
 
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+
+def handle_stop_signals():
+    """Takes SIGTERM and SIGINT for the rest of the process; returns the StopRequests they feed.
+
+    A thread answers them, woken through signal.set_wakeup_fd: a Python signal handler runs only
+    in the main thread and between two bytecodes, so it would wait for an XLA compilation, a step
+    or a stuck call, where a second signal must stop at once."""
+    requests = StopRequests()
+    # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
+    # tracker, which removes them and would warn about each; it takes its warning filters from here.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def watch():
+        while byte := os.read(wake_read, 1):
+            if byte[0] in STOP_SIGNALS:
+                requests.receive(signal.Signals(byte[0]))
+
+    for s in STOP_SIGNALS:  # a handler that does nothing: having one makes Python write to the pipe
+        signal.signal(s, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_write)
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+    return requests
+
+
+def agreed_stop(stop, step, processes):
+    """The signal the run stops for after `step`, the same on every process. Signals reach the hosts
+    of a multi-host run at different moments, so each process's request is shared every
+    STOP_CHECK_STEPS steps (an all-gather of one number) and all stop after the same step."""
+    if processes == 1:
+        return stop.first
+    if (step + 1) % STOP_CHECK_STEPS:
+        return None
+    received = [int(s) for s in multihost_utils.process_allgather(np.int32(stop.first or 0)) if s]
+    if received and stop.first is None:
+        stop.first = signal.Signals(received[0])  # another process's: a signal here now stops at once
+    return signal.Signals(received[0]) if received else None
 
 
 def resume_command(args):
@@ -1669,15 +1831,16 @@ def resume_command(args):
 # ============================================================================================
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
+STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices: costs nothing (docs/performance.md)
+STOP_CHECK_STEPS = 10  # multi-host: the processes share their stop requests every this many steps
 
 
-def train(args, model, tokenizer, config, sources, entries, devices, held_out=None):
+def train(args, model, tokenizer, config, sources, entries, devices, checkpoints, stop, held_out=None):
     process, processes = jax.process_index(), jax.process_count()
     global_batch = args.batch_size * len(devices) * processes
     local_batch = args.batch_size * len(devices)
     writer = process == 0
     identity = run_identity(args, entries, devices)
-    checkpoints = checkpoint_manager(args)
     start_state, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
     versions = library_versions()
 
@@ -1727,15 +1890,20 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
             write_metrics(metrics, {"step": step, "eval": scores, "eval_seconds": seconds})
         return seconds
 
-    with (tokenizer_pool(tokenizer, args) as pool, stop_requests() as stop,
+    # a stop asked while the loop waits for a batch needs no batch; with several processes it waits
+    # for the step at which they all stop
+    stop_asked = (lambda: stop.first is not None) if processes == 1 else (lambda: False)
+    with (tokenizer_pool(tokenizer, args) as pool,
           contextlib.closing(background_batches(texts, pool, max(1, args.num_workers),
-                                                (len(devices), args.batch_size), args.prefetch)) as batches):
+                                                (len(devices), args.batch_size), args.prefetch,
+                                                args.batch_timeout, stop_asked)) as batches,
+          tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
+                    disable=not writer, dynamic_ncols=True) as bar):  # closed: a last line starts a line
         def next_batch():
-            batch = next(batches)
-            return batch, to_devices(batch.columns, sharding)
+            """The next batch and its columns on the devices; (None, None) if a stop was asked meanwhile."""
+            batch = next(batches, None)
+            return (batch, to_devices(batch.columns, sharding)) if batch else (None, None)
 
-        bar = tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
-                        disable=not writer, dynamic_ncols=True)
         if held_out:
             held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
             evaluate(first_step, held_out_tokens)
@@ -1743,6 +1911,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
         batches_per_source, reported_invalid = collections.Counter(batches_so_far), {}
         batch, columns = next_batch()
         compiled_shapes = set()  # each batch shape (pairs or triplets, bucket lengths) compiles the step once
+        in_flight = collections.deque()  # the measurements of the steps dispatched and maybe not done
         for step in bar:
             shape = tuple(ids.shape for ids, _ in columns)
             if shape in compiled_shapes:
@@ -1750,14 +1919,30 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
             else:
                 state, measured = compile_step(train_step, state, columns, dropout_key, args, bar)
                 compiled_shapes.add(shape)
+            stop.in_loop = True  # from here a signal checkpoints this step
+            # Dispatch runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, the
+            # host queues hundreds between two logging steps, and XLA:CPU aborts when a collective
+            # of one of them waits over 40 s for its devices (docs/performance.md).
+            in_flight.append(measured)
+            if len(in_flight) > STEPS_IN_FLIGHT:
+                jax.block_until_ready(in_flight.popleft())
             done = batch.text
             window.append((done, measured))
             batches_per_source.update(done.sources)
+            failed = None
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
                 wait_start = time.perf_counter()
-                batch, columns = next_batch()
+                try:
+                    batch, columns = next_batch()
+                except PipelineError as e:
+                    failed = e
                 waited += time.perf_counter() - wait_start
-            checkpoint_now = (step + 1) % args.save_steps == 0 or step + 1 == args.steps or bool(stop)
+            if failed and processes > 1:  # the others wait in the next step: no checkpoint without them
+                raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
+                                  f"resume with: {resume_command(args)}", 1)
+            signalled = agreed_stop(stop, step, processes)
+            checkpoint_now = ((step + 1) % args.save_steps == 0 or step + 1 == args.steps
+                              or bool(signalled or failed))
             # the window is checked before a checkpoint, so a run that must stop never writes one
             if (step + 1) % args.log_steps == 0 or checkpoint_now:
                 line, bad_in_a_row = log_window(bar, window, waited, time.perf_counter() - window_start,
@@ -1773,11 +1958,16 @@ def train(args, model, tokenizer, config, sources, entries, devices, held_out=No
                 window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
             if checkpoint_now:
                 save_checkpoint(checkpoints, state, done, sources, identity, batches_per_source)
+                stop.resume = resume_command(args)
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
-            if stop:
-                raise Interrupted(f"{stop[0].name} at step {step + 1}, checkpoint written; resume with: "
-                                  f"{resume_command(args)}", stop[0])
+            if failed:
+                raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step + 1} written; "
+                                  f"resume with: {resume_command(args)}", 1)
+            if signalled and step + 1 < args.steps:  # after the last step, the export is all that is left
+                raise Interrupted(f"{signalled.name} at step {step + 1}, checkpoint written; resume with: "
+                                  f"{resume_command(args)}", 128 + signalled)
+        stop.in_loop = False  # a signal from here stops at once: the last checkpoint is written
         export(args.steps)
     if metrics:
         close_metrics(metrics)
@@ -1880,6 +2070,9 @@ def join_processes(args):
         return
     # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax's preemption service would take SIGTERM from this script's handler (handle_stop_signals),
+    # which serves SIGINT too and lets the processes agree on the step to stop after (agreed_stop)
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     except (ValueError, RuntimeError) as e:
@@ -2009,7 +2202,10 @@ def output_of_process_0(args, inputs):
         yield
 
 
-def main(argv=None):
+def main(argv=None, stop=None):
+    """The run; `stop`: the StopRequests of handle_stop_signals, which only the script's own process
+    installs (called as a function, main leaves the caller's signals alone)."""
+    stop = stop or StopRequests()
     args = parse_args(argv)
     split_cpu(args)
     join_processes(args)
@@ -2031,15 +2227,21 @@ def main(argv=None):
     model = load_model(args, config)
     # only once the model loads: --overwrite must not lose a run for nothing
     with output_of_process_0(args, run_inputs(args, sources)):
-        train(args, model, tokenizer, config, sources, entries, devices, held_out)
+        stop.resume = resume_command(args)  # from here a signal names the command that continues the run
+        with checkpoint_manager(args) as checkpoints:
+            train(args, model, tokenizer, config, sources, entries, devices, checkpoints, stop, held_out)
 
 
 if __name__ == "__main__":
+    stop = handle_stop_signals()  # before the first line of output
     try:
-        main()
+        main(stop=stop)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except PipelineError as e:  # before the first step: nothing to checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
+        sys.exit(e.status)

@@ -13,9 +13,12 @@ Every text of the data file is distinct, so no row is skipped as a duplicate in 
 import gzip
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -173,3 +176,44 @@ def test_cpu_devices_split_the_cpu(tiny):
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 batches of 6 rows" in result.stdout  # 2 per device x 3 devices
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tiny, distinct_pairs, tmp_path):
+    """Preemption notices reach hosts at different moments: here only process 1 gets SIGTERM. The
+    processes share their requests every STOP_CHECK_STEPS steps, so both checkpoint the same step
+    (one checkpoint, in the OUTPUT they share) and exit alike."""
+    data, config = distinct_pairs
+    output = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    args = [*flags(tiny, data), "--steps", "2000", "--save_steps", "10", "--log_steps", "10"]
+    logs = [tmp_path / f"log{p}" for p in range(2)]
+    files = [open(log, "w") for log in logs]
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train_script.py"), str(config), str(output), *args,
+         "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id", str(p)],
+        stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT) for p, f in enumerate(files)]
+    try:
+        deadline = time.monotonic() + 600
+        while not (output / "checkpoints" / "10").is_dir():
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p, f in zip(procs, files):
+            p.kill()
+            f.close()
+    last_lines = [log.read_text().strip().splitlines()[-1] for log in logs]
+    assert codes == [128 + signal.SIGTERM] * 2, last_lines
+    steps = [re.fullmatch(r"stopped: SIGTERM at step (\d+), checkpoint written; resume with: .*--resume", line)
+             for line in last_lines]
+    assert all(steps), last_lines
+    step = int(steps[0][1])
+    assert int(steps[1][1]) == step and 10 < step < 2000 and step % train_script.STOP_CHECK_STEPS == 0
+    assert (output / "checkpoints" / str(step)).is_dir()
+    assert "finishing the step" in logs[1].read_text() and "finishing the step" not in logs[0].read_text()
