@@ -207,10 +207,9 @@ def test_model_card_names_base_model_and_datasets_on_the_hub(tiny, tmp_path, off
             f"`{tiny / 'model'}` (a local folder)") in card.text
 
 
-def test_base_model_flag_takes_only_a_hub_name(tiny, capsys):
-    with pytest.raises(SystemExit):
+def test_base_model_flag_takes_only_a_hub_name(tiny):
+    with pytest.raises(train_script.UserError, match=r"^--base_model 'a/b/c' is not a Hub model name"):
         train_script.parse_args([str(tiny / "data_config.json"), "out", "--base_model", "a/b/c"])
-    assert "--base_model: 'a/b/c' is not a Hub model name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("folder, step", [("2", 2), ("final", 4)])
