@@ -1089,7 +1089,6 @@ def make_train_step(model, args, devices):
     schedule = learning_rate_schedule(args)
 
     def train_step(state, columns, dropout_key):
-        make_train_step.traces += 1  # runs only when jax traces (and compiles) the step
         key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), jax.lax.axis_index(AXIS))
         lr = schedule(state.step)  # the lr of this update: state.step counts the updates made
         loss, grads = loss_and_grads(model, args, state.params, columns, key)
@@ -1111,7 +1110,6 @@ def make_train_step(model, args, devices):
         state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
         return state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
 
-    make_train_step.traces = 0
     return jax.pmap(train_step, axis_name=AXIS, devices=devices, donate_argnums=0)
 
 
@@ -1210,10 +1208,8 @@ def tokenize_held_out(held_out, pool, chunk):
 def make_embed_step(model, devices):
     """The pmapped inference embedding (no dropout): (params, input_ids, attention_mask) -> embeddings."""
     def embed_step(params, input_ids, attention_mask):
-        make_embed_step.traces += 1  # runs only when jax traces (and compiles) the function
         return embed(model, params, input_ids, attention_mask)
 
-    make_embed_step.traces = 0
     return jax.pmap(embed_step, axis_name=AXIS, devices=devices)
 
 
@@ -1972,9 +1968,8 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
     if metrics:
         close_metrics(metrics)
     if writer:
-        print(f"done: {args.steps} steps, {skipped} skipped as non-finite; the step was compiled "
-              f"{make_train_step.traces} time(s) (once per batch shape); "
-              f"model in {os.path.join(args.output, 'final')}")
+        print(f"done: {args.steps} steps, {skipped} skipped as non-finite, {len(compiled_shapes)} batch "
+              f"shape(s) compiled; model in {os.path.join(args.output, 'final')}")
 
 
 def compile_step(train_step, state, columns, dropout_key, args, bar):

@@ -1,4 +1,7 @@
 """Shared fixtures. Eight emulated CPU devices, so the real 8-way pmap runs in every test session."""
+import collections
+import contextlib
+import functools
 import os
 import sys
 
@@ -12,10 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes over 30 s (deselect with -m 'not slow')")
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The tiny fixture of scripts/make_tiny_data.py: data/, data_config.json, model/."""
@@ -27,3 +26,22 @@ def tiny(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes over 30 s; `pytest -m 'not slow'` leaves it out")
+
+
+@contextlib.contextmanager
+def pmap_traces():
+    """How often each function given to jax.pmap is traced while the block runs, by name: a
+    pmapped function's Python body runs only when jax traces it, i.e. once per compilation."""
+    import jax
+    traces, pmap = collections.Counter(), jax.pmap
+
+    def counting_pmap(fun, *args, **kwargs):
+        @functools.wraps(fun)
+        def traced(*inputs):
+            traces[fun.__name__] += 1
+            return fun(*inputs)
+        return pmap(traced, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jax, "pmap", counting_pmap)
+        yield traces

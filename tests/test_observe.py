@@ -1,4 +1,5 @@
 """Watching a run: metrics.jsonl, TensorBoard, held-out evaluation, plots."""
+import collections
 import gzip
 import json
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import train_script
+from conftest import pmap_traces
 from train_script import UserError
 
 TRAIN_FLAGS = ["--batch_size", "2", "--max_length", "16", "--lr", "1e-3", "--warmup_steps", "5",
@@ -49,12 +51,17 @@ def tensorboard_scalars(folder):
 # A short run with metrics and held-out evaluation
 # --------------------------------------------------------------------------------------------
 
+RUN_TRACES = collections.Counter()  # the run's traces of each pmapped function
+
+
 @pytest.fixture(scope="module")
 def run(tiny, tmp_path_factory):
     output = tmp_path_factory.mktemp("observe") / "run"
-    train_script.main([str(tiny / "data_config.json"), str(output), "--model", str(tiny / "model"),
-                       "--data_folder", str(tiny / "data"), "--steps", "12", "--log_steps", "4",
-                       "--eval_steps", "6", "--eval_rows", "64", *TRAIN_FLAGS])
+    with pmap_traces() as traces:
+        train_script.main([str(tiny / "data_config.json"), str(output), "--model", str(tiny / "model"),
+                           "--data_folder", str(tiny / "data"), "--steps", "12", "--log_steps", "4",
+                           "--eval_steps", "6", "--eval_rows", "64", *TRAIN_FLAGS])
+    RUN_TRACES.update(traces)
     return output
 
 
@@ -104,7 +111,7 @@ def test_held_out_scores_match_sentence_transformers_on_the_export(run, tiny):
     from sentence_transformers import SentenceTransformer
     _, evaluation = read_metrics(run)
     assert [r["step"] for r in evaluation] == [0, 6, 12]
-    assert train_script.make_embed_step.traces == 1  # three evaluations, one compilation
+    assert RUN_TRACES["embed_step"] == 1  # three evaluations, one compilation
     args = train_script.parse_args([str(tiny / "data_config.json"), str(run), "--data_folder", str(tiny / "data"),
                                     "--eval_steps", "6", "--eval_rows", "64"])
     sources = train_script.open_sources(train_script.load_data_config(str(tiny / "data_config.json")), args)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import train_script as ts
+from conftest import pmap_traces
 
 DEVICES = 8
 PER_DEVICE = 8
@@ -195,12 +196,13 @@ def test_bfloat16_embeddings_stay_close_to_float32(setup):
 
 def test_a_bfloat16_bucketed_gradcache_run_trains(tiny, tmp_path, capsys):
     """All three flags at once, through main: the loss falls, and buckets bound the compiled shapes."""
-    ts.main([str(tiny / "data_config_pairs.json"), str(tmp_path / "run"), "--model", str(tiny / "model"),
-             "--data_folder", str(tiny / "data"), "--overwrite", "--max_length", str(MAX_LENGTH),
-             "--batch_size", "4", "--mini_batch_size", "2", "--pad_to_buckets", "16", "--dtype", "bfloat16",
-             "--steps", "40", "--lr", "1e-3", "--warmup_steps", "4", "--log_steps", "10", "--save_steps", "1000"])
+    with pmap_traces() as traces:
+        ts.main([str(tiny / "data_config_pairs.json"), str(tmp_path / "run"), "--model", str(tiny / "model"),
+                 "--data_folder", str(tiny / "data"), "--overwrite", "--max_length", str(MAX_LENGTH),
+                 "--batch_size", "4", "--mini_batch_size", "2", "--pad_to_buckets", "16", "--dtype", "bfloat16",
+                 "--steps", "40", "--lr", "1e-3", "--warmup_steps", "4", "--log_steps", "10", "--save_steps", "1000"])
     out = capsys.readouterr().out
     losses = [float(x) for x in re.findall(r"step=\d+ loss=([\d.]+)", out)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
     # two columns, each padded to 16 or 32: at most 4 shapes, however many steps
-    assert 1 <= ts.make_train_step.traces <= 4
+    assert 1 <= traces["train_step"] <= 4

@@ -35,6 +35,7 @@ from sentence_transformers.sentence_transformer.losses import (MultipleNegatives
 from transformers import AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, FlaxBertModel
 
 import train_script
+from conftest import pmap_traces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -548,8 +549,8 @@ def test_a_tiny_model_learns_paraphrases_compiling_once(tiny, tmp_path, capsys, 
     """The fixture's 2-layer, 32-wide BERT is randomly initialised: trained from scratch for 120
     steps of 32 pairs on 8 devices, it must find the partner of held-out paraphrases among 32
     candidates (chance: 1/32 = 3%) far more often than before training. Measured when written:
-    20% before, 75% after. The same run checks that the step is compiled once (by the script's
-    trace count and by jax's own compile events), that the script fetches device values only at
+    20% before, 75% after. The same run checks that the step is traced and compiled once (by its
+    pmap traces and by jax's own compile events), that the script fetches device values only at
     its logging steps and exports, never once a step, and that --log_steps sets when it prints."""
     compiled, first_step = [], []  # names of the XLA compilations; those of the compiling step
 
@@ -568,8 +569,9 @@ def test_a_tiny_model_learns_paraphrases_compiling_once(tiny, tmp_path, capsys, 
     fetches = count_device_fetches(monkeypatch)
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     try:
-        run(tiny, tmp_path / "run", "--steps", "120", "--batch_size", "4", "--max_length", "32",
-            "--lr", "1e-3", "--warmup_steps", "10", "--log_steps", "40")
+        with pmap_traces() as traces:
+            run(tiny, tmp_path / "run", "--steps", "120", "--batch_size", "4", "--max_length", "32",
+                "--lr", "1e-3", "--warmup_steps", "10", "--log_steps", "40")
     finally:
         jax.monitoring.unregister_event_duration_listener(on_compile)
     monkeypatch.undo()
@@ -586,7 +588,7 @@ def test_a_tiny_model_learns_paraphrases_compiling_once(tiny, tmp_path, capsys, 
               f"after 120 steps {after:.1%}; XLA compilations in step 1: {step_compiles}, of the same "
               f"function after it: {later}; device fetches by the script: {fetches}")
     assert after >= 0.5 and after >= before + 0.2
-    assert train_script.make_train_step.traces == 1
+    assert traces["train_step"] == 1
     assert step_compiles and not later
     assert logged_steps == [40, 80, 120]
     # 3 logging steps and the export: a fetch (a sync) in every step would make 120 or more
