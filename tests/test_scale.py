@@ -44,7 +44,7 @@ def first_batch_texts(args):
 def tokenized(args, tokenizer, texts):
     """What a tokenizer worker makes of the texts, laid out [devices, per_device, length]."""
     ts._init_tokenizer(tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id,
-                       args.pad_to_buckets)
+                       args.pad_to_buckets, taken=None)  # tokenize_columns tells no one it took a batch
     return ts.tokenize_columns(texts, (DEVICES, PER_DEVICE))
 
 
