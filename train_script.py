@@ -1022,9 +1022,10 @@ def make_optimizer(args):
                               weight_decay=args.weight_decay, mask=decays)
 
 
-def clip_to_norm_1(grads):
-    """torch.nn.utils.clip_grad_norm_(..., 1.0): scaled down to global norm 1 when above it."""
-    return optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]
+def clip_to_norm_1(grads, norm):
+    """torch.nn.utils.clip_grad_norm_(..., 1.0), given the gradient's global norm (the step measures
+    it anyway): scaled down to norm 1 when above it, as optax.clip_by_global_norm does."""
+    return jax.tree_util.tree_map(lambda g: jnp.where(norm < 1.0, g, g / norm), grads)
 
 
 def loss_and_grads(model, args, params, columns, key):
@@ -1094,12 +1095,13 @@ def make_train_step(model, args, devices):
         loss, grads = loss_and_grads(model, args, state.params, columns, key)
         if args.clip_scope == "device":
             grads = jax.tree_util.tree_map(lambda g: g / len(devices), grads)
-            grad_norm = jax.lax.pmean(optax.tree.norm(grads), AXIS)
-            grads = jax.lax.pmean(clip_to_norm_1(grads), AXIS)
+            device_norm = optax.tree.norm(grads)
+            grads = jax.lax.pmean(clip_to_norm_1(grads, device_norm), AXIS)
+            grad_norm = jax.lax.pmean(device_norm, AXIS)
         else:
             grads = jax.lax.pmean(grads, AXIS)
             grad_norm = optax.tree.norm(grads)
-            grads = clip_to_norm_1(grads)
+            grads = clip_to_norm_1(grads, grad_norm)
         loss = jax.lax.pmean(loss, AXIS)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step leaves the whole state as it was: parameters, moments and the step
@@ -1954,7 +1956,6 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
                 window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
             if checkpoint_now:
                 save_checkpoint(checkpoints, state, done, sources, identity, batches_per_source)
-                stop.resume = resume_command(args)
             if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
                 export(step + 1)
             if failed:
