@@ -29,7 +29,7 @@ smoke: $(TINY)/data_config.json
 	@echo "exported: build/smoke/final (load it with SentenceTransformer('build/smoke/final'))"
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf build

@@ -627,22 +627,25 @@ def test_a_killed_worker_ends_the_run_in_one_line_with_a_checkpoint(tiny, tmp_pa
 def test_the_host_runs_at_most_steps_in_flight_ahead_of_the_devices(tiny, tmp_path, monkeypatch):
     """Between two logging steps the host waits for no measurement; unbounded, it queued hundreds of
     steps and XLA:CPU aborted ("Termination timeout for all gather ... 40 seconds exceeded").
-    Counted at each dispatch: the earlier steps whose measurements are not ready yet."""
+    The devices are made to lag: each step's loss passes a 50 ms callback on every device, which
+    the host's dispatch does not wait for. Counted at each dispatch: the earlier steps whose
+    measurements are not ready yet."""
     not_ready, measurements = [], []
     make_train_step = train_script.make_train_step
+    slow_identity = jax.pmap(lambda x: jax.pure_callback(lambda v: (time.sleep(0.05), v)[1], x, x))
 
-    def counting_train_step(*setup):
+    def lagging_train_step(*setup):
         step = make_train_step(*setup)
 
         def dispatch(*inputs):
             not_ready.append(sum(not m["loss"].is_ready() for m in measurements))
             state, measured = step(*inputs)
+            measured = {**measured, "loss": slow_identity(measured["loss"])}
             measurements.append(measured)
             return state, measured
         return dispatch
 
-    monkeypatch.setattr(train_script, "make_train_step", counting_train_step)
-    # a heavier step than the other runs here, so that the devices lag behind the host
+    monkeypatch.setattr(train_script, "make_train_step", lagging_train_step)
     train_script.main([*tiny_args(tiny, tmp_path / "run"), "--steps", "40", "--log_steps", "40",
-                       "--save_steps", "40", "--batch_size", "8", "--max_length", "32"])
+                       "--save_steps", "40"])
     assert max(not_ready) == train_script.STEPS_IN_FLIGHT, not_ready
