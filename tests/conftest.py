@@ -1,7 +1,12 @@
-"""Shared fixtures. Eight emulated CPU devices, so the real 8-way pmap runs in every test session."""
+"""Shared fixtures and builders. Eight emulated CPU devices, so the real 8-way pmap runs in every
+test session; the tiny fixture (a 2-layer BERT and a small mixture); the command line of a run on
+it; gzip JSON-lines sources and data configs written for a test."""
 import collections
 import contextlib
 import functools
+import gzip
+import itertools
+import json
 import os
 import sys
 
@@ -15,6 +20,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes over 30 s; `pytest -m 'not slow'` leaves it out")
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny fixture and runs on it
+# --------------------------------------------------------------------------------------------
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """The tiny fixture of scripts/make_tiny_data.py: data/, data_config.json, model/."""
@@ -24,9 +37,47 @@ def tiny(tmp_path_factory):
     return out
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes over 30 s; `pytest -m 'not slow'` leaves it out")
+# The tiny run's step: 2 pairs per device (16 on the 8 devices) of 16 word pieces, tokenized in a
+# thread of the trainer (no worker processes to start)
+TINY_STEP = ("--batch_size", "2", "--max_length", "16", "--num_workers", "0")
 
+
+def tiny_argv(tiny, output, *flags, config=None, data=None, model=None):
+    """train_script's command line for a run on the tiny fixture: the data config (the fixture's
+    whole mixture unless given), OUTPUT, --model and --data_folder (the fixture's unless given),
+    then `flags` as they are."""
+    return [str(config or tiny / "data_config.json"), str(output), "--model", str(model or tiny / "model"),
+            "--data_folder", str(data or tiny / "data"), *map(str, flags)]
+
+
+# --------------------------------------------------------------------------------------------
+# Data files written by a test
+# --------------------------------------------------------------------------------------------
+
+def write_source(path, rows):
+    """A gzip'd JSON-lines data file: each row as JSON, or a str as it is (a broken line)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path, "wt", compresslevel=1) as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def write_config(path, entries):
+    """A data config: the entries (or a str, as it is) as the file. Returns the path."""
+    path.write_text(entries if isinstance(entries, str) else json.dumps(entries))
+    return path
+
+
+def read_source(path, count=None):
+    """The first `count` rows (all by default) of a gzip'd JSON-lines file, parsed."""
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in itertools.islice(f, count)]
+
+
+# --------------------------------------------------------------------------------------------
+# Watching jax from outside the script
+# --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def pmap_traces():

@@ -4,7 +4,6 @@ Most tests drive the producer the way a user checks a mixture: `--dry_run N --du
 through train_script.main (in-process; tokenization in a thread with --num_workers 0 unless a
 test is about the worker processes). The published script's behaviour is the default (--mixing
 original, --data_order original); the tests of the alternatives pass PER_BATCH / SHUFFLED."""
-import gzip
 import json
 import os
 import signal
@@ -21,9 +20,9 @@ import scipy.stats
 from transformers import AutoTokenizer
 
 import train_script
+from conftest import ROOT, TINY_STEP, read_source, tiny_argv, write_config, write_source
 from train_script import TextBatch, UserError, parse_row
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8  # conftest.py emulates 8 CPU devices
 PER_BATCH = ("--mixing", "per_batch")
 SHUFFLED = ("--data_order", "shuffled")
@@ -33,28 +32,12 @@ SHUFFLED = ("--data_order", "shuffled")
 # helpers
 # --------------------------------------------------------------------------------------------
 
-def write_source(path, lines):
-    """A gzip'd JSON-lines file; `lines` are JSON-able rows or raw strings (written as they are)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with gzip.open(path, "wt", compresslevel=1) as f:
-        for line in lines:
-            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
-
-
-def write_config(path, entries):
-    with open(path, "w") as f:
-        json.dump(entries, f)
-    return path
-
-
 def dry_run(tiny, tmp_path, *flags, config=None, data_folder=None, batches=20, batch_size=1):
     """Runs --dry_run through main() and returns the dumped batches."""
     dump = tmp_path / f"dump-{time.monotonic_ns()}.jsonl"
-    train_script.main([
-        str(config or tiny / "data_config.json"), str(tmp_path / "out"),
-        "--model", str(tiny / "model"), "--data_folder", str(data_folder or tiny / "data"),
-        "--batch_size", str(batch_size), "--max_length", "16", "--num_workers", "0",
-        "--dry_run", str(batches), "--dump_batches", str(dump), *flags])
+    train_script.main(tiny_argv(tiny, tmp_path / "out", "--batch_size", batch_size, "--max_length", "16",
+                                "--num_workers", "0", "--dry_run", batches, "--dump_batches", dump, *flags,
+                                config=config, data=data_folder))
     with open(dump) as f:
         return [json.loads(line) for line in f]
 
@@ -67,7 +50,7 @@ def check_slots(batch, per_slot):
 
 
 def args_for(root, *flags):
-    """Parsed flags with root/data as the data folder."""
+    """Parsed flags with root/data as the data folder (for the functions that open sources)."""
     return train_script.parse_args(["config", "out", "--data_folder", str(root / "data"), *flags])
 
 
@@ -77,11 +60,8 @@ def pairs(prefix, count):
 
 def line_index(folder, entries):
     """{source name: {text: index of its line in the file}}; every fixture text is on one line."""
-    index = {}
-    for entry in entries:
-        with gzip.open(folder / entry["name"], "rt") as f:
-            index[entry["name"]] = {text: i for i, line in enumerate(f) for text in texts_in(json.loads(line))}
-    return index
+    return {entry["name"]: {text: i for i, row in enumerate(read_source(folder / entry["name"]))
+                             for text in texts_in(row)} for entry in entries}
 
 
 def texts_in(record):
@@ -381,8 +361,7 @@ def test_every_format_streams_end_to_end(tiny, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 def check_refused_in_one_line(tmp_path, tiny, entries, match, *flags):
-    config = tmp_path / "config.json"
-    config.write_text(entries if isinstance(entries, str) else json.dumps(entries))
+    config = write_config(tmp_path / "config.json", entries)
     started = time.perf_counter()
     with pytest.raises(UserError, match=match) as error:
         dry_run(tiny, tmp_path, *flags, config=config)
@@ -518,8 +497,7 @@ def test_streaming_memory_is_bounded_by_the_buffer_not_the_file(tmp_path):
 
 def test_cache_small_sources_shuffles_whole_files_with_shuffled_order(tiny):
     name = "paraphrase_pairs.jsonl.gz"
-    with gzip.open(tiny / "data" / name, "rt") as f:
-        line_of = {tuple(json.loads(line)): i for i, line in enumerate(f)}
+    line_of = {tuple(row): i for i, row in enumerate(read_source(tiny / "data" / name))}
     entry = {"name": name, "weight": 1, "lines": len(line_of)}
 
     def first_lines(*flags):
@@ -656,14 +634,12 @@ def test_a_killed_worker_stops_the_consumer_instead_of_hanging(tiny):
 
 
 def test_training_log_reports_skipped_lines(tiny, tmp_path, capsys):
-    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
-        good = [f.readline().strip() for _ in range(100)]
+    good = read_source(tiny / "data" / "paraphrase_pairs.jsonl.gz", 100)
     write_source(tmp_path / "data" / "noisy.jsonl.gz", [line for pair in zip(good, ["{broken"] * 100) for line in pair])
     config = write_config(tmp_path / "config.json", [{"name": "noisy.jsonl.gz", "weight": 1}])
-    train_script.main([str(config), str(tmp_path / "out"), "--model", str(tiny / "model"),
-                       "--data_folder", str(tmp_path / "data"), "--datasets_per_batch", "1",
-                       "--batch_size", "2", "--max_length", "16", "--num_workers", "0",
-                       "--steps", "2", "--log_steps", "1", "--warmup_steps", "1"])
+    train_script.main(tiny_argv(tiny, tmp_path / "out", "--datasets_per_batch", "1", *TINY_STEP,
+                                "--steps", "2", "--log_steps", "1", "--warmup_steps", "1",
+                                config=config, data=tmp_path / "data"))
     reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped unusable lines")]
     counts = [int(line.rsplit(" ", 1)[1]) for line in reports]
     assert reports and all(line.startswith("skipped unusable lines: noisy.jsonl.gz ") for line in reports)

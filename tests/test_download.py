@@ -1,7 +1,6 @@
 """scripts/download_data.py and data_sources.json, offline: a loopback HTTP server plays the Hub
 (huggingface_hub's resolve endpoint) and the 2021 file server; a local folder laid out like a Hub
 parquet dataset plays the substitute; --source tests read a file:// mirror."""
-import gzip
 import hashlib
 import http.server
 import json
@@ -16,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import train_script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, TINY_STEP, read_source, tiny_argv, write_config
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +127,7 @@ def world(tiny, tmp_path, server):
     place(hub / "test/se/tiny.stackexchange.com.jsonl.gz", (data / se).read_bytes())
     place(files / "nli_triplets.jsonl.gz", (data / "nli_triplets.jsonl.gz").read_bytes())
     place(hub / "test/etd/msmarco-triplets.jsonl.gz", (data / "msmarco_query_pos_neg.jsonl.gz").read_bytes())
-    with gzip.open(data / "duplicate_question_sets.jsonl.gz", "rt") as f:
-        pairs = [json.loads(line)["set"][:2] for line in f][:500]
+    pairs = [row["set"][:2] for row in read_source(data / "duplicate_question_sets.jsonl.gz", 500)]
     parquet_dataset(tmp_path / "coco", pairs)
     sources = {
         "paraphrase_pairs.jsonl.gz": {"status": "exact", "locations": [etd + "paraphrase_pairs.jsonl.gz"]},
@@ -203,8 +200,7 @@ def test_substitutes_are_converted_and_the_written_mixture_trains(world, tiny, t
     entries, pairs, argv = world
     code, out, err = run(argv + ["--substitutes"], capsys)
     assert code == 0, err
-    with gzip.open(tmp_path / "DATA" / "substitutes" / "pairs.jsonl.gz", "rt") as f:
-        assert [json.loads(line) for line in f] == pairs  # the parquet rows, as [a, b] lines
+    assert read_source(tmp_path / "DATA" / "substitutes" / "pairs.jsonl.gz") == pairs  # the parquet rows, as [a, b]
     assert ((tmp_path / "DATA" / "substitutes" / "msmarco-triplets.jsonl.gz").read_bytes()
             == (tiny / "data" / "msmarco_query_pos_neg.jsonl.gz").read_bytes())
     replaced = {"duplicate_question_sets.jsonl.gz": ("substitutes/pairs.jsonl.gz", len(pairs)),
@@ -219,9 +215,8 @@ def test_substitutes_are_converted_and_the_written_mixture_trains(world, tiny, t
     assert share_row(out, "missing") == (1, expected_share(entries, ["reddit/reddit_tiny.jsonl.gz"], "weight"),
                                          expected_share(entries, ["reddit/reddit_tiny.jsonl.gz"], "lines"))
     output = tmp_path / "run"
-    train_script.main([str(tmp_path / "DATA" / "data_config.json"), str(output), "--model", str(tiny / "model"),
-                       "--data_folder", str(tmp_path / "DATA"), "--steps", "4", "--batch_size", "2",
-                       "--max_length", "16", "--warmup_steps", "1", "--save_steps", "1000", "--num_workers", "0"])
+    train_script.main(tiny_argv(tiny, output, "--steps", "4", *TINY_STEP, "--warmup_steps", "1", "--save_steps", "1000",
+                                config=tmp_path / "DATA" / "data_config.json", data=tmp_path / "DATA"))
     assert (output / "final" / "config.json").exists()
 
 
@@ -326,16 +321,11 @@ def mirror(tiny, tmp_path):
     return tmp_path / "mirror", json.loads((tiny / "data_config.json").read_text())
 
 
-def write_config(path, entries):
-    path.write_text(json.dumps(entries))
-    return str(path)
-
-
 def test_a_mirror_serves_every_file_and_a_row_mismatch_is_reported(mirror, tmp_path, capsys):
     folder, entries = mirror
     entries[1]["lines"] += 1  # the config disagrees with the file
     config = write_config(tmp_path / "config.json", entries)
-    argv = [config, str(tmp_path / "data"), "--source", f"file://{folder}"]
+    argv = [str(config), str(tmp_path / "data"), "--source", f"file://{folder}"]
     code, out, err = run(argv, capsys)
     name = entries[1]["name"]
     assert code == 1
@@ -379,7 +369,8 @@ def test_an_interrupted_mirror_download_resumes_and_complete_files_are_skipped(m
 
     fsspec.register_implementation("flaky", Flaky, clobber=True)
     monkeypatch.setattr(download_data, "CHUNK", 4096)
-    argv = [write_config(tmp_path / "config.json", entries), str(tmp_path / "data"), "--source", f"flaky://{folder}"]
+    argv = [str(write_config(tmp_path / "config.json", entries)), str(tmp_path / "data"), "--source",
+            f"flaky://{folder}"]
     code, _, err = run(argv, capsys)
     assert code == 1 and "connection reset" in err
     part = tmp_path / "data" / (entries[0]["name"] + ".part")
@@ -396,7 +387,7 @@ def test_a_corrupt_mirror_part_is_fetched_again(mirror, tmp_path, capsys):
     folder, entries = mirror
     local = tmp_path / "data" / entries[0]["name"]
     place(local.parent / (local.name + ".part"), b"\0" * 5000)  # not the remote's bytes
-    code, _, err = run([write_config(tmp_path / "c.json", entries[:1]), str(tmp_path / "data"),
+    code, _, err = run([str(write_config(tmp_path / "c.json", entries[:1])), str(tmp_path / "data"),
                         "--source", f"file://{folder}"], capsys)
     assert code == 0, err
     assert local.read_bytes() == (folder / entries[0]["name"]).read_bytes()

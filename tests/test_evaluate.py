@@ -1,6 +1,5 @@
 """scripts/evaluate.py against transformers (PyTorch) + NumPy/SciPy, on the real all-MiniLM-L6-v2 and a
 2-layer cut of it, side by side."""
-import gzip
 import json
 import random
 
@@ -9,6 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.stats
+
+from conftest import write_config, write_source
 
 STS = [("A man is playing a guitar.", "A man plays the guitar.", 4.8),
        ("A woman is slicing an onion.", "A man is riding a horse.", 0.2),
@@ -80,18 +81,13 @@ def models(tmp_path_factory):
     return [minilm, str(cut)]
 
 
-def write_gz(path, rows, tail=0):
-    """rows as JSON lines, then `tail` lines of noise, then the gzip stream cut in half: a reader that
-    goes past the first rows fails."""
-    with gzip.open(path, "wt") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        noise = random.Random(0)
-        for _ in range(tail):
-            f.write(json.dumps(["".join(noise.choices("abcdefghij ", k=60)), "x"]) + "\n")
-    if tail:
-        data = path.read_bytes()
-        path.write_bytes(data[:len(data) // 2])
+def write_broken_past(path, rows, tail):
+    """rows, then `tail` lines of noise, as a gzip'd JSON-lines file cut in half: a reader that goes
+    past the first rows fails."""
+    noise = random.Random(0)
+    write_source(path, rows + [["".join(noise.choices("abcdefghij ", k=60)), "x"] for _ in range(tail)])
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
 
 
 @pytest.mark.slow
@@ -103,11 +99,10 @@ def test_evaluate_scores_models_side_by_side(models, tmp_path, capsys):
                              "score": [s / 5 for _, _, s in STS]}),
                    tmp_path / "stsb" / "data" / "test-00000-of-00001.parquet")
     # a mixture of two files; the pairs file is broken past its first rows, so only a stream reads it
-    (tmp_path / "data").mkdir()
-    write_gz(tmp_path / "data" / "pairs.jsonl.gz", PAIRS, tail=20000)
-    write_gz(tmp_path / "data" / "triplets.jsonl.gz", TRIPLETS + [TRIPLETS[0]])
-    (tmp_path / "config.json").write_text(json.dumps([{"name": "pairs.jsonl.gz", "weight": 1},
-                                                      {"name": "triplets.jsonl.gz", "lines": 6, "weight": 1}]))
+    write_broken_past(tmp_path / "data" / "pairs.jsonl.gz", PAIRS, tail=20000)
+    write_source(tmp_path / "data" / "triplets.jsonl.gz", TRIPLETS + [TRIPLETS[0]])
+    write_config(tmp_path / "config.json", [{"name": "pairs.jsonl.gz", "weight": 1},
+                                            {"name": "triplets.jsonl.gz", "lines": 6, "weight": 1}])
     evaluate.main(models + ["--sts", str(tmp_path / "stsb"), "--data_config", str(tmp_path / "config.json"),
                             "--data_folder", str(tmp_path / "data"), "--max_rows", str(len(PAIRS)),
                             "--json", str(tmp_path / "scores.json")])

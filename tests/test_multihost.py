@@ -10,7 +10,6 @@ it does not depend on the order: with --dropout 0, the steps must give the same 
 float rounding (two steps, so that the second also takes the state as pmap handed it back). It would not if the loss or the gradient mean covered only one host's devices.
 Every text of the data file is distinct, so no row is skipped as a duplicate in either run.
 """
-import gzip
 import json
 import os
 import re
@@ -26,8 +25,8 @@ from safetensors.numpy import load_file
 from transformers import FlaxAutoModel
 
 import train_script
+from conftest import ROOT, TINY_STEP, read_source, tiny_argv, write_config, write_source
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = 64
 
 
@@ -36,26 +35,20 @@ def distinct_pairs(tiny, tmp_path_factory):
     """A one-source data config whose texts are all different."""
     out = tmp_path_factory.mktemp("distinct")
     seen, rows = set(), []
-    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
-        for line in f:
-            pair = json.loads(line)
-            if not seen.intersection(pair) and len(set(pair)) == 2 and len(rows) < ROWS:
-                seen.update(pair)
-                rows.append(pair)
-    with gzip.open(out / "pairs.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps(pair) + "\n" for pair in rows)
-    config = out / "config.json"
-    config.write_text(json.dumps([{"name": "pairs.jsonl.gz", "lines": len(rows), "weight": 1}]))
-    return out, config
+    for pair in read_source(tiny / "data" / "paraphrase_pairs.jsonl.gz"):
+        if not seen.intersection(pair) and len(set(pair)) == 2 and len(rows) < ROWS:
+            seen.update(pair)
+            rows.append(pair)
+    write_source(out / "pairs.jsonl.gz", rows)
+    return out, write_config(out / "config.json", [{"name": "pairs.jsonl.gz", "lines": len(rows), "weight": 1}])
 
 
 def flags(tiny, data):
     # --clip_scope global: each process reads every other line of a file, so a device holds other
     # rows of the same global batch than in the one-process run; the global clip does not depend
     # on which device holds which row, the per-device clip (the default) does
-    return ["--model", str(tiny / "model"), "--data_folder", str(data), "--steps", "2",
-            "--batch_size", "2", "--max_length", "16", "--dropout", "0", "--lr", "1e-3",
-            "--warmup_steps", "0", "--num_workers", "0", "--log_steps", "1", "--clip_scope", "global"]
+    return ["--model", str(tiny / "model"), "--data_folder", str(data), "--steps", "2", *TINY_STEP,
+            "--dropout", "0", "--lr", "1e-3", "--warmup_steps", "0", "--log_steps", "1", "--clip_scope", "global"]
 
 
 # Runs train_script.py as __main__ (argv after -c), then prints how many pmapped functions XLA compiled
@@ -188,10 +181,9 @@ def test_inconsistent_process_flags_are_refused_before_joining(flags, message):
 def test_cpu_devices_split_the_cpu(tiny):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train_script.py"), str(tiny / "data_config_pairs.json"), "unused",
-         "--model", str(tiny / "model"), "--data_folder", str(tiny / "data"), "--batch_size", "2",
-         "--max_length", "16", "--num_workers", "0", "--cpu_devices", "3", "--datasets_per_batch", "1",
-         "--dry_run", "1"],
+        [sys.executable, os.path.join(ROOT, "train_script.py"),
+         *tiny_argv(tiny, "unused", *TINY_STEP, "--cpu_devices", "3", "--datasets_per_batch", "1", "--dry_run", "1",
+                    config=tiny / "data_config_pairs.json")],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "1 batches of 6 rows" in result.stdout  # 2 per device x 3 devices

@@ -8,7 +8,6 @@ Every run is tiny (the fixture's pairs, its 2-layer model, 16 word pieces, 2 pai
 the 8 emulated devices, 12 steps, a checkpoint every 4) and trains in-process where the behaviour
 is not about the process itself."""
 import errno
-import gzip
 import json
 import logging
 import os
@@ -30,19 +29,16 @@ from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import load_file
 
 import train_script
+from conftest import TINY_STEP, read_source, tiny_argv, write_config, write_source
 
 STEPS, SAVE_STEPS = 12, 4
+RUN = ("--steps", STEPS, "--save_steps", SAVE_STEPS, "--log_steps", SAVE_STEPS, *TINY_STEP,
+       "--lr", "1e-3", "--warmup_steps", "2")
 
 
-def run_args(output, config, data, model, *extra):
-    return [str(config), str(output), "--model", str(model), "--data_folder", str(data),
-            "--steps", str(STEPS), "--save_steps", str(SAVE_STEPS), "--log_steps", str(SAVE_STEPS),
-            "--batch_size", "2", "--max_length", "16", "--lr", "1e-3", "--warmup_steps", "2",
-            "--num_workers", "0", *extra]
-
-
-def tiny_args(tiny, output, *extra):
-    return run_args(output, tiny / "data_config_pairs.json", tiny / "data", tiny / "model", *extra)
+def tiny_args(tiny, output, *extra, config=None, **inputs):
+    """Every run of this file: RUN on the fixture's pairs (or the given config, data, model), then `extra`."""
+    return tiny_argv(tiny, output, *RUN, *extra, config=config or tiny / "data_config_pairs.json", **inputs)
 
 
 def final_params(output):
@@ -150,18 +146,14 @@ def test_a_resume_mid_round_skips_the_rows_its_round_had_seen(tmp_path, tiny, ca
     """--mixing original: a text appears once per round, here 8 steps of 16 rows, so the checkpoint
     of step 4 falls mid-round. Lines 64..79 repeat the answers of step 0's rows: the uninterrupted
     run skips them at step 4; a resume that forgot the round's texts would train on them."""
-    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
-        rows = [json.loads(next(f)) for _ in range(400)]  # distinct texts, in the tiny model's vocabulary
+    rows = read_source(tiny / "data" / "paraphrase_pairs.jsonl.gz", 400)  # distinct texts, in the model's vocabulary
     for i in range(64, 80):
         rows[i][1] = rows[i - 64][1]
-    os.makedirs(tmp_path / "data")
-    with gzip.open(tmp_path / "data" / "planted.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    (tmp_path / "config.json").write_text(json.dumps([{"name": "planted.jsonl.gz", "lines": 400, "weight": 1}]))
+    write_source(tmp_path / "data" / "planted.jsonl.gz", rows)
+    config = write_config(tmp_path / "config.json", [{"name": "planted.jsonl.gz", "lines": 400, "weight": 1}])
 
     def args(output, *extra):
-        return run_args(output, tmp_path / "config.json", tmp_path / "data", tiny / "model",
-                        "--keep_checkpoints", "3", *extra)
+        return tiny_args(tiny, output, "--keep_checkpoints", "3", *extra, config=config, data=tmp_path / "data")
 
     dump = tmp_path / "batches.jsonl"
     train_script.main([*args(tmp_path / "dry"), "--dry_run", "8", "--dump_batches", str(dump)])
@@ -208,8 +200,7 @@ def test_resume_of_a_different_run_is_refused(tiny, tmp_path, uninterrupted, cha
     if change == "reweighted mixture":
         entries = json.loads((tiny / "data_config_pairs.json").read_text())
         entries[0]["weight"] += 1
-        args[0] = str(tmp_path / "reweighted.json")
-        (tmp_path / "reweighted.json").write_text(json.dumps(entries))
+        args[0] = str(write_config(tmp_path / "reweighted.json", entries))
     else:
         args += change
     with pytest.raises(train_script.UserError, match=f"differs from the checkpoint .* in {culprit}.*--resume_force"):
@@ -232,13 +223,12 @@ def poison(tiny, tmp_path, only_snowmen=False):
     tokenizer.save_pretrained(tmp_path / "model")
 
     shutil.copytree(tiny / "data", tmp_path / "data")
-    with gzip.open(tmp_path / "data" / "snowmen.jsonl.gz", "wt") as f:
-        for i in range(200):
-            f.write(json.dumps([f"snowman {i} \u2603", f"a snowman number {i}"]) + "\n")
+    write_source(tmp_path / "data" / "snowmen.jsonl.gz", [[f"snowman {i} \u2603", f"a snowman number {i}"]
+                                                          for i in range(200)])
     entries = [] if only_snowmen else json.loads((tiny / "data_config_pairs.json").read_text())
     entries.append({"name": "snowmen.jsonl.gz", "lines": 200, "weight": 4})
-    (tmp_path / "config.json").write_text(json.dumps(entries))
-    args = run_args(tmp_path / "run", tmp_path / "config.json", tmp_path / "data", tmp_path / "model")
+    args = tiny_args(tiny, tmp_path / "run", config=write_config(tmp_path / "config.json", entries),
+                     data=tmp_path / "data", model=tmp_path / "model")
     return args, model
 
 
@@ -451,7 +441,7 @@ def test_overwrite_never_deletes_an_input_in_any_form(tiny, tmp_path, monkeypatc
         (tmp_path / "model_link").symlink_to(project / "model")
         model = tmp_path / "model_link"
     before = file_bytes(project)
-    argv = run_args(project, tiny / "data_config_pairs.json", data, model, "--overwrite")
+    argv = tiny_args(tiny, project, "--overwrite", data=data, model=model)
     with pytest.raises(train_script.UserError, match=r"--overwrite would delete .* it is inside .*project$") as refused:
         train_script.main(argv)
     assert "\n" not in str(refused.value)

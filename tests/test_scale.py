@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import train_script as ts
-from conftest import pmap_traces
+from conftest import pmap_traces, tiny_argv
 
 DEVICES = 8
 PER_DEVICE = 8
@@ -24,9 +24,8 @@ BUCKETS = "8,16,24"
 
 
 def flags(tiny, *extra):
-    return ts.parse_args([str(tiny / "data_config_pairs.json"), str(tiny / "out"), "--model", str(tiny / "model"),
-                          "--data_folder", str(tiny / "data"), "--max_length", str(MAX_LENGTH),
-                          "--batch_size", str(PER_DEVICE), *extra])
+    return ts.parse_args(tiny_argv(tiny, tiny / "out", "--max_length", MAX_LENGTH, "--batch_size", PER_DEVICE, *extra,
+                                   config=tiny / "data_config_pairs.json"))
 
 
 def changed(args, **values):
@@ -197,10 +196,10 @@ def test_bfloat16_embeddings_stay_close_to_float32(setup):
 def test_a_bfloat16_bucketed_gradcache_run_trains(tiny, tmp_path, capsys):
     """All three flags at once, through main: the loss falls, and buckets bound the compiled shapes."""
     with pmap_traces() as traces:
-        ts.main([str(tiny / "data_config_pairs.json"), str(tmp_path / "run"), "--model", str(tiny / "model"),
-                 "--data_folder", str(tiny / "data"), "--overwrite", "--max_length", str(MAX_LENGTH),
-                 "--batch_size", "4", "--mini_batch_size", "2", "--pad_to_buckets", "16", "--dtype", "bfloat16",
-                 "--steps", "40", "--lr", "1e-3", "--warmup_steps", "4", "--log_steps", "10", "--save_steps", "1000"])
+        ts.main(tiny_argv(tiny, tmp_path / "run", "--overwrite", "--max_length", MAX_LENGTH, "--batch_size", "4",
+                          "--mini_batch_size", "2", "--pad_to_buckets", "16", "--dtype", "bfloat16", "--steps", "40",
+                          "--lr", "1e-3", "--warmup_steps", "4", "--log_steps", "10", "--save_steps", "1000",
+                          config=tiny / "data_config_pairs.json"))
     out = capsys.readouterr().out
     losses = [float(x) for x in re.findall(r"step=\d+ loss=([\d.]+)", out)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses

@@ -12,9 +12,7 @@
 - the errors of bad input: one line, before compiling.
 Run with -s to see the measured differences.
 """
-import gzip
 import importlib
-import json
 import os
 import shutil
 import subprocess
@@ -35,9 +33,7 @@ from sentence_transformers.sentence_transformer.losses import (MultipleNegatives
 from transformers import AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, FlaxBertModel
 
 import train_script
-from conftest import pmap_traces
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, pmap_traces, read_source, tiny_argv, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The MultipleNegativesSymmetricRankingLoss is deprecated")
 
@@ -163,16 +159,15 @@ STEP_LR, STEP_SCHEDULE, PER_DEVICE, STEP_LENGTH = 1e-3, 10, 2, 16
 
 def fixture_pairs(tiny, batches, rows):
     """`batches` lists of `rows` paraphrase pairs from the fixture, in file order."""
-    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
-        pairs = [json.loads(line) for line, _ in zip(f, range(batches * rows))]
+    pairs = read_source(tiny / "data" / "paraphrase_pairs.jsonl.gz", batches * rows)
     return [pairs[i * rows:(i + 1) * rows] for i in range(batches)]
 
 
 def step_args(tiny, tmp_path, *flags):
-    return train_script.parse_args([
-        str(tiny / "data_config_pairs.json"), str(tmp_path / "out"), "--model", str(tiny / "model"), "--dropout", "0",
-        "--lr", str(STEP_LR), "--warmup_steps", "0", "--steps", "4", "--schedule_steps", str(STEP_SCHEDULE),
-        "--batch_size", str(PER_DEVICE), "--max_length", str(STEP_LENGTH), *flags])
+    return train_script.parse_args(tiny_argv(
+        tiny, tmp_path / "out", "--dropout", "0", "--lr", STEP_LR, "--warmup_steps", "0", "--steps", "4",
+        "--schedule_steps", STEP_SCHEDULE, "--batch_size", PER_DEVICE, "--max_length", STEP_LENGTH, *flags,
+        config=tiny / "data_config_pairs.json"))
 
 
 def jax_steps(args, start, batches, devices, model=None):
@@ -404,10 +399,9 @@ def test_schedule_steps_default_and_bounds():
 # Runs of the script on the tiny fixture
 # ============================================================================================
 
-def run(tiny, output, *flags, config="data_config_pairs.json"):
-    """train_script.main on the tiny fixture, in this process."""
-    train_script.main([str(tiny / config), str(output), "--model", str(tiny / "model"),
-                       "--data_folder", str(tiny / "data"), "--num_workers", "0", *flags])
+def run(tiny, output, *flags):
+    """train_script.main on the tiny fixture's pairs, in this process."""
+    train_script.main(tiny_argv(tiny, output, "--num_workers", "0", *flags, config=tiny / "data_config_pairs.json"))
 
 
 @pytest.fixture
@@ -487,11 +481,9 @@ def held_out_pairs(tiny, tmp_path, count):
     """Paraphrase pairs from the fixture's generator with another seed, none seen in training."""
     from make_tiny_data import build_fixture
     build_fixture(str(tmp_path / "held_out"), lines_per_file=count + 50, seed=1)
-    seen = set()
-    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
-        seen.update(text for line in f for text in json.loads(line))
-    with gzip.open(tmp_path / "held_out" / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
-        pairs = [pair for pair in map(json.loads, f) if seen.isdisjoint(pair)]
+    seen = {text for pair in read_source(tiny / "data" / "paraphrase_pairs.jsonl.gz") for text in pair}
+    pairs = [pair for pair in read_source(tmp_path / "held_out" / "data" / "paraphrase_pairs.jsonl.gz")
+             if seen.isdisjoint(pair)]
     assert len(pairs) >= count
     return pairs[:count]
 
@@ -723,8 +715,8 @@ def test_bad_input_fails_in_one_line_before_any_work(tiny, tmp_path, monkeypatch
     ("reddit", r"data/reddit: is a folder, not a data file"),
 ], ids=["dot-slash", "dot-dot", "folder"])
 def test_a_data_config_naming_one_file_twice_or_a_folder_is_one_line(tiny, tmp_path, second, message):
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps([{"name": "paraphrase_pairs.jsonl.gz", "weight": 1}, {"name": second, "weight": 1}]))
+    config = write_config(tmp_path / "config.json", [{"name": "paraphrase_pairs.jsonl.gz", "weight": 1},
+                                                      {"name": second, "weight": 1}])
     with pytest.raises(train_script.UserError, match=message) as error:
         train_script.main([str(config), str(tmp_path / "out"), "--data_folder", str(tiny / "data"), "--dry_run", "1"])
     assert "\n" not in str(error.value) and "corrupt" not in str(error.value)
