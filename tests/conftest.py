@@ -8,7 +8,9 @@ import gzip
 import itertools
 import json
 import os
+import shutil
 import sys
+import types
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +50,37 @@ def tiny_argv(tiny, output, *flags, config=None, data=None, model=None):
     then `flags` as they are."""
     return [str(config or tiny / "data_config.json"), str(output), "--model", str(model or tiny / "model"),
             "--data_folder", str(data or tiny / "data"), *map(str, flags)]
+
+
+# The model the shared run loads, laid out as the Hugging Face cache keeps a download of this name
+CACHED_AS = "nreimers/MiniLM-L6-H384-uncased"
+SHORT_RUN = ("--steps", "12", *TINY_STEP, "--lr", "1e-3", "--warmup_steps", "5", "--log_steps", "4",
+             "--save_steps", "4", "--eval_steps", "4", "--eval_rows", "64")
+
+
+@pytest.fixture(scope="session")
+def short_run(tiny, tmp_path_factory):
+    """One run shared by the tests of what a run leaves behind (test_evals, test_export,
+    test_scripts): SHORT_RUN on the fixture's mixture, logged, evaluated on held-out rows and
+    exported every 4 steps. The model comes from a folder laid out as the Hugging Face cache
+    keeps a download of CACHED_AS. Returns output, argv, the parameters handed to each export (by
+    folder name) and the pmap traces of each function during the run."""
+    import train_script
+    root = tmp_path_factory.mktemp("short_run")
+    model = root / "hub" / f"models--{CACHED_AS.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny / "model", model)
+    output = root / "run"
+    argv = tiny_argv(tiny, output, *SHORT_RUN, model=model)
+    exported, write = {}, train_script.export_sentence_transformer
+
+    def keep_params(folder, params, *rest):
+        exported[os.path.basename(folder)] = params
+        write(folder, params, *rest)
+
+    with pytest.MonkeyPatch.context() as patch, pmap_traces() as traces:
+        patch.setattr(train_script, "export_sentence_transformer", keep_params)
+        train_script.main(argv)
+    return types.SimpleNamespace(output=output, argv=argv, params=exported, traces=collections.Counter(traces))
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import types
 import warnings
 
 import numpy as np
@@ -20,9 +19,10 @@ from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 
 import train_script
+from conftest import CACHED_AS, ROOT, TINY_STEP, tiny_argv
 from train_script import UserError
 
-MAX_LENGTH = 16
+MAX_LENGTH = int(TINY_STEP[TINY_STEP.index("--max_length") + 1])  # that of conftest's short_run
 SENTENCES = [
     "a",
     "This is an example sentence",
@@ -49,76 +49,51 @@ def pytorch_model(folder):
     return model, info
 
 
-CACHED_AS = "nreimers/MiniLM-L6-H384-uncased"  # the name the tiny model pretends to be cached under
-
-
-@pytest.fixture(scope="module")
-def run(tiny, tmp_path_factory):
-    """Four steps of the tiny model, evaluated and exported at step 2 and at the end; the model is
-    loaded from a folder laid out as the Hugging Face cache keeps a download of CACHED_AS. The
-    parameters handed to the writer are kept, keyed by folder name."""
-    root = tmp_path_factory.mktemp("export")
-    model = root / "hub" / f"models--{CACHED_AS.replace('/', '--')}" / "snapshots" / ("0" * 40)
-    shutil.copytree(tiny / "model", model)
-    output = root / "run"
-    argv = [str(tiny / "data_config.json"), str(output), "--model", str(model),
-            "--data_folder", str(tiny / "data"), "--steps", "4", "--save_steps", "2", "--batch_size", "2",
-            "--max_length", str(MAX_LENGTH), "--lr", "1e-3", "--warmup_steps", "1", "--log_steps", "2",
-            "--eval_steps", "2", "--eval_rows", "32", "--num_workers", "0"]
-    exported, write = {}, train_script.export_sentence_transformer
-
-    def keep_params(folder, params, *rest):
-        exported[os.path.basename(folder)] = params
-        write(folder, params, *rest)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_script, "export_sentence_transformer", keep_params)
-        train_script.main(argv)
-    return types.SimpleNamespace(output=output, argv=argv, params=exported)
-
-
 # --------------------------------------------------------------------------------------------
-# The exported folders
+# The exported folders (conftest's short_run: 12 steps, exported at steps 4 and 8 and at the end, the
+# model loaded from a folder laid out as the Hugging Face cache keeps CACHED_AS)
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("folder", ["2", "final"])
-def test_sentence_transformer_encodes_what_jax_computes(run, tiny, folder):
+@pytest.mark.parametrize("folder", ["4", "final"])
+def test_sentence_transformer_encodes_what_jax_computes(short_run, tiny, folder):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny / "model"))
     assert len(tokenizer(SENTENCES[3])["input_ids"]) > MAX_LENGTH  # truncation is exercised
-    expected = jax_embeddings(FlaxAutoModel.from_pretrained(str(tiny / "model")), run.params[folder],
+    expected = jax_embeddings(FlaxAutoModel.from_pretrained(str(tiny / "model")), short_run.params[folder],
                               tokenizer, SENTENCES, MAX_LENGTH)
-    got = sentence_transformer(run.output / folder).encode(SENTENCES, batch_size=2)
+    got = sentence_transformer(short_run.output / folder).encode(SENTENCES, batch_size=2)
     assert np.abs(got - expected).max() <= 1e-5
 
 
-def test_intermediate_folder_holds_its_own_step(run):
-    # the step-2 model is that step's weights, not a copy of the final ones
-    at_2 = sentence_transformer(run.output / "2").encode(SENTENCES)
-    final = sentence_transformer(run.output / "final").encode(SENTENCES)
-    assert np.abs(at_2 - final).max() > 1e-3
+def test_intermediate_folder_holds_its_own_step(short_run):
+    # the step-4 model is that step's weights, not a copy of the final ones
+    at_4 = sentence_transformer(short_run.output / "4").encode(SENTENCES)
+    final = sentence_transformer(short_run.output / "final").encode(SENTENCES)
+    assert np.abs(at_4 - final).max() > 1e-3
 
 
-@pytest.mark.parametrize("folder", ["2", "final"])
-def test_folder_is_a_complete_sentence_transformer(run, folder):
+@pytest.mark.parametrize("folder", ["4", "final"])
+def test_folder_is_a_complete_sentence_transformer(short_run, folder):
     from sentence_transformers.models import Normalize, Pooling, Transformer
-    model = sentence_transformer(run.output / folder)
+    model = sentence_transformer(short_run.output / folder)
     assert [type(m) for m in model] == [Transformer, Pooling, Normalize]
     assert model.max_seq_length == MAX_LENGTH
-    assert model.encode(SENTENCES).shape == (len(SENTENCES), AutoConfig.from_pretrained(str(run.output / folder)).hidden_size)
+    hidden_size = AutoConfig.from_pretrained(str(short_run.output / folder)).hidden_size
+    assert model.encode(SENTENCES).shape == (len(SENTENCES), hidden_size)
     assert model.similarity_fn_name == "cosine"
-    assert os.path.isdir(run.output / folder / "2_Normalize")
-    assert not [name for name in os.listdir(run.output) if name.endswith(".partial")]
+    assert os.path.isdir(short_run.output / folder / "2_Normalize")
+    assert not [name for name in os.listdir(short_run.output) if name.endswith(".partial")]
 
 
-@pytest.mark.parametrize("folder", ["2", "final"])
-def test_pytorch_automodel_loads_every_weight(run, folder):
-    model, info = pytorch_model(run.output / folder)
+@pytest.mark.parametrize("folder", ["4", "final"])
+def test_pytorch_automodel_loads_every_weight(short_run, folder):
+    model, info = pytorch_model(short_run.output / folder)
     assert type(model).__name__ == "BertModel"
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == ([], [], [])
 
 
-def test_exported_tokenizer_is_the_base_models(run, tiny):
-    base, exported = (AutoTokenizer.from_pretrained(str(path)) for path in (tiny / "model", run.output / "final"))
+def test_exported_tokenizer_is_the_base_models(short_run, tiny):
+    base, exported = (AutoTokenizer.from_pretrained(str(path))
+                      for path in (tiny / "model", short_run.output / "final"))
     assert exported(SENTENCES)["input_ids"] == base(SENTENCES)["input_ids"]
 
 
@@ -131,8 +106,8 @@ class Records(logging.Handler):
         self.records.append(record.getMessage())
 
 
-@pytest.mark.parametrize("folder", ["2", "final"])
-def test_sentence_transformers_loads_the_folder_without_a_warning(run, folder):
+@pytest.mark.parametrize("folder", ["4", "final"])
+def test_sentence_transformers_loads_the_folder_without_a_warning(short_run, folder):
     # transformers' loggers do not propagate to the root logger: listen to both
     loggers, logged = [logging.getLogger(), logging.getLogger("transformers")], Records()
     for logger in loggers:
@@ -140,7 +115,7 @@ def test_sentence_transformers_loads_the_folder_without_a_warning(run, folder):
     try:
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
-            sentence_transformer(run.output / folder).encode(SENTENCES)
+            sentence_transformer(short_run.output / folder).encode(SENTENCES)
     finally:
         for logger in loggers:
             logger.removeHandler(logged)
@@ -169,16 +144,17 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-@pytest.mark.parametrize("folder, step", [("2", 2), ("final", 4)])
-def test_model_card_metadata_is_what_the_hub_reads(run, folder, step, offline):
-    card = ModelCard.load(run.output / folder / "README.md")
+@pytest.mark.parametrize("folder, step", [("4", 4), ("final", 12)])
+def test_model_card_metadata_is_what_the_hub_reads(short_run, folder, step, offline):
+    card = ModelCard.load(short_run.output / folder / "README.md")
     data = card.data
     assert (data.license, data.language, data.library_name, data.pipeline_tag) == (
         "apache-2.0", "en", "sentence-transformers", "sentence-similarity")
     assert data.base_model == CACHED_AS  # read from the cache layout of the --model folder
     assert {"sentence-transformers", "sentence-similarity"} <= set(data.tags)
     assert data.datasets is None  # a local --data_folder names no Hub dataset
-    [evaluated] = [r for r in map(json.loads, open(run.output / "metrics.jsonl")) if "eval" in r and r["step"] == step]
+    [evaluated] = [r for r in map(json.loads, open(short_run.output / "metrics.jsonl"))
+                   if "eval" in r and r["step"] == step]
     assert data.model_name == "run"
     assert {r.metric_type: r.metric_value for r in data.eval_results} == evaluated["eval"]["overall"]
     assert {r.task_type for r in data.eval_results} == {"information-retrieval"}
@@ -212,14 +188,14 @@ def test_base_model_flag_takes_only_a_hub_name(tiny):
         train_script.parse_args([str(tiny / "data_config.json"), "out", "--base_model", "a/b/c"])
 
 
-@pytest.mark.parametrize("folder, step", [("2", 2), ("final", 4)])
-def test_model_card_names_the_runs_numbers(run, tiny, folder, step):
+@pytest.mark.parametrize("folder, step", [("4", 4), ("final", 12)])
+def test_model_card_names_the_runs_numbers(short_run, tiny, folder, step):
     import jax
     import transformers
-    card = (run.output / folder / "README.md").read_text()
+    card = (short_run.output / folder / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: sentence-transformers" in card.split("---")[1]
     rows = card_rows(card)
-    assert rows["steps"] == [f"{step} of 4"]
+    assert rows["steps"] == [f"{step} of {train_script.parse_args(short_run.argv).steps}"]
     assert rows["global batch"][0].startswith(f"{2 * 8} (2 per device x 8 devices")
     assert rows["max sequence length"] == [f"{MAX_LENGTH} tokens"]
     mixture = json.loads((tiny / "data_config.json").read_text())
@@ -229,18 +205,17 @@ def test_model_card_names_the_runs_numbers(run, tiny, folder, step):
         assert (int(lines.replace(",", "")), int(weight)) == (e["lines"], e["weight"])
         assert float(share.rstrip("%")) == pytest.approx(100 * e["weight"] / total, abs=0.005)
         assert float(drawn.replace(",", "")) == pytest.approx(e["weight"] / total * step * 16, abs=0.5)
-    assert shlex.join(["python", "train_script.py", *run.argv]) in card
+    assert shlex.join(["python", "train_script.py", *short_run.argv]) in card
     assert f"- jax: {jax.__version__}" in card and f"- transformers: {transformers.__version__}" in card
     # the snippets name the model; the folder it was written to appears only in the upload command
     # and the load-from-disk line
     assert card.count('SentenceTransformer("run")') == 1 and card.count('from_pretrained("run")') == 2
-    assert card.count(str(run.output / folder)) == 2
-    assert f'SentenceTransformer("{run.output / folder}")' in card
+    assert card.count(str(short_run.output / folder)) == 2
+    assert f'SentenceTransformer("{short_run.output / folder}")' in card
 
 
 def test_model_card_summarises_a_mixture_of_many_files_by_folder():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config = os.path.join(root, "data_config.json")
+    config = os.path.join(ROOT, "data_config.json")
     mixture = json.load(open(config))
     args = train_script.parse_args([config, "out/all-MiniLM-L12-v1"])
     run = {"step": 540_000, "global_batch": 1024, "devices": 8, "mixture": mixture,
@@ -256,15 +231,15 @@ def test_model_card_summarises_a_mixture_of_many_files_by_folder():
     assert "1,124,818,467 lines" in card and "base_model: microsoft/MiniLM-L12-H384-uncased" in card
 
 
-@pytest.mark.parametrize("folder", ["", "2", "final"])  # OUTPUT, and each export for an upload of its own
-def test_run_record_is_the_script_with_its_command_and_the_config(run, tiny, folder):
-    copy = (run.output / folder / "train_script.py").read_text()
+@pytest.mark.parametrize("folder", ["", "4", "final"])  # OUTPUT, and each export for an upload of its own
+def test_run_record_is_the_script_with_its_command_and_the_config(short_run, tiny, folder):
+    copy = (short_run.output / folder / "train_script.py").read_text()
     with open(train_script.__file__) as f:
         assert copy.startswith(f.read())
     last = copy.rstrip("\n").splitlines()[-1]
-    assert last.startswith("# ") and shlex.split(last[2:]) == ["python", "train_script.py", *run.argv]
+    assert last.startswith("# ") and shlex.split(last[2:]) == ["python", "train_script.py", *short_run.argv]
     compile(copy, "train_script.py", "exec")
-    assert json.loads((run.output / folder / "data_config.json").read_text()) == json.loads(
+    assert json.loads((short_run.output / folder / "data_config.json").read_text()) == json.loads(
         (tiny / "data_config.json").read_text())
 
 
@@ -272,9 +247,7 @@ def test_run_record_is_the_script_with_its_command_and_the_config(run, tiny, fol
 # Refusals: before any training, with one line, touching nothing
 # --------------------------------------------------------------------------------------------
 
-def tiny_argv(tiny, output, *flags):
-    return [str(tiny / "data_config.json"), str(output), "--model", str(tiny / "model"),
-            "--data_folder", str(tiny / "data"), "--steps", "1", "--batch_size", "1", "--max_length", "16", *flags]
+ONE_STEP = ("--steps", "1", "--batch_size", "1", "--max_length", "16")
 
 
 def snapshot(folder):
@@ -288,7 +261,7 @@ def test_existing_output_is_refused_without_overwrite(tiny, tmp_path):
     (output / "final" / "model.safetensors").write_bytes(b"weights of an earlier run")
     before = snapshot(output)
     with pytest.raises(UserError, match="--overwrite") as refused:
-        train_script.main(tiny_argv(tiny, output))
+        train_script.main(tiny_argv(tiny, output, *ONE_STEP))
     assert str(output) in str(refused.value) and "\n" not in str(refused.value)
     assert snapshot(output) == before
 
@@ -298,10 +271,8 @@ def test_overwrite_never_deletes_an_input(tiny, tmp_path):
     output.mkdir()
     shutil.copy(tiny / "data_config.json", output / "my_config.json")
     before = snapshot(output)
-    argv = tiny_argv(tiny, output, "--overwrite")
-    argv[0] = str(output / "my_config.json")
     with pytest.raises(UserError, match="would delete the data config"):
-        train_script.main(argv)
+        train_script.main(tiny_argv(tiny, output, *ONE_STEP, "--overwrite", config=output / "my_config.json"))
     assert snapshot(output) == before
 
 
@@ -315,10 +286,8 @@ def test_unexportable_model_type_is_refused_before_training(tiny, tmp_path):
                                   max_position_embeddings=128)
     config.save_pretrained(model)
     output = tmp_path / "out"
-    argv = tiny_argv(tiny, output)
-    argv[3] = str(model)
     with pytest.raises(UserError, match="not electra") as refused:
-        train_script.main(argv)
+        train_script.main(tiny_argv(tiny, output, *ONE_STEP, model=model))
     assert "bert" in str(refused.value) and "\n" not in str(refused.value)
     assert not output.exists()
 
