@@ -611,12 +611,6 @@ def test_dropout_flag_sets_the_models_dropout(tiny, tmp_path):
     assert np.array_equal(a, b)
 
 
-def test_symmetric_loss_flag():
-    def parse(*flags):
-        return train_script.parse_args(["config.json", "out", *flags]).symmetric_loss
-    assert parse() is True and parse("--symmetric_loss") is True and parse("--no-symmetric_loss") is False
-
-
 def test_help_gives_each_default_once(capsys):
     with pytest.raises(SystemExit):
         train_script.parse_args(["--help"])
