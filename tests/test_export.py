@@ -352,6 +352,7 @@ def test_every_exportable_type_loads_with_the_jax_embeddings(model_type, tiny, b
 PUBLISHED_START = [0.0677, 0.0635, 0.0487]  # all-MiniLM-L6-v2, "This is an example sentence"
 
 
+@pytest.mark.slow
 def test_real_checkpoint_survives_a_step_at_lr_0_without_torch(tiny, tmp_path):
     """all-MiniLM-L6-v2 (PyTorch model.safetensors only) -> FlaxAutoModel -> one step at lr 0 ->
     export, in a process where torch cannot be imported: the same model comes out."""

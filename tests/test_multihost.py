@@ -88,7 +88,8 @@ def launch_two_processes(config, outputs, extra, per_process=([], [])):
 
 @pytest.fixture(scope="module")
 def two_process_run(tiny, distinct_pairs, tmp_path_factory):
-    """Process 1 is given an OUTPUT of its own to prove it writes nothing (real runs share one)."""
+    """Process 1 is given an OUTPUT of its own to prove it writes nothing (real runs share one).
+    Two processes start, join and compile: 30 to 45 s, so the tests that use it are marked slow."""
     data, config = distinct_pairs
     out = tmp_path_factory.mktemp("two")
     outputs = [out / "process0", out / "process1"]
@@ -96,12 +97,14 @@ def two_process_run(tiny, distinct_pairs, tmp_path_factory):
     return outputs, results
 
 
+@pytest.mark.slow
 def test_both_processes_finish(two_process_run):
     _, results = two_process_run
     for process, (code, output) in enumerate(results):
         assert code == 0, f"process {process} failed:\n{output[-3000:]}"
 
 
+@pytest.mark.slow
 def test_only_process_0_writes_and_logs(two_process_run):
     (out0, out1), results = two_process_run
     assert (out0 / "final" / "model.safetensors").exists()
@@ -115,12 +118,14 @@ def test_only_process_0_writes_and_logs(two_process_run):
     assert "done:" not in results[1][1] and "loss=" not in results[1][1]
 
 
+@pytest.mark.slow
 def test_global_batch_spans_both_processes(two_process_run):
     (out0, _), _ = two_process_run
     card = (out0 / "final" / "README.md").read_text()
     assert "| global batch | 16 (2 per device x 8 devices" in card
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_one_process_step(two_process_run, tiny, distinct_pairs, tmp_path):
     (out0, _), results = two_process_run
     assert results[0][0] == 0

@@ -114,6 +114,7 @@ def last_logged_batches(output):
     return [r["batches"] for r in records if r["step"] == STEPS][-1]
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tiny, tmp_path, uninterrupted, capsys):
     output, log_path = tmp_path / "run", tmp_path / "log"
     # tokenizer worker processes, and the signal sent to the whole process group, as a terminal's

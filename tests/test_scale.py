@@ -193,6 +193,7 @@ def test_bfloat16_embeddings_stay_close_to_float32(setup):
     assert not np.array_equal(fp32, bf16)  # the bfloat16 model really computes in bfloat16
 
 
+@pytest.mark.slow
 def test_a_bfloat16_bucketed_gradcache_run_trains(tiny, tmp_path, capsys):
     """All three flags at once, through main: the loss falls, and buckets bound the compiled shapes."""
     with pmap_traces() as traces:
