@@ -27,7 +27,7 @@ def run_script(name, *flags, timeout=600):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_benchmark_reports_both_steps_and_their_ratio():
+def test_benchmark_prints_a_row_per_step_the_ratio_and_the_producer():
     # 8 emulated devices (conftest's XLA_FLAGS): the JAX step is pmapped over all of them
     result = run_script("benchmark.py", "--layers", "1", "--batch_size", "8", "--max_length", "16", "--steps", "1",
                         "--producer_batches", "2", "--skip", "buckets,gradcache")
