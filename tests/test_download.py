@@ -195,7 +195,6 @@ def test_exact_files_come_from_their_locations_and_the_rest_is_reported(world, t
     assert not (tmp_path / "DATA" / "substitutes").exists()
 
 
-@pytest.mark.slow
 def test_substitutes_are_converted_and_the_written_mixture_trains(world, tiny, tmp_path, capsys):
     entries, pairs, argv = world
     code, out, err = run(argv + ["--substitutes"], capsys)

@@ -90,7 +90,6 @@ def write_broken_past(path, rows, tail):
     path.write_bytes(data[:len(data) // 2])
 
 
-@pytest.mark.slow
 def test_evaluate_scores_models_side_by_side(models, tmp_path, capsys):
     import evaluate
     # STS data laid out like the Hub's sentence-transformers/stsb: a parquet file per split

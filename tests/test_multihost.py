@@ -153,7 +153,6 @@ def test_existing_output_stops_every_process(tiny, distinct_pairs, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "earlier work"
 
 
-@pytest.mark.slow
 def test_two_processes_draw_the_one_process_batches(tiny, tmp_path):
     """--mixing original counts the devices of every process (P = 8 here, as with one process x 8):
     both processes' dry runs dump the global batches of one process with 8 devices."""

@@ -142,7 +142,6 @@ def test_sigterm_writes_a_checkpoint_and_prints_the_resume_command(tiny, tmp_pat
     assert_same_params(final_params(output), final_params(uninterrupted))
 
 
-@pytest.mark.slow
 def test_a_resume_mid_round_skips_the_rows_its_round_had_seen(tmp_path, tiny, capsys):
     """--mixing original: a text appears once per round, here 8 steps of 16 rows, so the checkpoint
     of step 4 falls mid-round. Lines 64..79 repeat the answers of step 0's rows: the uninterrupted
@@ -361,7 +360,6 @@ def test_resuming_on_a_full_disk_is_one_line_before_anything_is_written(tiny, tm
     assert file_bytes(output) == before
 
 
-@pytest.mark.slow
 def test_resume_of_a_finished_run_exits_0_and_writes_only_a_missing_final_export(tiny, tmp_path, uninterrupted, capsys):
     """A restart loop (`until python train_script.py ... --resume; do sleep 60; done`) must end."""
     output = tmp_path / "run"
@@ -388,7 +386,6 @@ def file_bytes(folder):
     return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-@pytest.mark.slow
 def test_a_live_run_keeps_its_output_and_a_killed_one_is_taken_over(tiny, tmp_path, uninterrupted):
     output, log_path = tmp_path / "run", tmp_path / "log"
     with open(log_path, "w") as log:
@@ -524,7 +521,6 @@ def assert_one_line_and_no_worker_left(lines, workers):
     assert all(gone(w) for w in workers), "a tokenizer worker outlived the trainer"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["first output", "workers starting"])
 def test_a_signal_before_the_first_step_stops_at_once_in_one_line(tiny, tmp_path, moment):
     """From the first line of output (here: transformers' deprecation warning) a Ctrl-C, sent to the
@@ -580,7 +576,6 @@ def test_a_frozen_worker_ends_the_run_with_a_checkpoint_not_a_hang(tiny, tmp_pat
     assert_one_line_and_no_worker_left(lines, workers)
 
 
-@pytest.mark.slow
 def test_a_second_signal_stops_at_once_in_one_line(tiny, tmp_path):
     """SIGINT and SIGTERM, delivered together (the trainer is held with SIGSTOP while they are
     sent): the first taken asks for a checkpoint, the second stops at once, naming the resume command."""
