@@ -51,3 +51,17 @@ def test_profile_splits_both_steps_into_parts_that_add_up_to_the_step():
     assert sum(rows[p][2] for p in parts) == pytest.approx(torch_wall, abs=0.03 + 0.01 * torch_wall)
     # both steps multiply matrices; the JAX step gathers over its 8 devices
     assert rows["matrix products"][0] > 0 and rows["matrix products"][2] > 0 and rows["collectives"][0] > 0
+
+
+def test_benchmark_memory_only_compiles_the_plain_and_gradcache_steps_and_runs_neither():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--memory_only", "--layers", "1",
+         "--batch_size", "32", "--max_length", "16", "--mini_batch_size", "2,1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "seconds/step" not in result.stdout and "producer" not in result.stdout  # nothing timed
+    memory = re.search(r"^GradCache activation memory \(XLA temp buffers, 4 rows x 16 tokens per device\): "
+                       r"([\d,]+) MiB plain, ([\d,]+) MiB with --mini_batch_size 2, ([\d,]+) MiB with "
+                       r"--mini_batch_size 1$", result.stdout, re.M)
+    assert memory, result.stdout
+    assert all(int(m.replace(",", "")) > 0 for m in memory.groups())
