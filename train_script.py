@@ -1445,18 +1445,14 @@ Framework versions:
 """)
 
 
-def start_run_record(args, entries, output):
-    """As the original did: a copy of this script with the command appended, and the config used."""
-    shutil.copyfile(__file__, os.path.join(output, "train_script.py"))
-    with open(os.path.join(output, "train_script.py"), "a") as f:
-        f.write(f"\n\n# Script was called via:\n# {args.command}\n")
-    write_json(os.path.join(output, "data_config.json"), entries)
-
-
-def record_resume(args, step):
-    """A resumed run adds its command line to the record of the run it continues."""
+def write_run_record(args, entries, step):
+    """As the original did: OUTPUT/train_script.py is a copy of this script with the command appended, and
+    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record."""
+    if step == 0:
+        shutil.copyfile(__file__, os.path.join(args.output, "train_script.py"))
+        write_json(os.path.join(args.output, "data_config.json"), entries)
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
-        f.write(f"# Resumed at step {step} via:\n# {args.command}\n")
+        f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n")
 
 
 # ============================================================================================
@@ -1737,10 +1733,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
             print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
         return
     if writer:
-        if first_step == 0:
-            start_run_record(args, entries, args.output)
-        else:
-            record_resume(args, first_step)
+        write_run_record(args, entries, first_step)
     train_step = make_train_step(model, args, all_devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
