@@ -1259,58 +1259,49 @@ def score_held_out(held_out, embeddings):
 # Export: a sentence-transformers folder, written from the Flax parameters (no torch needed)
 # ============================================================================================
 
-# Model types whose Flax parameter tree mirrors the PyTorch module names (kernel/scale/embedding
-# aside), so the mapping below is exact, and whose Flax and PyTorch models compute the same
-# outputs; tests/test_export.py checks each with transformers and sentence-transformers. (ELECTRA's
-# names map too, but its Flax and PyTorch models disagree.) Each maps to the PyTorch class.
+# Model types whose Flax parameter names mirror PyTorch's (kernel/scale/embedding aside) and whose Flax and
+# PyTorch models compute the same outputs (tests/test_export.py checks each; ELECTRA's names map too, but its
+# two models disagree), with their PyTorch class.
 EXPORTABLE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
               "distilbert": "DistilBertModel", "albert": "AlbertModel"}
 
 # sentence-transformers never runs here, so its "version" in the folder is that of the format:
 # the oldest release that reads every field written below (similarity_fn_name came with 3.0.0).
 SENTENCE_TRANSFORMERS_FORMAT = "3.0.0"
+POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
 
 
 def torch_state_dict(params):
-    """Flax parameters -> PyTorch `AutoModel` names and layouts, as float32 numpy arrays."""
+    """Flax parameters -> PyTorch `AutoModel` names and layouts (a flax Dense kernel is [in, out], a torch
+    Linear weight [out, in]), as float32 numpy arrays."""
     state = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        *module, leaf = path
-        value = np.asarray(value, dtype=np.float32)
-        if leaf == "kernel":  # flax Dense is [in, out]; torch Linear.weight is [out, in]
-            value = value.T
-        leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-        state[".".join([*module, leaf])] = np.ascontiguousarray(value)
+    for (*module, leaf), value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value.T if leaf == "kernel" else value, dtype=np.float32)
+        name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+        state[".".join([*module, name])] = np.ascontiguousarray(value)
     return state
 
 
 def export_sentence_transformer(folder, params, config, tokenizer, args, run):
-    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize,
-    with a model card and a copy of the run record (OUTPUT/train_script.py and data_config.json).
-
-    The folder is written under another name and renamed when complete: whenever a run stops,
-    OUTPUT/<step> is either a whole model or absent (and --resume writes it again)."""
+    """Writes a folder that `SentenceTransformer(folder)` loads (Transformer -> mean Pooling -> Normalize),
+    with its model card and the run record. Written as FOLDER.partial and renamed when whole: whenever
+    a run stops, OUTPUT/<step> is a whole model or absent (and --resume writes it again)."""
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         os.makedirs(os.path.join(partial, "1_Pooling"))
         os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
         save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-        config = config.__class__.from_dict(config.to_dict())
-        config.architectures = [EXPORTABLE[config.model_type]]
+        config = type(config).from_dict({**config.to_dict(), "architectures": [EXPORTABLE[config.model_type]]})
         config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        write_json(os.path.join(partial, "modules.json"), [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        write_json(os.path.join(partial, "modules.json"), [{
+            "idx": i, "name": str(i), "path": f"{i}_{cls}" if i else "", "type": f"sentence_transformers.models.{cls}"}
+            for i, cls in enumerate(("Transformer", "Pooling", "Normalize"))])
         write_json(os.path.join(partial, "sentence_bert_config.json"),
                    {"max_seq_length": args.max_length, "do_lower_case": False})
-        write_json(os.path.join(partial, "1_Pooling", "config.json"), {
-            "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False, "include_prompt": True})
+        write_json(os.path.join(partial, "1_Pooling", "config.json"), {"word_embedding_dimension": config.hidden_size,
+                   "include_prompt": True, **{f"pooling_mode_{m}": m == "mean_tokens" for m in POOLING_MODES}})
         write_json(os.path.join(partial, "config_sentence_transformers.json"), {
             "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
                             "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
@@ -1332,8 +1323,7 @@ def export_folder(args, step):
 
 def write_json(path, value):
     with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
+        f.write(json.dumps(value, indent=2) + "\n")
 
 
 def library_versions():
@@ -1347,242 +1337,122 @@ def source_group(name):
 
 
 def mixture_table(mixture, pairs_drawn, group=None):
-    """The mixture as a Markdown table, one row per file or (with `group`) per group of files.
-
-    A file's expected share of the training pairs is weight / total weight. That is the chance
-    that it is a round's (or a batch's) first source; the other sources are drawn in proportion to
-    weight among the files of the same format, which gives every draw the same chance."""
-    total_weight = sum(e["weight"] for e in mixture)
-    rows = collections.defaultdict(lambda: [0, 0, 0])  # files, lines, weight
+    """The mixture as a Markdown table, a row per file or (with `group`) per group of files, heaviest first.
+    A file's expected share of the pairs is weight / total weight: its chance to be a round's (or a batch's)
+    first source, and the others are drawn by weight among the files of its format."""
+    total = sum(e["weight"] for e in mixture)
+    rows = collections.defaultdict(lambda: np.zeros(3, np.int64))  # files, lines, weight
     for e in mixture:
-        row = rows[group(e["name"]) if group else e["name"]]
-        row[0], row[1], row[2] = row[0] + 1, row[1] + e.get("lines", 0), row[2] + e["weight"]
-    if group:
-        rows = dict(sorted(rows.items(), key=lambda item: -item[1][2]))
-    head, rule = ("| source | files |", "|---|---:|") if group else ("| file |", "|---|")
-    table = [head + " lines | weight | share of pairs | pairs drawn (expected) |", rule + "---:|---:|---:|---:|"]
-    for name, (files, lines, weight) in rows.items():
-        share = weight / total_weight
-        first = f"| {name} | {files} |" if group else f"| {name} |"
-        table.append(f"{first} {lines:,} | {weight:,} | {share:.2%} | {share * pairs_drawn:,.0f} |")
+        rows[group(e["name"]) if group else e["name"]] += (1, e.get("lines", 0), e["weight"])
+    table = [f"| {'source | files' if group else 'file'} | lines | weight | share of pairs | pairs drawn (expected) |",
+             "|---|" + "---:|" * (5 if group else 4)]
+    for name, (files, lines, weight) in sorted(rows.items(), key=lambda row: -row[1][2]):
+        table.append(f"| {name} |{f' {files} |' if group else ''} {lines:,} | {weight:,} | {weight / total:.2%} | "
+                     f"{weight / total * pairs_drawn:,.0f} |")
     return "\n".join(table)
 
 
 def hub_name(model):
-    """The Hub name of --model: the name itself or, for a folder of the Hugging Face cache
-    (.../models--OWNER--NAME/snapshots/REVISION, the path `hf download OWNER/NAME` prints), the name
-    it was downloaded as; None for any other folder, which nothing in it names."""
+    """The Hub name of --model: the name itself, or the name a snapshot in the Hugging Face cache (the
+    .../models--OWNER--NAME/snapshots/REVISION that `hf download` prints) was downloaded as; else None."""
     if not os.path.isdir(model):
         return model
     parts = os.path.abspath(model).split(os.sep)
-    if len(parts) > 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--"):].replace("--", "/")  # Hub names never contain "--"
-    return None
-
-
-def hub_datasets(data_folder):
-    """The Hub dataset the run read: that of an hf://datasets/OWNER/NAME[@REVISION]/... --data_folder;
-    a local folder or a bucket names none."""
-    if not data_folder.startswith("hf://datasets/"):
-        return []
-    return ["/".join(data_folder[len("hf://datasets/"):].split("/")[:2]).split("@")[0]]
-
-
-def card_metadata(args, name, scores):
-    """The card's YAML block, which the Hub indexes: licence, task, base model, data and, when the
-    run evaluated, the held-out scores as a model-index."""
-    datasets = hub_datasets(args.data_folder)
-    results = [EvalResult(task_type="information-retrieval", task_name="In-batch retrieval of held-out rows",
-                          dataset_type=datasets[0] if datasets else "unknown",
-                          dataset_name=f"the first {args.eval_rows} lines of every training file",
-                          metric_type=key, metric_value=value) for key, value in scores.items()]
-    return ModelCardData(
-        language="en", license="apache-2.0", library_name="sentence-transformers",
-        pipeline_tag="sentence-similarity", base_model=args.base_model or hub_name(args.model),
-        datasets=datasets or None, tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "jax"],
-        model_name=name if results else None,  # the model-index's name; alone it is no Hub field
-        eval_results=results or None)
-
-
-def batch_composition(args, run):
-    """How the card's run made its batches, in a sentence or two."""
-    if args.mixing == "per_batch":
-        return (f"Each global batch of {run['global_batch']:,} pairs is split into {args.datasets_per_batch} equal "
-                "shares, each from a file drawn anew in proportion to its weight (files after the first only "
-                "among those with the same number of columns); no text repeats within a batch.")
-    return (f"Each global batch of {run['global_batch']:,} pairs comes from a single file. A round of "
-            f"{run['devices']} steps draws {args.datasets_per_batch} files in proportion to their weights, all with "
-            f"the same number of columns, each filling {run['devices'] // args.datasets_per_batch} consecutive steps; "
-            "no text repeats within a round.")
+    cached = parts[-2] == "snapshots" and parts[-3].startswith("models--")
+    return parts[-3][len("models--"):].replace("--", "/") if cached else None  # Hub names never contain "--"
 
 
 def model_card(folder, config, args, run):
-    """A model card in the format of sentence-transformers' own, describing this run."""
-    mixture = run["mixture"]
-    pairs_drawn = run["step"] * run["global_batch"]
-    groups = {source_group(e["name"]) for e in mixture}
-    data = mixture_table(mixture, pairs_drawn)
-    if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
-        data = (f"{mixture_table(mixture, pairs_drawn, source_group)}\n\n"
-                f"<details><summary>All {len(mixture)} files</summary>\n\n{data}\n\n</details>")
-    name = os.path.basename(os.path.normpath(args.output))
+    """The card of an export: the metadata the Hub indexes (the dataset is that of an hf://datasets/OWNER/NAME
+    --data_folder; the held-out scores a model-index), how to use the model, and the run in its own numbers."""
+    mixture, step, batch, devices = run["mixture"], run["step"], run["global_batch"], run["devices"]
+    name, pairs_drawn = os.path.basename(os.path.normpath(args.output)), step * batch
     scores = run["scores"]["overall"] if run.get("scores") else {}
-    metadata = card_metadata(args, name, scores)
-    base = (f"[{metadata.base_model}](https://huggingface.co/{metadata.base_model})" if metadata.base_model
+    held_out = f"the first {args.eval_rows} lines of every training file"
+    hub_data = args.data_folder.startswith("hf://datasets/")
+    datasets = ["/".join(args.data_folder[len("hf://datasets/"):].split("/")[:2]).split("@")[0]] if hub_data else []
+    data = ModelCardData(
+        language="en", license="apache-2.0", library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+        base_model=args.base_model or hub_name(args.model), datasets=datasets or None,
+        tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "jax"],
+        model_name=name if scores else None,  # the model-index's name; alone it is no Hub field
+        eval_results=[EvalResult(task_type="information-retrieval", task_name="In-batch retrieval of held-out rows",
+                                 dataset_type=datasets[0] if datasets else "unknown", dataset_name=held_out,
+                                 metric_type=key, metric_value=value) for key, value in scores.items()] or None)
+    base = (f"[{data.base_model}](https://huggingface.co/{data.base_model})" if data.base_model
             else f"`{args.model}` (a local folder)")
-    evaluation = f"""## Evaluation
-
-At step {run['step']:,}, in-batch retrieval over the first {args.eval_rows} lines of every training file, held out
-of training (each anchor ranks the candidates of its own file's rows; scores averaged over the files):
-{", ".join(f"{key} {value:.4f}" for key, value in scores.items())}.
-
-""" if scores else ""
-    loss = "in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss)"
-    if args.symmetric_loss:
-        loss += ("; for pairs, averaged with that of each positive against all anchors "
-                 "(MultipleNegativesSymmetricRankingLoss)")
-    progress = ("the end of the run" if run["step"] == args.steps else
-                f"an intermediate export at step {run['step']:,} of {args.steps:,}")
-    device = jax.local_devices()[0]  # the kind of device the run used
+    groups = {source_group(e["name"]) for e in mixture}
+    table = mixture_table(mixture, pairs_drawn)
+    if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
+        table = (f"{mixture_table(mixture, pairs_drawn, source_group)}\n\n"
+                 f"<details><summary>All {len(mixture)} files</summary>\n\n{table}\n\n</details>")
+    evaluation = (f"## Evaluation\n\nAt step {step:,}, in-batch retrieval over {held_out}, held out of training (each "
+                  "anchor ranks the candidates of its own file's rows; scores averaged over the files): "
+                  f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())}.\n\n" if scores else "")
+    progress = "the end of the run" if step == args.steps else f"the export at step {step:,} of {args.steps:,}"
     versions = "\n".join(f"- {library}: {version}" for library, version in run["versions"].items())
     return ModelCard(f"""---
-{metadata.to_yaml()}
+{data.to_yaml()}
 ---
 
 # {name}
 
-This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on {len(mixture)}
-data files. It maps sentences & paragraphs to a {config.hidden_size}-dimensional dense vector space and
-can be used for semantic textual similarity, semantic search, paraphrase mining, text classification,
-clustering, and more. It was trained with `train_script.py` (JAX/Flax), the reproduction of how
-all-MiniLM-L12-v1 was trained; this folder holds {progress}.
-
-## Model Details
-
-### Model Description
-- **Model Type:** Sentence Transformer
-- **Base model:** {base}
-- **Maximum Sequence Length:** {args.max_length} tokens
-- **Output Dimensionality:** {config.hidden_size} dimensions
-- **Similarity Function:** Cosine Similarity
-- **Training Data:** {len(mixture)} files, listed below
-
-### Full Model Architecture
-
-```
-SentenceTransformer(
-  (0): Transformer({{'max_seq_length': {args.max_length}, 'do_lower_case': False}}) with Transformer model: {EXPORTABLE[config.model_type]}
-  (1): Pooling({{'word_embedding_dimension': {config.hidden_size}, 'pooling_mode_mean_tokens': True}})
-  (2): Normalize()
-)
-```
+A [sentence-transformers](https://www.SBERT.net) model finetuned from {base} with `train_script.py` (JAX/Flax), the
+reproduction of how all-MiniLM-L12-v1 was trained; this folder holds {progress}. It maps texts of up to
+{args.max_length} tokens to {config.hidden_size}-dimensional unit vectors (mean pooling, normalised) compared by cosine.
 
 ## Usage
 
-Below, `{name}` stands for the model's Hub id once this folder is uploaded
-(`hf upload <user>/{name} {folder}` makes it `<user>/{name}`).
-Where it was trained, load it from disk: `SentenceTransformer("{folder}")`.
-
-### Direct Usage (Sentence Transformers)
-
-```bash
-pip install -U sentence-transformers
-```
-
+`{name}` stands for the model's Hub id once this folder is uploaded (`hf upload <user>/{name} {folder}`);
+where it was trained, load it from disk: `SentenceTransformer("{folder}")`.
 ```python
-from sentence_transformers import SentenceTransformer
-
+from sentence_transformers import SentenceTransformer  # pip install -U sentence-transformers
 model = SentenceTransformer("{name}")
-sentences = ["This is an example sentence", "Each sentence is converted"]
-embeddings = model.encode(sentences)
-print(embeddings.shape)  # (2, {config.hidden_size})
-print(model.similarity(embeddings, embeddings))
+embeddings = model.encode(["This is an example sentence", "Each sentence is converted"])
+print(embeddings.shape, model.similarity(embeddings, embeddings))  # (2, {config.hidden_size}), 2 x 2 cosines
 ```
 
-### Direct Usage (Transformers)
+Without sentence-transformers: average `AutoModel.from_pretrained("{name}")`'s last hidden states over the
+attention mask of `AutoTokenizer.from_pretrained("{name}")`'s batch, then L2-normalise.
 
-Without sentence-transformers: run the transformer, average the token embeddings over the
-attention mask, and normalise.
+{evaluation}## Training
 
-```python
-import torch
-import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+A file's share of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that
+share of the {pairs_drawn:,} pairs of the {step:,} steps behind this export. {len(mixture)} files in {len(groups)}
+sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = AutoModel.from_pretrained("{name}")
-batch = tokenizer(["This is an example sentence", "Each sentence is converted"], padding=True,
-                  truncation=True, max_length={args.max_length}, return_tensors="pt")
-with torch.no_grad():
-    tokens = model(**batch).last_hidden_state
-mask = batch["attention_mask"].unsqueeze(-1).float()
-embeddings = F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
-```
+{table}
 
-{evaluation}## Training Details
-
-### Training Data
-
-{batch_composition(args, run)} A file's share
-of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that share of
-the {pairs_drawn:,} pairs of the {run['step']:,} steps behind this export. {len(mixture)} files in
-{len(groups)} sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
-
-{data}
-
-### Training Hyperparameters
-
-| | |
+| hyper-parameter | value |
 |---|---|
-| steps | {run['step']:,} of {args.steps:,} |
-| global batch | {run['global_batch']:,} ({args.batch_size} per device x {run['devices']} devices, {device.device_kind}) |
+| steps | {step:,} of {args.steps:,} |
+| global batch | {batch:,} ({args.batch_size} per device x {devices} devices, {jax.local_devices()[0].device_kind}) |
+| batches | {f"{args.datasets_per_batch} equal shares per batch, each from a file drawn anew by weight (after the first, among files with as many columns); no text repeats within a batch" if args.mixing == "per_batch" else f"one file per batch: a round of {devices} steps draws {args.datasets_per_batch} files by weight (all with as many columns), each for {devices // args.datasets_per_batch} consecutive steps; no text repeats within a round"} |
 | optimizer | transformers' AdamW (eps 1e-6 added before the bias correction), lr {args.lr}, betas (0.9, 0.999), weight decay {args.weight_decay} (not on biases and LayerNorm) |
 | schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.schedule_steps:,} |
 | gradient clipping | norm 1.0, {"each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device" else "of the gradient averaged over the devices"} |
 | max sequence length | {args.max_length} tokens |
-| loss | {loss}, scale {args.scale}, candidates gathered over all devices |
+| loss | in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss){"; for pairs, averaged with that of each positive against all anchors (MultipleNegativesSymmetricRankingLoss)" if args.symmetric_loss else ""}, scale {args.scale}, candidates gathered over all devices |
 | dropout | {"the base model's" if args.dropout is None else args.dropout}; attention dropout {"drawn per element" if args.attention_dropout == "element" else "one mask per layer, shared by a device's examples and heads"} |
 | seed | {args.seed} |
 
-The exact command (`train_script.py`, the script that ran with its command appended, and
-`data_config.json` in this folder are the rest of the record):
-
+The exact command (this folder's `train_script.py` is the script that ran, with it appended):
 ```bash
 {args.command}
 ```
-
-### Framework Versions
-
+Framework versions:
 {versions}
-
-## Citation
-
-```bibtex
-@inproceedings{{reimers-2019-sentence-bert,
-    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
-    author = "Reimers, Nils and Gurevych, Iryna",
-    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
-    month = "11",
-    year = "2019",
-    publisher = "Association for Computational Linguistics",
-    url = "https://arxiv.org/abs/1908.10084",
-}}
-```
 """)
 
 
-def start_run_record(args, entries, output):
-    """As the original did: a copy of this script with the command appended, and the config used."""
-    shutil.copyfile(__file__, os.path.join(output, "train_script.py"))
-    with open(os.path.join(output, "train_script.py"), "a") as f:
-        f.write(f"\n\n# Script was called via:\n# {args.command}\n")
-    write_json(os.path.join(output, "data_config.json"), entries)
-
-
-def record_resume(args, step):
-    """A resumed run adds its command line to the record of the run it continues."""
+def write_run_record(args, entries, step):
+    """As the original did: OUTPUT/train_script.py is a copy of this script with the command appended, and
+    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record."""
+    if step == 0:
+        shutil.copyfile(__file__, os.path.join(args.output, "train_script.py"))
+        write_json(os.path.join(args.output, "data_config.json"), entries)
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
-        f.write(f"# Resumed at step {step} via:\n# {args.command}\n")
+        f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n")
 
 
 # ============================================================================================
@@ -1863,10 +1733,7 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
             print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
         return
     if writer:
-        if first_step == 0:
-            start_run_record(args, entries, args.output)
-        else:
-            record_resume(args, first_step)
+        write_run_record(args, entries, first_step)
     train_step = make_train_step(model, args, all_devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
