@@ -192,8 +192,8 @@ def parse_args(argv=None):
                    help="without an accelerator, split the CPU into this many devices (one per core runs about cores "
                         "x faster); None: XLA_FLAGS' --xla_force_host_platform_device_count, else 1")
     p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
-                   help="tokenizer processes, one core each (half the host's cores, at most 4, keep a TPU v3-8 fed); "
-                        "0: a thread of the trainer")
+                   help="tokenizer processes, one core each; 0: a thread of the trainer. Default %(default)s: half "
+                        "this host's cores, at most 4, which keeps a TPU v3-8 fed")
     p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
     p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
                    help="seconds to wait for a batch before naming the stuck worker, checkpointing the last "
@@ -856,8 +856,9 @@ def load_tokenizer_and_config(args):
 
 
 def load_model(args, config):
-    """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch."""
-    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=compute_dtype(args))
+    """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch.
+    Its parameters stay float32 whatever --dtype: the optimizer updates float32 master weights."""
+    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=jnp.dtype(args.dtype))
     try:
         try:
             return load()
@@ -873,12 +874,6 @@ def load_model(args, config):
     except (ValueError, RuntimeError, safetensors.SafetensorError) as e:  # msgpack's, torch's, safetensors' readers
         raise UserError(f"--model {args.model}: cannot read its weights ({first_line(e)}); "
                         "is the file truncated or damaged?")
-
-
-def compute_dtype(args):
-    """The dtype of activations and matmuls. transformers' Flax models keep their parameters in
-    float32 whatever this is, so the optimizer updates float32 master weights."""
-    return jnp.dtype(args.dtype)
 
 
 def first_line(error):
@@ -1218,20 +1213,17 @@ def rank_of_partners(queries, candidates):
     return np.concatenate(ranks)
 
 
-def retrieval_scores(ranks):
-    return {"accuracy": float(np.mean(ranks == 1)),
-            f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
-
-
 def score_held_out(held_out, embeddings):
-    """{source name: scores, ..., "overall": the mean of every score over the sources}."""
+    """{source name: {accuracy, mrr@10}, ..., "overall": each score's mean over the sources}."""
     scores, start = {}, 0
     for name, rows in held_out.items():
         columns = []
         for _ in rows[0]:
             columns.append(embeddings[start:start + len(rows)])
             start += len(rows)
-        scores[name] = retrieval_scores(rank_of_partners(columns[0], np.concatenate(columns[1:])))
+        ranks = rank_of_partners(columns[0], np.concatenate(columns[1:]))
+        scores[name] = {"accuracy": float(np.mean(ranks == 1)),
+                        f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
     scores["overall"] = {key: float(np.mean([s[key] for s in scores.values()])) for key in scores[name]}
     return scores
 
