@@ -102,124 +102,8 @@ NON_NEGATIVE = checked(float, lambda x: x >= 0, "a finite number of 0 or more")
 PROBABILITY = checked(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
-    p.add_argument("output", help="folder for the exported models, checkpoints and logs")
-    p.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
-                   help="starting checkpoint: a Hub name or a local folder")
-    p.add_argument("--base_model", type=hub_id, default=None, metavar="OWNER/NAME",
-                   help="the Hub name the model card gives a local --model folder (one in the Hugging Face "
-                        "cache, .../models--OWNER--NAME/snapshots/..., names itself); None: the card names none")
-    p.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
-    p.add_argument("--save_steps", type=COUNT, default=10_000,
-                   help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the whole "
-                        "training state to OUTPUT/checkpoints/<step> every this many steps")
-    p.add_argument("--keep_checkpoints", type=COUNT, default=2,
-                   help="training-state checkpoints kept (the newest); exported models are all kept")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
-    p.add_argument("--resume_force", action="store_true",
-                   help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
-    p.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
-    p.add_argument("--mini_batch_size", type=int, default=None,
-                   help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
-                        "so activation memory follows this, not --batch_size (same gradients); None: one pass")
-    p.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
-    p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
-                   help="pad each column of a batch to the smallest of these lengths that fits its longest text "
-                        "(--max_length is the last); None: every text padded to --max_length")
-    p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use; None: all local devices")
-    p.add_argument("--cpu_devices", type=COUNT, default=None,
-                   help="without an accelerator: split the CPU into this many devices; XLA runs most of one "
-                        "CPU device's step on one thread, so one per core is about cores x faster; None: XLA_FLAGS' "
-                        "--xla_force_host_platform_device_count, else 1")
-    p.add_argument("--datasets_per_batch", type=COUNT, default=2,
-                   help="sources drawn per round of --mixing original, or per global batch of --mixing per_batch")
-    p.add_argument("--mixing", choices=["original", "per_batch"], default="original",
-                   help="original (the published script): every global batch from one source; a round of as many "
-                        "steps as devices draws --datasets_per_batch sources with one column count, each filling "
-                        "devices / --datasets_per_batch steps, and no text twice in a round. per_batch: each global "
-                        "batch split into --datasets_per_batch equal shares, drawn anew, no text twice in a batch")
-    p.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
-    p.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
-    p.add_argument("--data_folder", default="data",
-                   help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
-    p.add_argument("--lr", type=NON_NEGATIVE, default=2e-5, help="peak learning rate of AdamW")
-    p.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
-    p.add_argument("--schedule_steps", type=COUNT, default=None,
-                   help="the step at which the linear decay reaches lr 0; None: --steps. A run may stop before "
-                        "it, as a 1M-step schedule stopped at 540k would (README)")
-    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.0,
-                   help="AdamW's decoupled weight decay, not on biases and LayerNorm (the published script: none)")
-    p.add_argument("--clip_scope", choices=["device", "global"], default="device",
-                   help="device: clip each device's share of the gradient to norm 1, then average them, as the "
-                        "published script's cores did; global: average, then clip the whole gradient to norm 1")
-    p.add_argument("--attention_dropout", choices=["element", "shared"], default="element",
-                   help="element: an independent attention-dropout draw per example, head and position, as "
-                        "PyTorch (the published run); shared: transformers' Flax default, one mask per layer "
-                        "shared by the examples and heads of a device")
-    p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
-    p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
-    p.add_argument("--dropout", type=PROBABILITY, default=None,
-                   help="override the model's dropout probabilities; None: keep the checkpoint's")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="activations and matmuls; parameters, optimizer and loss stay float32")
-    p.add_argument("--data_order", choices=["original", "shuffled"], default="original",
-                   help="original (the published script): the first pass over every file in file order; later "
-                        "passes of the files kept by --cache_small_sources reshuffled whole, of the others in file "
-                        "order. shuffled: every pass shuffled in blocks of --shuffle_buffer lines")
-    p.add_argument("--shuffle_buffer", type=COUNT, default=10_000,
-                   help="lines of a source read together (and with --data_order shuffled, shuffled together)")
-    p.add_argument("--cache_small_sources", type=NATURAL, default=None,
-                   help="keep the lines of files whose config \"lines\" is below this in RAM from their first pass "
-                        "on, and shuffle them whole for every later pass; the RAM it takes is printed at the start. "
-                        "Default: 10000000 with --data_order original (the published script), 0 with shuffled; "
-                        "0: keep none")
-    p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
-                   help="tokenizer processes, one core each; 0 tokenizes in a thread of the trainer. The "
-                        "default, half the host's cores but at most 4, keeps a TPU v3-8 fed at the card's batch")
-    p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
-    p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
-                   help="seconds the trainer waits for a batch before it names the stuck worker, checkpoints "
-                        "its last finished step and stops (exit 1); 0: wait forever")
-    p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
-                   help="stream N global batches without a model, print source counts and throughput, exit")
-    p.add_argument("--dump_batches", default=None, metavar="FILE",
-                   help="with --dry_run: write each global batch's texts and sources as a JSON line")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
-    p.add_argument("--eval_steps", type=NATURAL, default=0,
-                   help="score held-out rows of every source by in-batch retrieval every this many steps "
-                        "(and at the start and the end); 0: off, and no row is held out")
-    p.add_argument("--eval_rows", type=int, default=1000,
-                   help="with --eval_steps: the first this many lines of every file are held out of training "
-                        "and used for evaluation")
-    p.add_argument("--multihost", action="store_true",
-                   help="join the other hosts of a multi-host run (every host runs the same command) with "
-                        "jax.distributed.initialize(); it finds them by itself on Cloud TPU pod slices, SLURM and "
-                        "Open MPI; elsewhere give the three flags below (--coordinator_address implies --multihost)")
-    p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                   help="multi-host: process 0's address, the same on every host")
-    p.add_argument("--num_processes", type=COUNT, default=None, help="multi-host: how many processes join")
-    p.add_argument("--process_id", type=NATURAL, default=None, help="multi-host: this process's index, 0 .. N-1")
-    try:
-        args = p.parse_args(argv)
-    except argparse.ArgumentError as e:  # a bad value: one line, as every other UserError
-        raise UserError(f"{e.argument_name} {e.message}") from None
-    # A short run (a smoke test) may keep the card's warm-up as it is; a value typed beyond --steps
-    # would leave the learning rate short of --lr for the whole run.
-    if args.warmup_steps > args.steps and args.warmup_steps != p.get_default("warmup_steps"):
-        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
-    # as typed, for the run record and the model card
-    args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
-    check_args(args)
-    return args
-
-
 def hub_id(text):
-    """--base_model must be a name the Hub would accept in the card's metadata."""
+    """--base_model must be a name the Hub accepts in the card's metadata."""
     try:
         validate_repo_id(text)
     except HFValidationError:
@@ -227,34 +111,138 @@ def hub_id(text):
     return text
 
 
-def check_args(args):
-    """What the flags' types cannot see alone: the combinations."""
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
+    p.add_argument("output", help="folder for the exported models, checkpoints and logs")
+
+    # A checkpoint records these, and --resume continues only a run that computes the same thing.
+    run = p.add_argument_group("what the run computes (a resumed run must repeat these)")
+    run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
+                     help="starting checkpoint: a Hub name or a local folder")
+    run.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
+    run.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
+    run.add_argument("--mini_batch_size", type=int, default=None,
+                     help="GradCache: embed and back-propagate this many rows of a device's batch at a time (same "
+                          "gradients, activation memory of this many rows); None: the whole batch in one pass")
+    run.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
+    run.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
+                     help="pad each column to the smallest of these lengths that fits its longest text "
+                          "(--max_length is the last); None: always to --max_length")
+    run.add_argument("--mixing", choices=["original", "per_batch"], default="original",
+                     help="original (the published script): each global batch from one source; a round of as many "
+                          "steps as devices draws --datasets_per_batch sources of one column count, each filling "
+                          "devices / --datasets_per_batch steps, no text twice in a round. per_batch: each batch in "
+                          "--datasets_per_batch equal shares drawn anew, no text twice in a batch")
+    run.add_argument("--datasets_per_batch", type=COUNT, default=2, help="sources drawn per round (or per batch)")
+    run.add_argument("--data_order", choices=["original", "shuffled"], default="original",
+                     help="original (the published script): every file's first pass in file order, later passes "
+                          "of the files kept in RAM shuffled whole, of the others in file order. shuffled: every "
+                          "pass shuffled in blocks of --shuffle_buffer lines")
+    run.add_argument("--shuffle_buffer", type=COUNT, default=10_000, help="lines of a source read (and shuffled) together")
+    run.add_argument("--cache_small_sources", type=NATURAL, default=None,
+                     help="keep files whose config \"lines\" is below this in RAM from their first pass on, and "
+                          "reshuffle them whole every later pass (the RAM it takes is printed); default %(default)s: "
+                          "10000000 with --data_order original (the published script), 0 (none) with shuffled")
+    run.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
+    run.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
+                     help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
+    run.add_argument("--lr", type=NON_NEGATIVE, default=2e-5, help="peak learning rate of AdamW")
+    run.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
+    run.add_argument("--schedule_steps", type=COUNT, default=None,
+                     help="the step at which the decay reaches lr 0 (a run may stop before it); None: --steps")
+    run.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.0,
+                     help="AdamW's decoupled weight decay, not on biases and LayerNorm (the published script: none)")
+    run.add_argument("--clip_scope", choices=["device", "global"], default="device",
+                     help="device: clip each device's share of the gradient to norm 1, then average (the published "
+                          "script's cores); global: average, then clip the whole gradient to norm 1")
+    run.add_argument("--dropout", type=PROBABILITY, default=None,
+                     help="override the model's dropout probabilities; None: keep the checkpoint's")
+    run.add_argument("--attention_dropout", choices=["element", "shared"], default="element",
+                     help="element: independent draws per example, head and position (PyTorch, the published run); "
+                          "shared: transformers' Flax default, one mask per layer for a device's examples and heads")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="activations and matmuls; parameters, optimizer and loss stay float32")
+    run.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
+
+    p.add_argument("--data_folder", default="data",
+                   help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
+    p.add_argument("--base_model", type=hub_id, default=None, metavar="OWNER/NAME",
+                   help="the Hub name the model card gives a local --model folder (a folder of the Hugging Face "
+                        "cache names itself); None: the card names none")
+    p.add_argument("--save_steps", type=COUNT, default=10_000,
+                   help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the training state to "
+                        "OUTPUT/checkpoints/<step> every this many steps")
+    p.add_argument("--keep_checkpoints", type=COUNT, default=2, help="checkpoints kept (the newest); exports are all kept")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
+    start.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
+    p.add_argument("--resume_force", action="store_true",
+                   help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
+    p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
+    p.add_argument("--eval_steps", type=NATURAL, default=0,
+                   help="score held-out rows of every source by in-batch retrieval every this many steps, at the "
+                        "start and at the end; 0: off, and no row is held out")
+    p.add_argument("--eval_rows", type=checked(int, lambda n: n >= 2, "at least 2 (a row is ranked against others)"),
+                   default=1000, help="with --eval_steps: the first this many lines of every file, held out of training")
+    p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use; None: all local devices")
+    p.add_argument("--cpu_devices", type=COUNT, default=None,
+                   help="without an accelerator, split the CPU into this many devices (one per core runs about cores "
+                        "x faster); None: XLA_FLAGS' --xla_force_host_platform_device_count, else 1")
+    p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+                   help="tokenizer processes, one core each; 0: a thread of the trainer. Default %(default)s: half "
+                        "this host's cores, at most 4, which keeps a TPU v3-8 fed")
+    p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
+    p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
+                   help="seconds to wait for a batch before naming the stuck worker, checkpointing the last "
+                        "finished step and stopping (exit 1); 0: wait forever")
+    p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
+                   help="stream N global batches without a model, print source counts and throughput, exit")
+    p.add_argument("--dump_batches", default=None, metavar="FILE",
+                   help="with --dry_run: write each global batch's texts and sources as a JSON line")
+    p.add_argument("--multihost", action="store_true",
+                   help="join the other hosts (each runs the same command) with jax.distributed.initialize(), which "
+                        "finds them on Cloud TPU pods, SLURM and Open MPI; elsewhere give the three flags below")
+    p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="multi-host: process 0's address, the same on every host (implies --multihost)")
+    p.add_argument("--num_processes", type=COUNT, default=None, help="multi-host: how many processes join")
+    p.add_argument("--process_id", type=NATURAL, default=None, help="multi-host: this process's index, 0 .. N-1")
+    try:
+        args = p.parse_args(argv)
+    except argparse.ArgumentError as e:  # a bad value: one line, as every other UserError
+        raise UserError(f"{e.argument_name} {e.message}") from None
+    args.run_flags = [action.dest for action in run._group_actions]  # what a checkpoint records
+    args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
+    # A short run (a smoke test) may keep the card's warm-up; one typed beyond --steps would leave
+    # the learning rate short of --lr for the whole run.
+    if args.warmup_steps > args.steps and args.warmup_steps != p.get_default("warmup_steps"):
+        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
+    check_combinations(args)
+    return args
+
+
+def check_combinations(args):
+    """What the flags' types cannot see alone; fills the defaults that depend on other flags."""
     if args.cache_small_sources is None:
         args.cache_small_sources = 10_000_000 if args.data_order == "original" else 0
-    if args.schedule_steps is None:
-        args.schedule_steps = args.steps
+    args.schedule_steps = args.schedule_steps or args.steps
     if args.schedule_steps < args.steps:
         raise UserError(f"--schedule_steps {args.schedule_steps} is below --steps {args.steps}: the lr would be 0 "
                         "from there on")
-    if args.dump_batches and args.dry_run is None:
-        raise UserError("--dump_batches only works with --dry_run N")
-    if args.resume and args.overwrite:
-        raise UserError("--resume continues OUTPUT and --overwrite deletes it: pass one of them")
-    if args.resume_force and not args.resume:
-        raise UserError("--resume_force only works with --resume")
-    if args.eval_steps and args.eval_rows < 2:
-        raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
-                        f"got {args.eval_rows}")
-    if args.mini_batch_size is not None and not (
-            1 <= args.mini_batch_size <= args.batch_size and args.batch_size % args.mini_batch_size == 0):
+    if args.mini_batch_size is not None and (args.mini_batch_size < 1 or args.batch_size % args.mini_batch_size):
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
-
-    if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
-        raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
+    if args.dump_batches and args.dry_run is None:
+        raise UserError("--dump_batches only works with --dry_run N")
+    if args.resume_force and not args.resume:
+        raise UserError("--resume_force only works with --resume")
     if (args.num_processes is not None or args.process_id is not None) and not (
             args.multihost or args.coordinator_address):
         raise UserError("--num_processes and --process_id need --coordinator_address (or --multihost)")
+    if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
+        raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
 
 
 def bucket_lengths(text, max_length):
@@ -868,8 +856,9 @@ def load_tokenizer_and_config(args):
 
 
 def load_model(args, config):
-    """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch."""
-    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=compute_dtype(args))
+    """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch.
+    Its parameters stay float32 whatever --dtype: the optimizer updates float32 master weights."""
+    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=jnp.dtype(args.dtype))
     try:
         try:
             return load()
@@ -885,12 +874,6 @@ def load_model(args, config):
     except (ValueError, RuntimeError, safetensors.SafetensorError) as e:  # msgpack's, torch's, safetensors' readers
         raise UserError(f"--model {args.model}: cannot read its weights ({first_line(e)}); "
                         "is the file truncated or damaged?")
-
-
-def compute_dtype(args):
-    """The dtype of activations and matmuls. transformers' Flax models keep their parameters in
-    float32 whatever this is, so the optimizer updates float32 master weights."""
-    return jnp.dtype(args.dtype)
 
 
 def first_line(error):
@@ -1199,31 +1182,24 @@ def held_out_texts(held_out):
     return [text for rows in held_out.values() for column in zip(*rows) for text in column]
 
 
-def tokenize_held_out(held_out, pool, chunk):
-    """The held-out texts tokenized once, padded with empty texts to a multiple of `chunk`."""
+def make_evaluator(model, held_out, pool, devices, sharding, per_device):
+    """(params) -> the held-out scores. The texts are tokenized once, padded with empty texts to
+    whole global batches; every batch is dispatched before any is fetched, so the devices never
+    wait for the host."""
     texts = held_out_texts(held_out)
+    chunk = len(devices) * per_device
     texts += [""] * (-len(texts) % chunk)
-    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts),)).result()
-    return ids, mask
+    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts) // chunk, len(devices), per_device)).result()
 
-
-def make_embed_step(model, devices):
-    """The pmapped inference embedding (no dropout): (params, input_ids, attention_mask) -> embeddings."""
-    def embed_step(params, input_ids, attention_mask):
+    @functools.partial(jax.pmap, axis_name=AXIS, devices=devices)
+    def embed_step(params, input_ids, attention_mask):  # no dropout
         return embed(model, params, input_ids, attention_mask)
 
-    return jax.pmap(embed_step, axis_name=AXIS, devices=devices)
-
-
-def embed_held_out(embed_step, params, tokens, sharding, devices, per_device):
-    """Embeddings of all held-out texts, [texts, dim] on the host; every chunk is dispatched before
-    any is fetched, so the devices never wait for the host."""
-    ids, mask = tokens
-    chunk = devices * per_device
-    outputs = [embed_step(params, *to_devices((ids[i:i + chunk].reshape(devices, per_device, -1),
-                                               mask[i:i + chunk].reshape(devices, per_device, -1)), sharding))
-               for i in range(0, len(ids), chunk)]
-    return np.concatenate([np.asarray(out).reshape(chunk, -1) for out in jax.device_get(outputs)])
+    def evaluate(params):
+        outputs = [embed_step(params, *to_devices(chunk_tokens, sharding)) for chunk_tokens in zip(ids, mask)]
+        embeddings = np.concatenate([np.asarray(out).reshape(chunk, -1) for out in jax.device_get(outputs)])
+        return score_held_out(held_out, embeddings)
+    return evaluate
 
 
 def rank_of_partners(queries, candidates):
@@ -1237,20 +1213,17 @@ def rank_of_partners(queries, candidates):
     return np.concatenate(ranks)
 
 
-def retrieval_scores(ranks):
-    return {"accuracy": float(np.mean(ranks == 1)),
-            f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
-
-
 def score_held_out(held_out, embeddings):
-    """{source name: scores, ..., "overall": the mean of every score over the sources}."""
+    """{source name: {accuracy, mrr@10}, ..., "overall": each score's mean over the sources}."""
     scores, start = {}, 0
     for name, rows in held_out.items():
         columns = []
         for _ in rows[0]:
             columns.append(embeddings[start:start + len(rows)])
             start += len(rows)
-        scores[name] = retrieval_scores(rank_of_partners(columns[0], np.concatenate(columns[1:])))
+        ranks = rank_of_partners(columns[0], np.concatenate(columns[1:]))
+        scores[name] = {"accuracy": float(np.mean(ranks == 1)),
+                        f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
     scores["overall"] = {key: float(np.mean([s[key] for s in scores.values()])) for key in scores[name]}
     return scores
 
@@ -1465,14 +1438,6 @@ def write_run_record(args, entries, step):
 # checkpoint or none. Nothing else is needed to continue exactly: the sources of a batch derive
 # from (seed, step), dropout keys from (seed, step, device).
 
-# The flags a resumed run must share with its checkpoint to compute the same thing; the others
-# (logging, saving, workers, prefetch, --data_folder) only change how it is computed or reported.
-RUN_FLAGS = ("model", "steps", "batch_size", "mini_batch_size", "max_length", "pad_to_buckets", "datasets_per_batch",
-             "scale", "symmetric_loss", "lr", "warmup_steps", "schedule_steps", "weight_decay", "clip_scope",
-             "dropout", "attention_dropout", "dtype", "seed", "mixing", "data_order", "shuffle_buffer",
-             "cache_small_sources")
-
-
 class Interrupted(Exception):
     """A signal or the input pipeline stopped the run (after a checkpoint of its last finished step,
     where there was one to write); exits with `status`."""
@@ -1485,7 +1450,7 @@ class Interrupted(Exception):
 def run_identity(args, entries, devices):
     """What a checkpoint records and a resume must match: the flags above, the mixture, the devices,
     the lines held out of training; as JSON reads it back (tuples become lists)."""
-    identity = {f"--{name}": getattr(args, name) for name in RUN_FLAGS}
+    identity = {f"--{name}": getattr(args, name) for name in args.run_flags}
     identity.update({"data config": entries, "devices": len(devices) * jax.process_count(),
                      "processes": jax.process_count(),
                      "--eval_rows held out": args.eval_rows if args.eval_steps else 0})
@@ -1703,128 +1668,86 @@ STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices: c
 STOP_CHECK_STEPS = 10  # multi-host: the processes share their stop requests every this many steps
 
 
-def train(args, model, tokenizer, config, sources, entries, devices, checkpoints, stop, held_out=None):
-    process, processes = jax.process_index(), jax.process_count()
-    global_batch = args.batch_size * len(devices) * processes
-    local_batch = args.batch_size * len(devices)
-    writer = process == 0
-    identity = run_identity(args, entries, devices)
-    start_state, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
-    versions = library_versions()
+@dataclasses.dataclass
+class Progress:
+    """The loop's bookkeeping. The steps since the last log line keep their measurements on the
+    devices until log_window fetches them; the host runs at most STEPS_IN_FLIGHT steps ahead."""
+    batches: collections.Counter    # batches drawn per source, from the run's start
+    window: list = dataclasses.field(default_factory=list)  # (text batch, measurements) since the last line
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # the window's start
+    waited: float = 0.0             # seconds of the window spent waiting for a batch
+    bad_in_a_row: int = 0           # non-finite steps in a row, up to the last logged one
+    skipped: int = 0                # non-finite steps, all told
+    invalid: dict = dataclasses.field(default_factory=dict)  # the unusable-line counts last reported
+    compiled: set = dataclasses.field(default_factory=set)   # batch shapes the step was compiled for
+    in_flight: collections.deque = dataclasses.field(default_factory=collections.deque)
 
+
+def train(args, model, tokenizer, data, devices, checkpoints, stop):
+    """Trains from where initial_state says to --steps; process 0 alone writes what the run reports."""
+    sources, entries, held_out = data
+    writer, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
     all_devices = devices_of_all_processes(devices)
-    sharding = device_sharding(all_devices)
-    state = replicate(start_state, sharding, len(devices))
-    scores_at = {}  # step -> held-out scores, for the model card of an export at that step
-
-    def export(step):
-        if writer:
-            params = jax.device_get(first_local_replica(state.params))
-            run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
-                   "mixture": entries, "versions": versions, "scores": scores_at.get(step)}
-            export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args, run)
-
+    sharding, global_batch, local_batch = (device_sharding(all_devices), args.batch_size * len(all_devices),
+                                           args.batch_size * len(devices))
+    identity = run_identity(args, entries, all_devices)
+    start, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
+    state = replicate(start, sharding, len(devices))
+    run = {"global_batch": global_batch, "devices": len(all_devices), "mixture": entries,
+           "versions": library_versions(), "scores": {}}
     # a resumed run first writes the export that a kill or a full disk cut short
-    if first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not os.path.isdir(
-            export_folder(args, first_step)):
-        export(first_step)
-    if first_step == args.steps:
-        if writer:  # a loop that restarts the command until it succeeds ends here
+    if writer and first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not (
+            os.path.isdir(export_folder(args, first_step))):
+        export(args, first_step, state, model.config, tokenizer, run)
+    if first_step == args.steps:  # a loop that restarts the command until it succeeds ends here
+        if writer:
             print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
         return
     if writer:
         write_run_record(args, entries, first_step)
+
     train_step = make_train_step(model, args, all_devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
         source.position = tuple(positions.get(source.name, (0, 0)))
-    texts = text_batches(sources, args, global_batch,
-                         (process * local_batch, (process + 1) * local_batch), (process, processes), first_step)
-    metrics = open_metrics(args.output) if writer else None
-    embed_step = make_embed_step(model, devices) if held_out else None
-
-    def evaluate(step, tokens):
-        """Scores the held-out rows (every process, on its own devices); returns the seconds it took."""
-        started = time.perf_counter()
-        embeddings = embed_held_out(embed_step, state.params, tokens, sharding, len(devices), args.batch_size)
-        scores = scores_at[step] = score_held_out(held_out, embeddings)
-        seconds = time.perf_counter() - started
-        overall = " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
-        bar.write(f"eval step={step} {overall} ({seconds:.1f}s)")
-        if metrics:
-            write_metrics(metrics, {"step": step, "eval": scores, "eval_seconds": seconds})
-        return seconds
-
-    # a stop asked while the loop waits for a batch needs no batch; with several processes it waits
-    # for the step at which they all stop
+    texts = text_batches(sources, args, global_batch, (process * local_batch, (process + 1) * local_batch),
+                         (process, processes), first_step)
+    progress = Progress(collections.Counter(batches_so_far))
+    # a stop asked while the loop waits for a batch needs no batch; several processes wait for the
+    # step at which they all stop
     stop_asked = (lambda: stop.first is not None) if processes == 1 else (lambda: False)
     with (tokenizer_pool(tokenizer, args) as pool,
-          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers),
-                                                (len(devices), args.batch_size), args.prefetch,
-                                                args.batch_timeout, stop_asked)) as batches,
-          tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
-                    disable=not writer, dynamic_ncols=True) as bar):  # closed: a last line starts a line
-        def next_batch():
-            """The next batch and its columns on the devices; (None, None) if a stop was asked meanwhile."""
-            batch = next(batches, None)
-            return (batch, to_devices(batch.columns, sharding)) if batch else (None, None)
-
-        if held_out:
-            held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
-            evaluate(first_step, held_out_tokens)
-        window, waited, window_start, skipped, bad_in_a_row = [], 0.0, time.perf_counter(), 0, 0
-        batches_per_source, reported_invalid = collections.Counter(batches_so_far), {}
-        batch, columns = next_batch()
-        compiled_shapes = set()  # each batch shape (pairs or triplets, bucket lengths) compiles the step once
-        in_flight = collections.deque()  # the measurements of the steps dispatched and maybe not done
-        for step in bar:
-            shape = tuple(ids.shape for ids, _ in columns)
-            if shape in compiled_shapes:
-                state, measured = train_step(state, columns, dropout_key)
-            else:
-                state, measured = compile_step(train_step, state, columns, dropout_key, args, bar)
-                compiled_shapes.add(shape)
+          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers), (len(devices), args.batch_size),
+                                                args.prefetch, args.batch_timeout, stop_asked)) as batches,
+          contextlib.closing(Report(args, first_step, writer)) as report):
+        evaluate = held_out and make_evaluator(model, held_out, pool, devices, sharding, args.batch_size)
+        if evaluate:
+            run["scores"][first_step] = report_eval(report, first_step, evaluate, state)
+        batch, failed = next_batch(batches, sharding, progress), None
+        for step in report.bar:
+            state = dispatch(train_step, state, batch, dropout_key, progress, args, report)
             stop.in_loop = True  # from here a signal checkpoints this step
-            # Dispatch runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, the
-            # host queues hundreds between two logging steps, and XLA:CPU aborts when a collective
-            # of one of them waits over 40 s for its devices (docs/performance.md).
-            in_flight.append(measured)
-            if len(in_flight) > STEPS_IN_FLIGHT:
-                jax.block_until_ready(in_flight.popleft())
             done = batch.text
-            window.append((done, measured))
-            batches_per_source.update(done.sources)
-            failed = None
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
-                wait_start = time.perf_counter()
                 try:
-                    batch, columns = next_batch()
+                    batch = next_batch(batches, sharding, progress)
                 except PipelineError as e:
                     failed = e
-                waited += time.perf_counter() - wait_start
             if failed and processes > 1:  # the others wait in the next step: no checkpoint without them
                 raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
                                   f"resume with: {resume_command(args)}", 1)
             signalled = agreed_stop(stop, step, processes)
-            checkpoint_now = ((step + 1) % args.save_steps == 0 or step + 1 == args.steps
-                              or bool(signalled or failed))
+            checkpoint_now = (step + 1) % args.save_steps == 0 or step + 1 == args.steps or bool(signalled or failed)
             # the window is checked before a checkpoint, so a run that must stop never writes one
             if (step + 1) % args.log_steps == 0 or checkpoint_now:
-                line, bad_in_a_row = log_window(bar, window, waited, time.perf_counter() - window_start,
-                                                global_batch, bad_in_a_row, checkpoints.latest_step())
-                skipped += line["skipped"]
-                if metrics:
-                    write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
-                if window[-1][0].invalid != reported_invalid:
-                    reported_invalid = window[-1][0].invalid
-                    bar.write(invalid_lines_report(reported_invalid))
-                window, waited, window_start = [], 0.0, time.perf_counter()
-            if held_out and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
-                window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
+                log_window(report, progress, global_batch, sources, checkpoints.latest_step())
+            if evaluate and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
+                run["scores"][step + 1] = report_eval(report, step + 1, evaluate, state)
+                progress.started = time.perf_counter()  # the eval is not training time
             if checkpoint_now:
-                save_checkpoint(checkpoints, state, done, sources, identity, batches_per_source)
-            if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
-                export(step + 1)
+                save_checkpoint(checkpoints, state, done, sources, identity, progress.batches)
+            if writer and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
+                export(args, step + 1, state, model.config, tokenizer, run)
             if failed:
                 raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step + 1} written; "
                                   f"resume with: {resume_command(args)}", 1)
@@ -1832,15 +1755,42 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
                 raise Interrupted(f"{signalled.name} at step {step + 1}, checkpoint written; resume with: "
                                   f"{resume_command(args)}", 128 + signalled)
         stop.in_loop = False  # a signal from here stops at once: the last checkpoint is written
-        export(args.steps)
-    if metrics:
-        close_metrics(metrics)
     if writer:
-        print(f"done: {args.steps} steps, {skipped} skipped as non-finite, {len(compiled_shapes)} batch "
-              f"shape(s) compiled; model in {os.path.join(args.output, 'final')}")
+        export(args, args.steps, state, model.config, tokenizer, run)
+        print(f"done: {args.steps} steps, {progress.skipped} skipped as non-finite, {len(progress.compiled)} "
+              f"batch shape(s) compiled; model in {export_folder(args, args.steps)}")
 
 
-def compile_step(train_step, state, columns, dropout_key, args, bar):
+def next_batch(batches, sharding, progress):
+    """The next batch, its columns put on the devices; None if a stop was asked meanwhile."""
+    started = time.perf_counter()
+    batch = next(batches, None)
+    if batch:
+        batch.columns = to_devices(batch.columns, sharding)
+    progress.waited += time.perf_counter() - started
+    return batch
+
+
+def dispatch(train_step, state, batch, dropout_key, progress, args, report):
+    """Dispatches the step on `batch` (compiling it for a new batch shape) and returns the new state.
+    The host runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, it queues
+    hundreds between two logging steps, and XLA:CPU aborts when a collective of one of them waits
+    over 40 s for its devices (docs/performance.md)."""
+    shape = tuple(ids.shape for ids, _ in batch.columns)
+    if shape in progress.compiled:
+        state, measured = train_step(state, batch.columns, dropout_key)
+    else:
+        state, measured = compile_step(train_step, state, batch.columns, dropout_key, args, report)
+        progress.compiled.add(shape)
+    progress.in_flight.append(measured)
+    if len(progress.in_flight) > STEPS_IN_FLIGHT:
+        jax.block_until_ready(progress.in_flight.popleft())
+    progress.window.append((batch.text, measured))
+    progress.batches.update(batch.text.sources)
+    return state
+
+
+def compile_step(train_step, state, columns, dropout_key, args, report):
     """Runs a step that compiles (a new batch shape) and waits for it, so that a batch too big
     for the device fails here, as one line, rather than at the next fetch with a traceback."""
     kind = (f"{ {2: 'pairs', 3: 'triplets'}[len(columns)]} of "
@@ -1854,58 +1804,89 @@ def compile_step(train_step, state, columns, dropout_key, args, bar):
         raise UserError(f"a step on {kind} with --batch_size {args.batch_size} per device and --max_length "
                         f"{args.max_length} does not fit in device memory ({first_line(e)}); lower "
                         "--batch_size (the global batch shrinks with it) or --max_length") from e
-    bar.write(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
+    report.line(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
     return state, measured
 
 
-def log_window(bar, window, waited, seconds, global_batch, bad_in_a_row, last_checkpoint):
-    """Fetches the window's measurements (the only host sync) and reports them; returns the line
-    and how many steps in a row, up to the window's last, were not finite. last_checkpoint: the
+def log_window(report, progress, global_batch, sources, last_checkpoint):
+    """Fetches the measurements of the steps since the last line (the loop's only host sync), stops
+    the run after MAX_BAD_STEPS non-finite steps in a row, and reports them. last_checkpoint: the
     step of the newest checkpoint in OUTPUT, None if there is none."""
+    window, seconds = progress.window, time.perf_counter() - progress.started
     measured = jax.device_get([m for _, m in window])
     for (text, _), m in zip(window, measured):
-        bad_in_a_row = 0 if m["finite"][0] else bad_in_a_row + 1
-        if bad_in_a_row >= MAX_BAD_STEPS:
+        progress.bad_in_a_row = 0 if m["finite"][0] else progress.bad_in_a_row + 1
+        if progress.bad_in_a_row >= MAX_BAD_STEPS:
             kept = (f"the checkpoint of step {last_checkpoint} is intact" if last_checkpoint is not None
                     else "no checkpoint was written")
             raise UserError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
                             f"(sources {', '.join(text.sources)}); their updates were skipped; {kept}")
     finite = [m for m in measured if m["finite"][0]]
-
-    def mean(key):
-        return float(np.mean([m[key][0] for m in finite])) if finite else float("nan")
-
+    mean = lambda key: float(np.mean([m[key][0] for m in finite])) if finite else float("nan")  # noqa: E731
     line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
             "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
-            "data_wait": waited / seconds, "skipped": len(measured) - len(finite)}
-    if not bar.disable:  # processes other than 0 check the losses but log nothing
-        bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
-                        pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
-        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
-    return line, bad_in_a_row
+            "data_wait": progress.waited / seconds, "skipped": len(measured) - len(finite)}
+    progress.skipped += line["skipped"]
+    progress.window, progress.waited, progress.started = [], 0.0, time.perf_counter()
+    report.bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
+                           pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
+    report.line(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    report.record({**line, "batches": {s.name: progress.batches[s.name] for s in sources}})
+    if window[-1][0].invalid != progress.invalid:
+        progress.invalid = window[-1][0].invalid
+        report.line(invalid_lines_report(progress.invalid))
 
 
-# OUTPUT/metrics.jsonl gets one JSON line per --log_steps (and per evaluation); OUTPUT/tensorboard/
-# the same numbers as scalars, nested keys joined by "/". Appending lets a resumed run continue both.
-
-def open_metrics(output):
-    return (open(os.path.join(output, "metrics.jsonl"), "a"),
-            tensorboardX.SummaryWriter(os.path.join(output, "tensorboard")))
-
-
-def write_metrics(metrics, record):
-    jsonl, board = metrics
-    jsonl.write(json.dumps(record) + "\n")
-    jsonl.flush()
-    numbers = {key: value for key, value in record.items() if key != "step"}  # the x axis, not a scalar
-    for tag, value in traverse_util.flatten_dict(numbers, sep="/").items():
-        board.add_scalar(tag, value, record["step"])
-    board.flush()
+def report_eval(report, step, evaluate, state):
+    """Scores the held-out rows at `step` (every process, on its own devices) and reports them."""
+    started = time.perf_counter()
+    scores = evaluate(state.params)
+    seconds = time.perf_counter() - started
+    report.line(f"eval step={step} " + " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
+                + f" ({seconds:.1f}s)")
+    report.record({"step": step, "eval": scores, "eval_seconds": seconds})
+    return scores
 
 
-def close_metrics(metrics):
-    for sink in metrics:
-        sink.close()
+def export(args, step, state, config, tokenizer, run):
+    """OUTPUT/<step> (OUTPUT/final at --steps), from this process's first copy of the parameters."""
+    params = jax.device_get(first_local_replica(state.params))
+    export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args,
+                                {**run, "step": step, "scores": run["scores"].get(step)})
+
+
+class Report:
+    """What the run reports, written by process 0 alone (the others train the same steps in silence):
+    lines above the progress bar, OUTPUT/metrics.jsonl and OUTPUT/tensorboard/ (a record per log
+    line and per evaluation, nested keys joined by "/"; appended to, so a resumed run continues both)."""
+
+    def __init__(self, args, first_step, writer):
+        self.writer = writer
+        self.bar = tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
+                             disable=not writer, dynamic_ncols=True)
+        if writer:
+            self.jsonl = open(os.path.join(args.output, "metrics.jsonl"), "a")
+            self.board = tensorboardX.SummaryWriter(os.path.join(args.output, "tensorboard"))
+
+    def line(self, text):
+        if self.writer:
+            self.bar.write(text)
+
+    def record(self, record):
+        if not self.writer:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        numbers = {key: value for key, value in record.items() if key != "step"}  # the x axis, not a scalar
+        for tag, value in traverse_util.flatten_dict(numbers, sep="/").items():
+            self.board.add_scalar(tag, value, record["step"])
+        self.board.flush()
+
+    def close(self):
+        self.bar.close()  # a line printed after the run starts on a line of its own
+        if self.writer:
+            self.jsonl.close()
+            self.board.close()
 
 
 # ============================================================================================
@@ -2092,7 +2073,7 @@ def main(argv=None, stop=None):
     with output_of_process_0(args, run_inputs(args, sources)):
         stop.resume = resume_command(args)  # from here a signal names the command that continues the run
         with checkpoint_manager(args) as checkpoints:
-            train(args, model, tokenizer, config, sources, entries, devices, checkpoints, stop, held_out)
+            train(args, model, tokenizer, (sources, entries, held_out), devices, checkpoints, stop)
 
 
 if __name__ == "__main__":
