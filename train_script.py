@@ -1633,14 +1633,10 @@ def checkpoint_manager(args):
         cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
     report = sys.unraisablehook
-
-    def unless_too_late(unraisable):
-        # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it
-        # find the event loop awaiting them closed: nothing is lost, nothing to report
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            report(unraisable)
-
-    sys.unraisablehook = unless_too_late
+    # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it find the
+    # event loop awaiting them closed: nothing is lost, nothing to report
+    sys.unraisablehook = lambda u: None if (isinstance(u.exc_value, RuntimeError)
+                                            and str(u.exc_value) == "Event loop is closed") else report(u)
     try:
         yield manager
     except BaseException:
@@ -1664,48 +1660,53 @@ def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_sou
             "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
     intact = checkpoints.all_steps()
     threads_before = set(threading.enumerate())
+    # orbax logs every failure of its threads, traceback and all, then raises it here, where it is
+    # reported in one line: its logger (absl's) keeps quiet meanwhile
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
-        with orbax_logs_quiet():
-            checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
-                                                           meta=ocp.args.JsonSave(meta)), force=True)
+        checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:
         # The other writes of a failed save go on in orbax's threads; once they end, nothing writes
         # into its temporary folder while the run stops, or when a resume cleans it up.
-        with orbax_logs_quiet():
-            for thread in set(threading.enumerate()) - threads_before:
-                if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
-                    thread.join()
+        for thread in set(threading.enumerate()) - threads_before:
+            if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
+                thread.join()
         kept = f"the checkpoint of step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
         raise UserError(f"cannot write the checkpoint of step {step} to {checkpoints.directory} "
                         f"({first_line(e)}); {kept}") from e
-
-
-@contextlib.contextmanager
-def orbax_logs_quiet():
-    """Orbax logs every failure of its threads, traceback and all, then hands it to the caller,
-    which reports it in one line: its logger (absl's) keeps quiet meanwhile."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
     finally:
-        logger.setLevel(level)
+        absl.setLevel(level)
 
 
-def restore_checkpoint(checkpoints, fresh, identity, force):
-    """The newest checkpoint that reads whole, as (host state, meta); None if there is none.
+def initial_state(args, model, checkpoints, identity):
+    """Where the run starts, decided here only, in this order:
 
-    A damaged one (truncated by a copy, a failing disk) is skipped with a warning for the one
-    before, and renamed <step>.unreadable so that the resumed run can write that step again.
-    A checkpoint of a different run is refused, unless `force`."""
-    steps = sorted(checkpoints.all_steps(), reverse=True)
-    target = {"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step}
+    1. with --resume, the newest checkpoint in OUTPUT that reads whole: its state and stream
+       positions. A damaged one (truncated by a copy, a failing disk) is skipped with a warning for
+       the one before, and renamed <step>.unreadable so that the run can write that step again.
+       A checkpoint of a different run is refused, unless --resume_force;
+    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
+    Returns (TrainState, its step, {source name: position} for this process,
+    {source name: batches drawn from it before that step})."""
+    fresh = init_state(model, args)
+    steps = sorted(checkpoints.all_steps(), reverse=True) if args.resume else []
+    target = (jax.device_get({"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step})
+              if steps else None)
     for tried, step in enumerate(steps):
         folder = os.path.join(checkpoints.directory, str(step))
         try:
             meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            check_same_run(meta["run"], identity, folder, force)
+            changed = [name if name == "data config" else f"{name} ({meta['run'].get(name)!r} in the checkpoint, "
+                       f"now {now!r})" for name, now in identity.items() if meta["run"].get(name) != now]
+            if changed and not args.resume_force:
+                raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
+                                f"pass the checkpoint's flags, or --resume_force to continue regardless")
+            if changed:
+                print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}",
+                      file=sys.stderr)
             state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         except UserError:
             raise
@@ -1717,52 +1718,27 @@ def restore_checkpoint(checkpoints, fresh, identity, force):
             shutil.rmtree(damaged + ".unreadable", ignore_errors=True)
             os.replace(damaged, damaged + ".unreadable")
         checkpoints.reload()
-        return fresh.replace(**state), meta
-    if steps:
-        raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
-    return None
-
-
-def check_same_run(saved, identity, folder, force):
-    changed = [name if name == "data config" else f"{name} ({saved.get(name)!r} in the checkpoint, now {now!r})"
-               for name, now in identity.items() if saved.get(name) != now]
-    if not changed:
-        return
-    if not force:
-        raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
-                        f"pass the checkpoint's flags, or --resume_force to continue regardless")
-    print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
-
-
-def initial_state(args, model, checkpoints, identity):
-    """Where the run starts, decided here only, in this order:
-
-    1. with --resume, the newest readable checkpoint in OUTPUT: its state and stream positions;
-    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
-    Returns (TrainState, its step, {source name: position} for this process,
-    {source name: batches drawn from it before that step})."""
-    fresh = init_state(model, args)
-    found = restore_checkpoint(checkpoints, jax.device_get(fresh), identity, args.resume_force) if args.resume else None
-    if found is None:
+        break
+    else:
+        if steps:
+            raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
         if args.resume:
             print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
         return fresh, 0, {}, {}
-    state, meta = found
     if meta["step"] > args.steps:
         raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
     if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
         print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
-    return state, meta["step"], positions, meta.get("batches", {})
+    return fresh.replace(**state), meta["step"], positions, meta.get("batches", {})
 
 
 @dataclasses.dataclass
 class StopRequests:
-    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked, and what stopping at once says.
-
-    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop
-    (the loop reads `first`); any other signal, or one outside the loop, stops at once."""
+    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked. While the train loop runs, the
+    first signal asks it to finish its step, checkpoint and stop (the loop reads `first`); any other
+    signal, or one outside the loop, stops at once."""
     first: signal.Signals = None   # the signal the loop was asked to stop for
     in_loop: bool = False          # the loop runs: there is a step to checkpoint
     resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
