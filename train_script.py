@@ -2030,12 +2030,6 @@ def choose_devices(args):
     return local[:count]
 
 
-def split_cpu(args):
-    """--cpu_devices: must run before anything asks jax for devices."""
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-
-
 def join_processes(args):
     """Multi-host: connects this process to the others; must run before anything asks jax for devices."""
     if not (args.multihost or args.coordinator_address):
@@ -2055,79 +2049,38 @@ def join_processes(args):
 # from before anything in OUTPUT is deleted until the run ends; the file names the holder. The
 # kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
 
-LOCK_FILE = ".lock"
-
-
-def local_path(url):
-    """The absolute path a local path or file:// URL names; None for a remote URL (gs://, hf://...)."""
-    url = url.split("::")[-1]  # a chained URL (simplecache::gs://...) ends with where the data lives
-    protocol, path = fsspec.core.split_protocol(url)
-    return os.path.abspath(path) if protocol in (None, "file", "local") else None
-
-
 def run_inputs(args, sources):
     """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
     inputs = [("the data config", args.data_config), ("this script", __file__)]
     if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
         files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
         inputs += [("--model", path) for path in [args.model, *files]]
-    inputs += [("the data file", local_path(s.url)) for s in sources]
-    return [(what, path) for what, path in inputs if path is not None]
-
-
-def inside(path, folder):
-    """Whether `path`, as written or with every link resolved, lies in `folder` (either form)."""
-    folders = {os.path.abspath(folder), os.path.realpath(folder)}
-    paths = {os.path.abspath(path), os.path.realpath(path)}
-    return any(os.path.commonpath([f, p]) == f for f in folders for p in paths)
-
-
-@contextlib.contextmanager
-def output_lock(output):
-    """OUTPUT/.lock held for the duration; a run holding it already is named and refused."""
-    path = os.path.join(output, LOCK_FILE)
-    while True:
-        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().decode().strip() or "starting"
-            lock.close()
-            raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
-        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
-            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {output}",
-                  file=sys.stderr)
-            break
-        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
-            break
-        lock.close()  # locked a file that its holder removed on exiting: lock the new one
-    try:
-        yield lock
-    finally:
-        os.unlink(path)  # while still locked, so that no other run locks the removed file
-        lock.close()
+    for source in sources:  # a chained URL (simplecache::gs://...) ends with where the data lives
+        protocol, path = fsspec.core.split_protocol(source.url.split("::")[-1])
+        if protocol in (None, "file", "local"):  # gs://, hf://... are nowhere in OUTPUT
+            inputs.append(("the data file", os.path.abspath(path)))
+    return inputs
 
 
 def prepare_output(args, inputs):
     """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
-    a kill or a full disk left unfinished. One in use is only emptied with --overwrite, and never if
-    it holds an input."""
-    existing = [name for name in os.listdir(args.output) if name != LOCK_FILE]
+    a kill or a full disk left unfinished (--resume writes them again). One in use is only emptied
+    with --overwrite, and never if it holds an input, as written or with every link resolved."""
+    existing = [name for name in os.listdir(args.output) if name != ".lock"]
     if args.resume:
-        for name in existing:
-            if name.endswith(".partial"):  # --resume writes the export again
-                shutil.rmtree(os.path.join(args.output, name))
-        return
-    if existing and not args.overwrite:
-        raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
-                        "or --overwrite to replace it")
-    if existing and os.path.islink(args.output):
-        raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
-                        "pass the folder itself")
-    for what, path in inputs:
-        if existing and inside(path, args.output):
-            raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
+        existing = [name for name in existing if name.endswith(".partial")]
+    elif existing:
+        if not args.overwrite:
+            raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
+                            "or --overwrite to replace it")
+        if os.path.islink(args.output):
+            raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
+                            "pass the folder itself")
+        folders = {os.path.abspath(args.output), os.path.realpath(args.output)}
+        for what, path in inputs:
+            if any(os.path.commonpath([folder, p]) == folder
+                   for folder in folders for p in (os.path.abspath(path), os.path.realpath(path))):
+                raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
     for name in existing:
         path = os.path.join(args.output, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -2138,14 +2091,33 @@ def prepare_output(args, inputs):
 
 @contextlib.contextmanager
 def claim_output(args, inputs):
-    """OUTPUT created, locked and prepared; the lock held until the run ends."""
+    """OUTPUT created, locked (a run holding it already is named and refused) and prepared; the lock
+    held until the run ends."""
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"{args.output} exists and is not a folder")
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
-    with output_lock(args.output) as lock:
+    path = os.path.join(args.output, ".lock")
+    while True:
+        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().decode().strip() or "starting"
+            lock.close()
+            raise UserError(f"{args.output} is in use by another run ({holder}); "
+                            "wait for it to end or stop it") from None
+        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {args.output}",
+                  file=sys.stderr)
+            break
+        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
+            break
+        lock.close()  # locked a file that its holder removed on exiting: lock the new one
+    try:
         prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
             lock.truncate(0)  # a killed run's line
@@ -2154,6 +2126,9 @@ def claim_output(args, inputs):
         except OSError as e:
             raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None
         yield
+    finally:
+        os.unlink(path)  # while still locked, so that no other run locks the removed file
+        lock.close()
 
 
 @contextlib.contextmanager
@@ -2166,11 +2141,8 @@ def output_of_process_0(args, inputs):
                 claimed.enter_context(claim_output(args, inputs))
             except UserError as e:
                 problem = e
-        ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
-        if problem:
-            raise problem
-        if not ready:
-            raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+        if not multihost_utils.broadcast_one_to_all(np.int32(problem is None)):  # a barrier too
+            raise problem or UserError(f"process 0 could not prepare {args.output} (its error says why)")
         yield
 
 
@@ -2179,7 +2151,8 @@ def main(argv=None, stop=None):
     installs (called as a function, main leaves the caller's signals alone)."""
     stop = stop or StopRequests()
     args = parse_args(argv)
-    split_cpu(args)
+    if args.cpu_devices:  # before anything asks jax for devices
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
@@ -2208,12 +2181,9 @@ if __name__ == "__main__":
     stop = handle_stop_signals()  # before the first line of output
     try:
         main(stop=stop)
-    except UserError as e:
+    except (UserError, PipelineError) as e:  # a PipelineError comes before the first step: nothing to checkpoint
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except PipelineError as e:  # before the first step: nothing to checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UserError) else 1)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.status)
