@@ -1468,14 +1468,10 @@ def checkpoint_manager(args):
         cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
     report = sys.unraisablehook
-
-    def unless_too_late(unraisable):
-        # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it
-        # find the event loop awaiting them closed: nothing is lost, nothing to report
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            report(unraisable)
-
-    sys.unraisablehook = unless_too_late
+    # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it find the
+    # event loop awaiting them closed: nothing is lost, nothing to report
+    sys.unraisablehook = lambda u: None if (isinstance(u.exc_value, RuntimeError)
+                                            and str(u.exc_value) == "Event loop is closed") else report(u)
     try:
         yield manager
     except BaseException:
@@ -1499,48 +1495,53 @@ def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_sou
             "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
     intact = checkpoints.all_steps()
     threads_before = set(threading.enumerate())
+    # orbax logs every failure of its threads, traceback and all, then raises it here, where it is
+    # reported in one line: its logger (absl's) keeps quiet meanwhile
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
-        with orbax_logs_quiet():
-            checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
-                                                           meta=ocp.args.JsonSave(meta)), force=True)
+        checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:
         # The other writes of a failed save go on in orbax's threads; once they end, nothing writes
         # into its temporary folder while the run stops, or when a resume cleans it up.
-        with orbax_logs_quiet():
-            for thread in set(threading.enumerate()) - threads_before:
-                if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
-                    thread.join()
+        for thread in set(threading.enumerate()) - threads_before:
+            if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
+                thread.join()
         kept = f"the checkpoint of step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
         raise UserError(f"cannot write the checkpoint of step {step} to {checkpoints.directory} "
                         f"({first_line(e)}); {kept}") from e
-
-
-@contextlib.contextmanager
-def orbax_logs_quiet():
-    """Orbax logs every failure of its threads, traceback and all, then hands it to the caller,
-    which reports it in one line: its logger (absl's) keeps quiet meanwhile."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
     finally:
-        logger.setLevel(level)
+        absl.setLevel(level)
 
 
-def restore_checkpoint(checkpoints, fresh, identity, force):
-    """The newest checkpoint that reads whole, as (host state, meta); None if there is none.
+def initial_state(args, model, checkpoints, identity):
+    """Where the run starts, decided here only, in this order:
 
-    A damaged one (truncated by a copy, a failing disk) is skipped with a warning for the one
-    before, and renamed <step>.unreadable so that the resumed run can write that step again.
-    A checkpoint of a different run is refused, unless `force`."""
-    steps = sorted(checkpoints.all_steps(), reverse=True)
-    target = {"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step}
+    1. with --resume, the newest checkpoint in OUTPUT that reads whole: its state and stream
+       positions. A damaged one (truncated by a copy, a failing disk) is skipped with a warning for
+       the one before, and renamed <step>.unreadable so that the run can write that step again.
+       A checkpoint of a different run is refused, unless --resume_force;
+    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
+    Returns (TrainState, its step, {source name: position} for this process,
+    {source name: batches drawn from it before that step})."""
+    fresh = init_state(model, args)
+    steps = sorted(checkpoints.all_steps(), reverse=True) if args.resume else []
+    target = (jax.device_get({"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step})
+              if steps else None)
     for tried, step in enumerate(steps):
         folder = os.path.join(checkpoints.directory, str(step))
         try:
             meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            check_same_run(meta["run"], identity, folder, force)
+            changed = [name if name == "data config" else f"{name} ({meta['run'].get(name)!r} in the checkpoint, "
+                       f"now {now!r})" for name, now in identity.items() if meta["run"].get(name) != now]
+            if changed and not args.resume_force:
+                raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
+                                f"pass the checkpoint's flags, or --resume_force to continue regardless")
+            if changed:
+                print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}",
+                      file=sys.stderr)
             state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         except UserError:
             raise
@@ -1552,52 +1553,27 @@ def restore_checkpoint(checkpoints, fresh, identity, force):
             shutil.rmtree(damaged + ".unreadable", ignore_errors=True)
             os.replace(damaged, damaged + ".unreadable")
         checkpoints.reload()
-        return fresh.replace(**state), meta
-    if steps:
-        raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
-    return None
-
-
-def check_same_run(saved, identity, folder, force):
-    changed = [name if name == "data config" else f"{name} ({saved.get(name)!r} in the checkpoint, now {now!r})"
-               for name, now in identity.items() if saved.get(name) != now]
-    if not changed:
-        return
-    if not force:
-        raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
-                        f"pass the checkpoint's flags, or --resume_force to continue regardless")
-    print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
-
-
-def initial_state(args, model, checkpoints, identity):
-    """Where the run starts, decided here only, in this order:
-
-    1. with --resume, the newest readable checkpoint in OUTPUT: its state and stream positions;
-    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
-    Returns (TrainState, its step, {source name: position} for this process,
-    {source name: batches drawn from it before that step})."""
-    fresh = init_state(model, args)
-    found = restore_checkpoint(checkpoints, jax.device_get(fresh), identity, args.resume_force) if args.resume else None
-    if found is None:
+        break
+    else:
+        if steps:
+            raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
         if args.resume:
             print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
         return fresh, 0, {}, {}
-    state, meta = found
     if meta["step"] > args.steps:
         raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
     if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
         print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
-    return state, meta["step"], positions, meta.get("batches", {})
+    return fresh.replace(**state), meta["step"], positions, meta.get("batches", {})
 
 
 @dataclasses.dataclass
 class StopRequests:
-    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked, and what stopping at once says.
-
-    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop
-    (the loop reads `first`); any other signal, or one outside the loop, stops at once."""
+    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked. While the train loop runs, the
+    first signal asks it to finish its step, checkpoint and stop (the loop reads `first`); any other
+    signal, or one outside the loop, stops at once."""
     first: signal.Signals = None   # the signal the loop was asked to stop for
     in_loop: bool = False          # the loop runs: there is a step to checkpoint
     resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
@@ -1902,12 +1878,6 @@ def choose_devices(args):
     return local[:count]
 
 
-def split_cpu(args):
-    """--cpu_devices: must run before anything asks jax for devices."""
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-
-
 def join_processes(args):
     """Multi-host: connects this process to the others; must run before anything asks jax for devices."""
     if not (args.multihost or args.coordinator_address):
@@ -1927,79 +1897,38 @@ def join_processes(args):
 # from before anything in OUTPUT is deleted until the run ends; the file names the holder. The
 # kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
 
-LOCK_FILE = ".lock"
-
-
-def local_path(url):
-    """The absolute path a local path or file:// URL names; None for a remote URL (gs://, hf://...)."""
-    url = url.split("::")[-1]  # a chained URL (simplecache::gs://...) ends with where the data lives
-    protocol, path = fsspec.core.split_protocol(url)
-    return os.path.abspath(path) if protocol in (None, "file", "local") else None
-
-
 def run_inputs(args, sources):
     """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
     inputs = [("the data config", args.data_config), ("this script", __file__)]
     if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
         files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
         inputs += [("--model", path) for path in [args.model, *files]]
-    inputs += [("the data file", local_path(s.url)) for s in sources]
-    return [(what, path) for what, path in inputs if path is not None]
-
-
-def inside(path, folder):
-    """Whether `path`, as written or with every link resolved, lies in `folder` (either form)."""
-    folders = {os.path.abspath(folder), os.path.realpath(folder)}
-    paths = {os.path.abspath(path), os.path.realpath(path)}
-    return any(os.path.commonpath([f, p]) == f for f in folders for p in paths)
-
-
-@contextlib.contextmanager
-def output_lock(output):
-    """OUTPUT/.lock held for the duration; a run holding it already is named and refused."""
-    path = os.path.join(output, LOCK_FILE)
-    while True:
-        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().decode().strip() or "starting"
-            lock.close()
-            raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
-        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
-            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {output}",
-                  file=sys.stderr)
-            break
-        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
-            break
-        lock.close()  # locked a file that its holder removed on exiting: lock the new one
-    try:
-        yield lock
-    finally:
-        os.unlink(path)  # while still locked, so that no other run locks the removed file
-        lock.close()
+    for source in sources:  # a chained URL (simplecache::gs://...) ends with where the data lives
+        protocol, path = fsspec.core.split_protocol(source.url.split("::")[-1])
+        if protocol in (None, "file", "local"):  # gs://, hf://... are nowhere in OUTPUT
+            inputs.append(("the data file", os.path.abspath(path)))
+    return inputs
 
 
 def prepare_output(args, inputs):
     """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
-    a kill or a full disk left unfinished. One in use is only emptied with --overwrite, and never if
-    it holds an input."""
-    existing = [name for name in os.listdir(args.output) if name != LOCK_FILE]
+    a kill or a full disk left unfinished (--resume writes them again). One in use is only emptied
+    with --overwrite, and never if it holds an input, as written or with every link resolved."""
+    existing = [name for name in os.listdir(args.output) if name != ".lock"]
     if args.resume:
-        for name in existing:
-            if name.endswith(".partial"):  # --resume writes the export again
-                shutil.rmtree(os.path.join(args.output, name))
-        return
-    if existing and not args.overwrite:
-        raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
-                        "or --overwrite to replace it")
-    if existing and os.path.islink(args.output):
-        raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
-                        "pass the folder itself")
-    for what, path in inputs:
-        if existing and inside(path, args.output):
-            raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
+        existing = [name for name in existing if name.endswith(".partial")]
+    elif existing:
+        if not args.overwrite:
+            raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
+                            "or --overwrite to replace it")
+        if os.path.islink(args.output):
+            raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
+                            "pass the folder itself")
+        folders = {os.path.abspath(args.output), os.path.realpath(args.output)}
+        for what, path in inputs:
+            if any(os.path.commonpath([folder, p]) == folder
+                   for folder in folders for p in (os.path.abspath(path), os.path.realpath(path))):
+                raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
     for name in existing:
         path = os.path.join(args.output, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -2010,14 +1939,33 @@ def prepare_output(args, inputs):
 
 @contextlib.contextmanager
 def claim_output(args, inputs):
-    """OUTPUT created, locked and prepared; the lock held until the run ends."""
+    """OUTPUT created, locked (a run holding it already is named and refused) and prepared; the lock
+    held until the run ends."""
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"{args.output} exists and is not a folder")
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
-    with output_lock(args.output) as lock:
+    path = os.path.join(args.output, ".lock")
+    while True:
+        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().decode().strip() or "starting"
+            lock.close()
+            raise UserError(f"{args.output} is in use by another run ({holder}); "
+                            "wait for it to end or stop it") from None
+        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {args.output}",
+                  file=sys.stderr)
+            break
+        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
+            break
+        lock.close()  # locked a file that its holder removed on exiting: lock the new one
+    try:
         prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
             lock.truncate(0)  # a killed run's line
@@ -2026,6 +1974,9 @@ def claim_output(args, inputs):
         except OSError as e:
             raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None
         yield
+    finally:
+        os.unlink(path)  # while still locked, so that no other run locks the removed file
+        lock.close()
 
 
 @contextlib.contextmanager
@@ -2038,11 +1989,8 @@ def output_of_process_0(args, inputs):
                 claimed.enter_context(claim_output(args, inputs))
             except UserError as e:
                 problem = e
-        ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
-        if problem:
-            raise problem
-        if not ready:
-            raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+        if not multihost_utils.broadcast_one_to_all(np.int32(problem is None)):  # a barrier too
+            raise problem or UserError(f"process 0 could not prepare {args.output} (its error says why)")
         yield
 
 
@@ -2051,7 +1999,8 @@ def main(argv=None, stop=None):
     installs (called as a function, main leaves the caller's signals alone)."""
     stop = stop or StopRequests()
     args = parse_args(argv)
-    split_cpu(args)
+    if args.cpu_devices:  # before anything asks jax for devices
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
@@ -2080,12 +2029,9 @@ if __name__ == "__main__":
     stop = handle_stop_signals()  # before the first line of output
     try:
         main(stop=stop)
-    except UserError as e:
+    except (UserError, PipelineError) as e:  # a PipelineError comes before the first step: nothing to checkpoint
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except PipelineError as e:  # before the first step: nothing to checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UserError) else 1)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.status)
