@@ -535,15 +535,13 @@ def new_rows(source, count, seen, args, stride):
 
 
 def text_batches(sources, args, global_batch, local_range, stride, start_step=0):
-    """Yields the text of every step's batch (this process's rows of it), forever.
-
-    The sources of a step are a pure function of (seed, step), so every process of a multi-host run
-    picks the same ones and a resumed run continues the sequence. per_batch: --datasets_per_batch
-    shares, drawn anew every step; a text appears once per batch. original: one source a step; a round
-    of `devices` steps draws --datasets_per_batch sources, each filling its share of the round's steps,
-    and a text appears once per round. A round that a checkpoint cut is replayed from its first step
-    on resume, so that the same rows are skipped: mid-round, a batch's stream_state is the positions
-    at the start of its round."""
+    """The text of every step's batch (this process's rows of it), forever. A step's sources are a
+    pure function of (seed, step): every process of a multi-host run picks the same ones, and a
+    resumed run continues the sequence. per_batch: --datasets_per_batch shares drawn anew every step,
+    a text once per batch. original: one source a step; a round of `devices` steps draws
+    --datasets_per_batch, each filling its share of the steps, a text once per round. A round that a
+    checkpoint cut is replayed from its first step on resume, so that the same rows are skipped:
+    mid-round, a batch's stream_state is the positions at the start of its round."""
     devices = global_batch // args.batch_size
     period = devices if args.mixing == "original" else 1  # steps that share the draw and the seen texts
     local_start, local_stop = local_range
@@ -625,10 +623,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
-    """An executor whose workers tokenize: processes, or one thread with --num_workers 0.
-
-    Leaving it kills the processes rather than waiting for them: their pending batches are not
-    needed, and a stuck one (stopped, spinning) would hold the trainer forever."""
+    """An executor whose workers tokenize: processes, or one thread with --num_workers 0. Leaving it
+    kills the processes rather than waiting for them: their pending batches are not needed, and a
+    stuck one (stopped, spinning) would hold the trainer forever."""
     spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX's threads is unsafe
     taken = spawn.Queue() if args.num_workers else queue.SimpleQueue()
     init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
@@ -637,10 +634,9 @@ def tokenizer_pool(tokenizer, args):
     else:
         pool = concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=spawn,
                                                       initializer=_init_tokenizer, initargs=(*init, os.getpid()))
-        # Every worker starts now, with SIGINT and SIGTERM ignored: a process inherits ignored
-        # signals, so a Ctrl-C sent to the whole process group (a terminal, a container's stop)
-        # cannot kill a worker, even during the seconds it takes to start; the trainer alone
-        # decides what they mean.
+        # Every worker starts now, with SIGINT and SIGTERM ignored (a process inherits that): a Ctrl-C
+        # sent to the whole process group (a terminal, a container's stop) cannot kill a worker, even
+        # while it starts; the trainer alone decides what they mean.
         handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
         try:
             for _ in range(args.num_workers):  # each submit starts a process while none is idle
@@ -662,12 +658,11 @@ def end_workers():
 
 
 def background_batches(texts, pool, workers, shape, depth, timeout=None, interrupted=lambda: False):
-    """Tokenized batches, in order. A background thread reads the texts and submits them to the pool
-    ahead of the consumer: `depth` tokenized batches kept ready and `workers` more tokenizing, at most.
-
-    Any failure of the reader or a worker reaches the consumer as a PipelineError (a UserError as it
-    is), and so does a wait for a batch longer than `timeout` seconds, naming the batch and who has
-    it: never a hang. Ends early if `interrupted()` becomes true while the consumer waits."""
+    """Tokenized batches, in order; a background thread reads the texts and submits them to the pool
+    ahead of the consumer: `depth` batches kept ready and `workers` more tokenizing, at most. A failure
+    of the reader or a worker reaches the consumer as a PipelineError (a UserError as it is), and so
+    does a wait over `timeout` seconds, naming the batch and who has it: never a hang. Ends early if
+    `interrupted()` becomes true while the consumer waits."""
     # (text batch, its future): the queue, the one the producer holds and the one the consumer waits for
     submitted, stop = queue.Queue(depth + workers - 1), threading.Event()
     holder = {}  # step -> pid of the worker that took its batch
@@ -698,7 +693,6 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
                 holder[step] = pid
 
     def late(text_batch, waited):
-        """One line: the batch that is late, and who has it."""
         if text_batch is None:
             return f"no batch in {waited:.0f}s (--batch_timeout): the data reader gave no texts for the next one"
         note_holders()
