@@ -663,7 +663,8 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
     of the reader or a worker reaches the consumer as a PipelineError (a UserError as it is), and so
     does a wait over `timeout` seconds, naming the batch and who has it: never a hang. Ends early if
     `interrupted()` becomes true while the consumer waits."""
-    # (text batch, its future): the queue, the one the producer holds and the one the consumer waits for
+    # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
+    # depth + workers - 1 queued keep at most `depth` ready and `workers` tokenizing
     submitted, stop = queue.Queue(depth + workers - 1), threading.Event()
     holder = {}  # step -> pid of the worker that took its batch
 
@@ -720,7 +721,7 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
                 if interrupted():
                     return
                 if timeout and time.monotonic() - since > timeout:
-                    raise PipelineError(late(item and item[0], time.monotonic() - since))
+                    raise PipelineError(late(item[0] if item else None, time.monotonic() - since))
             text_batch, future = item
             failure = future.exception()
             if isinstance(failure, UserError):
