@@ -274,7 +274,7 @@ def bucket_lengths(text, max_length):
 # stream starts after them (positions count from there), so no training batch ever sees them.
 
 def load_data_config(path):
-    """Reads and validates the mixture: a JSON list of {"name", "weight", "lines"}."""
+    """The mixture, checked: a JSON list of {"name", "weight", "lines"}."""
     try:
         with open(path) as f:
             entries = json.load(f)
@@ -282,22 +282,20 @@ def load_data_config(path):
         raise UserError(f"data config {path}: cannot read it as JSON ({e})")
     if not isinstance(entries, list) or not entries:
         raise UserError(f"data config {path}: expected a non-empty JSON list of sources")
-    seen = {}  # {the file a name points to: the entry that named it first}
+    first = {}  # {the file a name points to: the entry that named it first}
     for i, entry in enumerate(entries):
         where = f"data config {path}, entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise UserError(f"{where}: needs a \"name\" (a file relative to --data_folder)")
         where += f" ({entry['name']})"
-        weight = entry.get("weight")
+        weight, lines = entry.get("weight"), entry.get("lines", 0)
         if type(weight) is not int or weight < 1:
             raise UserError(f"{where}: \"weight\" must be a positive integer, got {weight!r}")
-        if "lines" in entry and (type(entry["lines"]) is not int or entry["lines"] < 0):
-            raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {entry['lines']!r}")
-        file = posixpath.normpath(entry["name"])  # x, ./x and a//x are one file
-        if file in seen:
-            first = seen[file]
-            raise UserError(f"{where}: the name appears twice (entry {first} is {entries[first]['name']})")
-        seen[file] = i
+        if type(lines) is not int or lines < 0:
+            raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {lines!r}")
+        j = first.setdefault(posixpath.normpath(entry["name"]), i)  # x, ./x and a//x are one file
+        if j != i:
+            raise UserError(f"{where}: the name appears twice (entry {j} is {entries[j]['name']})")
     return entries
 
 
@@ -306,10 +304,9 @@ def source_url(data_folder, name):
 
 
 def parse_row(record, draws):
-    """One JSON record of any published format -> a tuple of texts, or None if unusable.
-
-    `draws` are two uniform numbers fixed per line, used where the original picked at random
-    (two members of a duplicate set, one positive and one negative of a query)."""
+    """One JSON record of any published format -> a tuple of texts, or None if unusable. `draws`,
+    two uniform numbers fixed per line, stand in for the original's random picks (two members of a
+    duplicate set, one positive and one negative of a query)."""
     if isinstance(record, dict):
         if "texts" in record:
             record = record["texts"]
@@ -333,23 +330,16 @@ def parse_row(record, draws):
             return None
     if not isinstance(record, list) or len(record) not in (2, 3):
         return None
-    if not all(isinstance(text, str) and text.strip() for text in record):
-        return None
-    return tuple(record)
+    return tuple(record) if all(isinstance(text, str) and text.strip() for text in record) else None
 
 
-def parse_line(line, draws):
-    """parse_row of one JSON line; None if the line is not JSON or not a usable row."""
+def usable_row(line, draws, columns=None):
+    """parse_row of one JSON line; None if the line is not JSON, not a usable row or not of `columns` texts."""
     try:
-        return parse_row(json.loads(line), draws)
+        row = parse_row(json.loads(line), draws)
     except ValueError:
         return None
-
-
-def usable_row(line, draws, columns):
-    """The texts of one line if it parses into a row of `columns` texts, else None."""
-    row = parse_line(line, draws)
-    return row if row is not None and len(row) == columns else None
+    return row if row is None or columns is None or len(row) == columns else None
 
 
 def repeats_a_text(texts, seen, within_row=True):
@@ -364,11 +354,9 @@ def open_source(url):
 
 
 def read_lines(url, stride, skip=0):
-    """The lines of a file after the first `skip` that belong to this process (every stride[1]-th
-    from stride[0]).
-
-    A corrupt or truncated gzip stops the run with the file's name rather than wrapping around
-    at the damage: silently training on part of a source would change the mixture."""
+    """This process's lines of a file (every stride[1]-th from stride[0]) after the first `skip`. A
+    corrupt or truncated gzip stops the run with the file's name rather than wrapping around at the
+    damage: silently training on part of a source would change the mixture."""
     try:
         with open_source(url) as f:
             yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
@@ -381,12 +369,11 @@ def read_lines(url, stride, skip=0):
 
 
 def head_of(url, count=1000):
-    """(The first usable row, the mean size of the first `count` lines) of a file; checks that it
-    exists and has a usable row."""
+    """(The first usable row, the mean size of the first `count` lines) of a file that must have one."""
     row, sizes = None, []
     for line in read_lines(url, (0, 1)):
         sizes.append(len(line))
-        row = row or parse_line(line, (0.0, 0.5))
+        row = row or usable_row(line, (0.0, 0.5))
         if row is not None and len(sizes) >= count:
             break
     if row is None:
@@ -413,8 +400,7 @@ class Source:
 
     def next_row(self, seed, stride):
         """The next usable row; counts (and skips) the unusable ones."""
-        if self.rows is None:
-            self.rows = self._stream(seed, stride)
+        self.rows = self.rows or self._stream(seed, stride)
         for position, line, draws in self.rows:
             self.position = position
             row = usable_row(line, draws, self.columns)
@@ -422,53 +408,43 @@ class Source:
                 return row
             self.invalid += 1
 
-    def shuffled(self, pass_index):
-        """Whether a pass is shuffled: every pass with --data_order shuffled; with original, only
-        the later passes of a kept file."""
-        return not self.file_order or (self.keep_lines and pass_index > 0)
-
     def _lines(self, stride):
         """This process's lines of the file in file order; from RAM once kept."""
         if self.kept is not None:
             yield from self.kept
             return
-        kept = [] if self.keep_lines else None
+        kept = []
         for line in read_lines(self.url, stride, skip=self.held_out):
-            if kept is not None:
+            if self.keep_lines:
                 kept.append(line)
             yield line
-        self.kept = kept
+        self.kept = kept if self.keep_lines else None
 
     def _stream(self, seed, stride):
         source_key = zlib.crc32(self.name.encode())
         pass_index, offset = self.position
         while True:
-            lines, shuffled = self._lines(stride), self.shuffled(pass_index)
-            size = sys.maxsize if shuffled and self.keep_lines else self.block  # a kept file is shuffled whole
-            block_index, skip = divmod(offset, size)
-            for _ in itertools.islice(lines, block_index * size):
-                pass
-            seen_any = offset > 0
+            # --data_order original shuffles only the later passes of a kept file, and that whole
+            shuffled = not self.file_order or (self.keep_lines and pass_index > 0)
+            size = sys.maxsize if shuffled and self.keep_lines else self.block
+            lines, (block_index, skip) = self._lines(stride), divmod(offset, size)
+            collections.deque(itertools.islice(lines, block_index * size), maxlen=0)  # the blocks consumed
             while block := list(itertools.islice(lines, size)):
-                seen_any = True
                 rng = np.random.default_rng([seed, source_key, pass_index, block_index])
                 order = rng.permutation(len(block)) if shuffled else range(len(block))
                 draws = rng.random((len(block), 2))
                 for k in range(skip, len(block)):
                     yield (pass_index, block_index * size + k + 1), block[order[k]], draws[k]
                 block_index, skip = block_index + 1, 0
-            if not seen_any:
+            if block_index == offset == 0:  # not one line in a whole pass
                 raise UserError(f"{self.url}: no lines for this process")
             pass_index, offset = pass_index + 1, 0
 
 
-# a kept line costs its bytes, a bytes object's header and its slot in the list
-KEPT_LINE_OVERHEAD = sys.getsizeof(b"") + 8
-
-
 def open_sources(entries, args):
-    """Checks every file before training starts (exists, has a usable row), learns its format, and
-    checks that the files --cache_small_sources keeps fit in RAM."""
+    """Checks every file before training starts (exists, has a usable row) and learns its format;
+    refuses files kept in RAM (--cache_small_sources) beyond the machine's, estimated from the
+    config's lines and the size of their first lines (each process keeps its own share)."""
     urls = [source_url(args.data_folder, e["name"]) for e in entries]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         heads = list(pool.map(head_of, urls))
@@ -477,23 +453,19 @@ def open_sources(entries, args):
                       keep_lines=0 < entry.get("lines", 0) < args.cache_small_sources,
                       held_out=args.eval_rows if args.eval_steps else 0)
                for entry, url, (row, _) in zip(entries, urls, heads)]
-    kept = [entry["lines"] * (line_bytes + KEPT_LINE_OVERHEAD)
+    # a kept line costs its bytes, a bytes object's header and its slot in the list
+    kept = [entry["lines"] * (line_bytes + sys.getsizeof(b"") + 8)
             for entry, source, (_, line_bytes) in zip(entries, sources, heads) if source.keep_lines]
     if kept:
-        check_ram_for_kept_lines(len(kept), sum(kept) / jax.process_count(), args.cache_small_sources)
+        limit, files, needed = args.cache_small_sources, len(kept), sum(kept) / jax.process_count()
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        print(f"--cache_small_sources {limit}: {files} file(s) kept in RAM, about {needed / 2**20:,.0f} MiB "
+              f"of this machine's {total / 2**20:,.0f} MiB")
+        if needed > total:
+            raise UserError(f"--cache_small_sources {limit} keeps {files} file(s) in RAM, about {needed / 2**20:,.0f} "
+                            f"MiB, more than this machine's {total / 2**20:,.0f} MiB: lower --cache_small_sources "
+                            "(0 keeps none)")
     return sources
-
-
-def check_ram_for_kept_lines(files, needed, limit):
-    """Says how much RAM the kept files take (from the config's lines and the size of their first
-    lines; each process keeps its own share) and refuses a run that would exhaust the machine's."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"--cache_small_sources {limit}: {files} file(s) kept in RAM, about {needed / 2**20:,.0f} MiB "
-          f"of this machine's {total / 2**20:,.0f} MiB")
-    if needed > total:
-        raise UserError(f"--cache_small_sources {limit} keeps {files} file(s) in RAM, about {needed / 2**20:,.0f} "
-                        f"MiB, more than this machine's {total / 2**20:,.0f} MiB: lower --cache_small_sources "
-                        "(0 keeps none)")
 
 
 @dataclasses.dataclass
@@ -529,19 +501,6 @@ def choose_sources(rng, sources, count):
     return [first] + [same[i] for i in others]
 
 
-def step_sources(sources, args, devices, step):
-    """The sources of global step `step`, in batch order: a pure function of (seed, step), so every
-    process of a multi-host run picks the same ones and a resumed run continues the sequence.
-
-    per_batch: --datasets_per_batch shares, drawn anew every step. original: one source; the round
-    of `devices` steps that holds the step draws --datasets_per_batch, each filling its share of them."""
-    if args.mixing == "per_batch":
-        return choose_sources(np.random.default_rng([args.seed, step]), sources, args.datasets_per_batch)
-    round_index, step_in_round = divmod(step, devices)
-    drawn = choose_sources(np.random.default_rng([args.seed, round_index]), sources, args.datasets_per_batch)
-    return [drawn[step_in_round * args.datasets_per_batch // devices]]
-
-
 def new_rows(source, count, seen, args, stride):
     """The next `count` rows of a source with no text in `seen`, which their texts join. A row that
     repeats a text within itself is kept with --mixing original, as the original did."""
@@ -564,18 +523,22 @@ def new_rows(source, count, seen, args, stride):
 
 
 def text_batches(sources, args, global_batch, local_range, stride, start_step=0):
-    """Yields the text of every step's batch (this process's rows of it), forever.
-
-    A text appears once per batch (per_batch) or once per round (original). A round that a
+    """The text of every step's batch (this process's rows of it), forever. A step's sources are a
+    pure function of (seed, step): every process of a multi-host run picks the same ones, and a
+    resumed run continues the sequence. per_batch: --datasets_per_batch shares drawn anew every step,
+    a text once per batch. original: one source a step; a round of `devices` steps draws
+    --datasets_per_batch, each filling its share of the steps, a text once per round. A round that a
     checkpoint cut is replayed from its first step on resume, so that the same rows are skipped:
     mid-round, a batch's stream_state is the positions at the start of its round."""
     devices = global_batch // args.batch_size
-    period = devices if args.mixing == "original" else 1  # steps that share the set of seen texts
+    period = devices if args.mixing == "original" else 1  # steps that share the draw and the seen texts
     local_start, local_stop = local_range
     for step in itertools.count(start_step - start_step % period):
         if step % period == 0:
-            seen, round_start = set(), {s.name: s.position for s in sources}
-        chosen = step_sources(sources, args, devices, step)
+            rng = np.random.default_rng([args.seed, step // period])
+            drawn, seen = choose_sources(rng, sources, args.datasets_per_batch), set()
+            round_start = {s.name: s.position for s in sources}
+        chosen = drawn if args.mixing == "per_batch" else [drawn[step % period * args.datasets_per_batch // devices]]
         share, rows = global_batch // len(chosen), []
         for slot, source in enumerate(chosen):
             count = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
@@ -587,7 +550,6 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
 
 
 def invalid_lines_report(invalid):
-    """One log line: the unusable lines skipped so far, per file."""
     return "skipped unusable lines: " + ", ".join(f"{name} {count}" for name, count in invalid.items())
 
 
@@ -595,32 +557,25 @@ def invalid_lines_report(invalid):
 # model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length, then
 # cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
 # shapes (each compiled once), and short texts do not pay for 128 positions.
-
-_tokenizer = None
-_buckets = None
-_taken = None  # a queue told (step, pid) as a worker takes a batch: which worker holds a late one
+_tokenizer = _buckets = _taken = None  # _taken: a queue told (step, pid) as a worker takes a batch
 
 
-def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken):
+def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken, parent=None):
     global _tokenizer, _buckets, _taken
+    if parent:  # a worker process
+        # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
+        # tokenizer's own thread pool does not compete with the trainer's threads for the others.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+        def exit_with_parent():
+            while os.getppid() == parent:  # the parent's pid, given: one that died first is not mistaken
+                time.sleep(1)
+            os._exit(1)
+        threading.Thread(target=exit_with_parent, daemon=True).start()
     _tokenizer = Tokenizer.from_str(tokenizer_json)
     _tokenizer.enable_truncation(max_length)
     _tokenizer.enable_padding(length=max_length, pad_id=pad_id, direction="right")
     _buckets, _taken = buckets, taken
-
-
-def _init_worker(parent, *init):
-    # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
-    # tokenizer's own thread pool does not compete with the trainer's threads for the others.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    _init_tokenizer(*init)
-
-
-def _exit_with_parent(parent):
-    while os.getppid() == parent:  # the parent's pid, given: one that died first is not mistaken
-        time.sleep(1)
-    os._exit(1)
 
 
 def tokenize_columns(columns, shape):
@@ -656,20 +611,27 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
-    """An executor whose workers tokenize: processes, or one thread with --num_workers 0.
-
-    Leaving it kills the processes rather than waiting for them: their pending batches are not
-    needed, and a stuck one (stopped, spinning) would hold the trainer forever."""
-    taken = multiprocessing.get_context("spawn").Queue() if args.num_workers else queue.SimpleQueue()
+    """An executor whose workers tokenize: processes, or one thread with --num_workers 0. Leaving it
+    kills the processes rather than waiting for them: their pending batches are not needed, and a
+    stuck one (stopped, spinning) would hold the trainer forever."""
+    spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX's threads is unsafe
+    taken = spawn.Queue() if args.num_workers else queue.SimpleQueue()
     init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
     if args.num_workers == 0:
         pool = concurrent.futures.ThreadPoolExecutor(1, initializer=_init_tokenizer, initargs=init)
     else:
-        # spawn: forking a process that runs JAX's threads is unsafe
-        pool = concurrent.futures.ProcessPoolExecutor(
-            args.num_workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(os.getpid(), *init))
-        start_workers_deaf(pool, args.num_workers)
+        pool = concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=spawn,
+                                                      initializer=_init_tokenizer, initargs=(*init, os.getpid()))
+        # Every worker starts now, with SIGINT and SIGTERM ignored (a process inherits that): a Ctrl-C
+        # sent to the whole process group (a terminal, a container's stop) cannot kill a worker, even
+        # while it starts; the trainer alone decides what they mean.
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+        try:
+            for _ in range(args.num_workers):  # each submit starts a process while none is idle
+                pool.submit(int)
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
     pool.taken = taken
     try:
         yield pool
@@ -678,40 +640,40 @@ def tokenizer_pool(tokenizer, args):
         pool.shutdown(cancel_futures=True)
 
 
-def start_workers_deaf(pool, workers):
-    """Starts every worker now, with SIGINT and SIGTERM ignored: a process inherits ignored signals,
-    so a Ctrl-C sent to the whole process group (a terminal, a container's stop) cannot kill a
-    worker, even during the seconds it takes to start; the trainer alone decides what they mean."""
-    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-    try:
-        for _ in range(workers):  # each submit starts a process while none is idle
-            pool.submit(int)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-
-
 def end_workers():
     for worker in multiprocessing.active_children():
         worker.kill()
 
 
 def background_batches(texts, pool, workers, shape, depth, timeout=None, interrupted=lambda: False):
-    """Tokenized batches, produced by a background thread into a bounded queue.
-
-    Any failure of the producer or a worker reaches the consumer as a PipelineError, and so does a
-    wait for a batch longer than `timeout` seconds, naming the worker and the batch: never a hang.
-    Ends early if `interrupted()` becomes true while the consumer waits."""
-    ready, stop = queue.Queue(depth), threading.Event()
-    pending = collections.deque()  # (text batch, future) submitted, in order
-    holder = {}                    # step -> pid of the worker that took its batch
+    """Tokenized batches, in order; a background thread reads the texts and submits them to the pool
+    ahead of the consumer: `depth` batches kept ready and `workers` more tokenizing, at most. A failure
+    of the reader or a worker reaches the consumer as a PipelineError (a UserError as it is), and so
+    does a wait over `timeout` seconds, naming the batch and who has it: never a hang. Ends early if
+    `interrupted()` becomes true while the consumer waits."""
+    # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
+    # depth + workers - 1 queued keep at most `depth` ready and `workers` tokenizing
+    submitted, stop = queue.Queue(depth + workers - 1), threading.Event()
+    holder = {}  # step -> pid of the worker that took its batch
 
     def put(item):
         while not stop.is_set():
-            try:
-                return ready.put(item, timeout=0.2)
-            except queue.Full:
-                pass
+            with contextlib.suppress(queue.Full):
+                submitted.put(item, timeout=0.2)
+                return True
+        return False
+
+    def produce():
+        end = concurrent.futures.Future()  # the last item: why the batches end
+        try:
+            for text_batch in texts:
+                columns = list(zip(*(row for _, row in text_batch.rows)))
+                if not put((text_batch, pool.submit(tokenize_batch, text_batch.step, columns, shape))):
+                    return
+            end.set_result(None)  # a finite `texts` (tests, benchmarks) ends here
+        except BaseException as e:  # handed to the trainer, which stops with it
+            end.set_exception(e)
+        put((None, end))
 
     def note_holders():
         with contextlib.suppress(queue.Empty):
@@ -719,40 +681,15 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
                 step, pid = pool.taken.get_nowait()
                 holder[step] = pid
 
-    def deliver():
-        text_batch, future = pending[0]
-        columns = future.result()
-        pending.popleft()
-        note_holders()
-        holder.pop(text_batch.step, None)
-        put(Batch(text_batch, columns))
-
-    def produce():
-        try:
-            for text_batch in texts:
-                columns = list(zip(*(row for _, row in text_batch.rows)))
-                pending.append((text_batch, pool.submit(tokenize_batch, text_batch.step, columns, shape)))
-                if len(pending) > workers:  # keep every worker busy, and batches in order
-                    deliver()
-                if stop.is_set():
-                    return
-            while pending:  # a finite `texts` (tests, benchmarks) ends here
-                deliver()
-            put(None)
-        except BaseException as e:  # handed to the trainer, which stops with it
-            put(e)
-
-    def late(waited):
-        """One line: the batch that is late, and who has it."""
-        note_holders()
-        if not pending:
+    def late(text_batch, waited):
+        if text_batch is None:
             return f"no batch in {waited:.0f}s (--batch_timeout): the data reader gave no texts for the next one"
-        text_batch = pending[0][0]
+        note_holders()
         pid = holder.get(text_batch.step)
-        workers = ", ".join(str(w.pid) for w in multiprocessing.active_children())
+        alive = ", ".join(str(w.pid) for w in multiprocessing.active_children())
         who = (f"tokenizer worker pid {pid} has it" if pid and pid != os.getpid() else
                "the tokenizer thread has it" if pid else
-               f"none of the tokenizer workers (pid {workers}) took it" if workers else "no tokenizer took it")
+               f"none of the tokenizer workers (pid {alive}) took it" if alive else "no tokenizer took it")
         return (f"no batch in {waited:.0f}s (--batch_timeout) for step {text_batch.step + 1} "
                 f"(sources {', '.join(text_batch.sources)}): {who}")
 
@@ -760,24 +697,30 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
     thread.start()
     try:
         while True:
-            since = time.monotonic()
-            while True:
-                with contextlib.suppress(queue.Empty):
-                    item = ready.get(timeout=0.2)
-                    break
+            since, item = time.monotonic(), None
+            # wait for the next batch to be submitted, then tokenized
+            while item is None or not concurrent.futures.wait([item[1]], timeout=0.2).done:
+                if item is None:
+                    with contextlib.suppress(queue.Empty):
+                        item = submitted.get(timeout=0.2)
+                        continue
+                    if not thread.is_alive() and submitted.empty():
+                        raise PipelineError("the data producer stopped without a reason")
                 if interrupted():
                     return
-                if not thread.is_alive():
-                    raise PipelineError("the data producer stopped without a reason")
                 if timeout and time.monotonic() - since > timeout:
-                    raise PipelineError(late(time.monotonic() - since))
-            if item is None:
+                    raise PipelineError(late(item[0] if item else None, time.monotonic() - since))
+            text_batch, future = item
+            failure = future.exception()
+            if isinstance(failure, UserError):
+                raise failure
+            if failure:
+                raise PipelineError(f"the data producer failed: {type(failure).__name__}: {failure}") from failure
+            if text_batch is None:
                 return
-            if isinstance(item, UserError):
-                raise item
-            if isinstance(item, BaseException):
-                raise PipelineError(f"the data producer failed: {type(item).__name__}: {item}") from item
-            yield item
+            note_holders()
+            holder.pop(text_batch.step, None)
+            yield Batch(text_batch, future.result())
     finally:
         stop.set()
 
@@ -785,19 +728,17 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
 def dry_run(sources, args, tokenizer, global_batch):
     """Streams --dry_run batches through the whole input pipeline and reports what it saw."""
     texts = text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
-    counts = collections.Counter()
-    started = time.perf_counter()
+    counts, started = collections.Counter(), time.perf_counter()
     with (tokenizer_pool(tokenizer, args) as pool,
+          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers), (global_batch,),
+                                                args.prefetch, args.batch_timeout)) as batches,
           open(args.dump_batches, "w") if args.dump_batches else contextlib.nullcontext() as dump):
-        batches = background_batches(texts, pool, max(1, args.num_workers), (global_batch,), args.prefetch,
-                                     args.batch_timeout)
         for batch in itertools.islice(batches, args.dry_run):
             counts.update(batch.text.sources)
             if dump:
                 rows = [{"source": name, "texts": list(t)} for name, t in batch.text.rows]
                 dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources,
                                        "rows": rows}) + "\n")
-        batches.close()
     seconds = time.perf_counter() - started
     print(f"{args.dry_run} batches of {global_batch} rows in {seconds:.1f}s: "
           f"{args.dry_run * global_batch / seconds:,.0f} rows/s")
