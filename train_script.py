@@ -622,16 +622,16 @@ def tokenizer_pool(tokenizer, args):
     else:
         pool = concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=spawn,
                                                       initializer=_init_tokenizer, initargs=(*init, os.getpid()))
-        # Every worker starts now, with SIGINT and SIGTERM ignored (a process inherits that): a Ctrl-C
-        # sent to the whole process group (a terminal, a container's stop) cannot kill a worker, even
-        # while it starts; the trainer alone decides what they mean.
-        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+        # Every worker starts now, with SIGINT and SIGTERM blocked (a process inherits its creator's
+        # signal mask): a Ctrl-C sent to the whole process group (a terminal, a container's stop) never
+        # reaches a worker, even while it starts; the trainer alone decides what it means. Blocked in
+        # this thread only, such a signal still reaches the trainer, through its signal thread.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for _ in range(args.num_workers):  # each submit starts a process while none is idle
                 pool.submit(int)
         finally:
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     pool.taken = taken
     try:
         yield pool
