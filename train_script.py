@@ -102,124 +102,8 @@ NON_NEGATIVE = checked(float, lambda x: x >= 0, "a finite number of 0 or more")
 PROBABILITY = checked(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
-    p.add_argument("output", help="folder for the exported models, checkpoints and logs")
-    p.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
-                   help="starting checkpoint: a Hub name or a local folder")
-    p.add_argument("--base_model", type=hub_id, default=None, metavar="OWNER/NAME",
-                   help="the Hub name the model card gives a local --model folder (one in the Hugging Face "
-                        "cache, .../models--OWNER--NAME/snapshots/..., names itself); None: the card names none")
-    p.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
-    p.add_argument("--save_steps", type=COUNT, default=10_000,
-                   help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the whole "
-                        "training state to OUTPUT/checkpoints/<step> every this many steps")
-    p.add_argument("--keep_checkpoints", type=COUNT, default=2,
-                   help="training-state checkpoints kept (the newest); exported models are all kept")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
-    p.add_argument("--resume_force", action="store_true",
-                   help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
-    p.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
-    p.add_argument("--mini_batch_size", type=int, default=None,
-                   help="GradCache: embed and back-propagate the device's batch this many rows at a time, "
-                        "so activation memory follows this, not --batch_size (same gradients); None: one pass")
-    p.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
-    p.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
-                   help="pad each column of a batch to the smallest of these lengths that fits its longest text "
-                        "(--max_length is the last); None: every text padded to --max_length")
-    p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use; None: all local devices")
-    p.add_argument("--cpu_devices", type=COUNT, default=None,
-                   help="without an accelerator: split the CPU into this many devices; XLA runs most of one "
-                        "CPU device's step on one thread, so one per core is about cores x faster; None: XLA_FLAGS' "
-                        "--xla_force_host_platform_device_count, else 1")
-    p.add_argument("--datasets_per_batch", type=COUNT, default=2,
-                   help="sources drawn per round of --mixing original, or per global batch of --mixing per_batch")
-    p.add_argument("--mixing", choices=["original", "per_batch"], default="original",
-                   help="original (the published script): every global batch from one source; a round of as many "
-                        "steps as devices draws --datasets_per_batch sources with one column count, each filling "
-                        "devices / --datasets_per_batch steps, and no text twice in a round. per_batch: each global "
-                        "batch split into --datasets_per_batch equal shares, drawn anew, no text twice in a batch")
-    p.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
-    p.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
-    p.add_argument("--data_folder", default="data",
-                   help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
-    p.add_argument("--lr", type=NON_NEGATIVE, default=2e-5, help="peak learning rate of AdamW")
-    p.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
-    p.add_argument("--schedule_steps", type=COUNT, default=None,
-                   help="the step at which the linear decay reaches lr 0; None: --steps. A run may stop before "
-                        "it, as a 1M-step schedule stopped at 540k would (README)")
-    p.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.0,
-                   help="AdamW's decoupled weight decay, not on biases and LayerNorm (the published script: none)")
-    p.add_argument("--clip_scope", choices=["device", "global"], default="device",
-                   help="device: clip each device's share of the gradient to norm 1, then average them, as the "
-                        "published script's cores did; global: average, then clip the whole gradient to norm 1")
-    p.add_argument("--attention_dropout", choices=["element", "shared"], default="element",
-                   help="element: an independent attention-dropout draw per example, head and position, as "
-                        "PyTorch (the published run); shared: transformers' Flax default, one mask per layer "
-                        "shared by the examples and heads of a device")
-    p.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
-    p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
-    p.add_argument("--dropout", type=PROBABILITY, default=None,
-                   help="override the model's dropout probabilities; None: keep the checkpoint's")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="activations and matmuls; parameters, optimizer and loss stay float32")
-    p.add_argument("--data_order", choices=["original", "shuffled"], default="original",
-                   help="original (the published script): the first pass over every file in file order; later "
-                        "passes of the files kept by --cache_small_sources reshuffled whole, of the others in file "
-                        "order. shuffled: every pass shuffled in blocks of --shuffle_buffer lines")
-    p.add_argument("--shuffle_buffer", type=COUNT, default=10_000,
-                   help="lines of a source read together (and with --data_order shuffled, shuffled together)")
-    p.add_argument("--cache_small_sources", type=NATURAL, default=None,
-                   help="keep the lines of files whose config \"lines\" is below this in RAM from their first pass "
-                        "on, and shuffle them whole for every later pass; the RAM it takes is printed at the start. "
-                        "Default: 10000000 with --data_order original (the published script), 0 with shuffled; "
-                        "0: keep none")
-    p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
-                   help="tokenizer processes, one core each; 0 tokenizes in a thread of the trainer. The "
-                        "default, half the host's cores but at most 4, keeps a TPU v3-8 fed at the card's batch")
-    p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
-    p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
-                   help="seconds the trainer waits for a batch before it names the stuck worker, checkpoints "
-                        "its last finished step and stops (exit 1); 0: wait forever")
-    p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
-                   help="stream N global batches without a model, print source counts and throughput, exit")
-    p.add_argument("--dump_batches", default=None, metavar="FILE",
-                   help="with --dry_run: write each global batch's texts and sources as a JSON line")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
-    p.add_argument("--eval_steps", type=NATURAL, default=0,
-                   help="score held-out rows of every source by in-batch retrieval every this many steps "
-                        "(and at the start and the end); 0: off, and no row is held out")
-    p.add_argument("--eval_rows", type=int, default=1000,
-                   help="with --eval_steps: the first this many lines of every file are held out of training "
-                        "and used for evaluation")
-    p.add_argument("--multihost", action="store_true",
-                   help="join the other hosts of a multi-host run (every host runs the same command) with "
-                        "jax.distributed.initialize(); it finds them by itself on Cloud TPU pod slices, SLURM and "
-                        "Open MPI; elsewhere give the three flags below (--coordinator_address implies --multihost)")
-    p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                   help="multi-host: process 0's address, the same on every host")
-    p.add_argument("--num_processes", type=COUNT, default=None, help="multi-host: how many processes join")
-    p.add_argument("--process_id", type=NATURAL, default=None, help="multi-host: this process's index, 0 .. N-1")
-    try:
-        args = p.parse_args(argv)
-    except argparse.ArgumentError as e:  # a bad value: one line, as every other UserError
-        raise UserError(f"{e.argument_name} {e.message}") from None
-    # A short run (a smoke test) may keep the card's warm-up as it is; a value typed beyond --steps
-    # would leave the learning rate short of --lr for the whole run.
-    if args.warmup_steps > args.steps and args.warmup_steps != p.get_default("warmup_steps"):
-        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
-    # as typed, for the run record and the model card
-    args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
-    check_args(args)
-    return args
-
-
 def hub_id(text):
-    """--base_model must be a name the Hub would accept in the card's metadata."""
+    """--base_model must be a name the Hub accepts in the card's metadata."""
     try:
         validate_repo_id(text)
     except HFValidationError:
@@ -227,34 +111,138 @@ def hub_id(text):
     return text
 
 
-def check_args(args):
-    """What the flags' types cannot see alone: the combinations."""
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], exit_on_error=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
+    p.add_argument("output", help="folder for the exported models, checkpoints and logs")
+
+    # A checkpoint records these, and --resume continues only a run that computes the same thing.
+    run = p.add_argument_group("what the run computes (a resumed run must repeat these)")
+    run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
+                     help="starting checkpoint: a Hub name or a local folder")
+    run.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
+    run.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
+    run.add_argument("--mini_batch_size", type=int, default=None,
+                     help="GradCache: embed and back-propagate this many rows of a device's batch at a time (same "
+                          "gradients, activation memory of this many rows); None: the whole batch in one pass")
+    run.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
+    run.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
+                     help="pad each column to the smallest of these lengths that fits its longest text "
+                          "(--max_length is the last); None: always to --max_length")
+    run.add_argument("--mixing", choices=["original", "per_batch"], default="original",
+                     help="original (the published script): each global batch from one source; a round of as many "
+                          "steps as devices draws --datasets_per_batch sources of one column count, each filling "
+                          "devices / --datasets_per_batch steps, no text twice in a round. per_batch: each batch in "
+                          "--datasets_per_batch equal shares drawn anew, no text twice in a batch")
+    run.add_argument("--datasets_per_batch", type=COUNT, default=2, help="sources drawn per round (or per batch)")
+    run.add_argument("--data_order", choices=["original", "shuffled"], default="original",
+                     help="original (the published script): every file's first pass in file order, later passes "
+                          "of the files kept in RAM shuffled whole, of the others in file order. shuffled: every "
+                          "pass shuffled in blocks of --shuffle_buffer lines")
+    run.add_argument("--shuffle_buffer", type=COUNT, default=10_000, help="lines of a source read (and shuffled) together")
+    run.add_argument("--cache_small_sources", type=NATURAL, default=None,
+                     help="keep files whose config \"lines\" is below this in RAM from their first pass on, and "
+                          "reshuffle them whole every later pass (the RAM it takes is printed); default %(default)s: "
+                          "10000000 with --data_order original (the published script), 0 (none) with shuffled")
+    run.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
+    run.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
+                     help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
+    run.add_argument("--lr", type=NON_NEGATIVE, default=2e-5, help="peak learning rate of AdamW")
+    run.add_argument("--warmup_steps", type=NATURAL, default=500, help="linear warm-up steps, then linear decay to 0")
+    run.add_argument("--schedule_steps", type=COUNT, default=None,
+                     help="the step at which the decay reaches lr 0 (a run may stop before it); None: --steps")
+    run.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.0,
+                     help="AdamW's decoupled weight decay, not on biases and LayerNorm (the published script: none)")
+    run.add_argument("--clip_scope", choices=["device", "global"], default="device",
+                     help="device: clip each device's share of the gradient to norm 1, then average (the published "
+                          "script's cores); global: average, then clip the whole gradient to norm 1")
+    run.add_argument("--dropout", type=PROBABILITY, default=None,
+                     help="override the model's dropout probabilities; None: keep the checkpoint's")
+    run.add_argument("--attention_dropout", choices=["element", "shared"], default="element",
+                     help="element: independent draws per example, head and position (PyTorch, the published run); "
+                          "shared: transformers' Flax default, one mask per layer for a device's examples and heads")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="activations and matmuls; parameters, optimizer and loss stay float32")
+    run.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
+
+    p.add_argument("--data_folder", default="data",
+                   help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
+    p.add_argument("--base_model", type=hub_id, default=None, metavar="OWNER/NAME",
+                   help="the Hub name the model card gives a local --model folder (a folder of the Hugging Face "
+                        "cache names itself); None: the card names none")
+    p.add_argument("--save_steps", type=COUNT, default=10_000,
+                   help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the training state to "
+                        "OUTPUT/checkpoints/<step> every this many steps")
+    p.add_argument("--keep_checkpoints", type=COUNT, default=2, help="checkpoints kept (the newest); exports are all kept")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
+    start.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
+    p.add_argument("--resume_force", action="store_true",
+                   help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
+    p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
+    p.add_argument("--eval_steps", type=NATURAL, default=0,
+                   help="score held-out rows of every source by in-batch retrieval every this many steps, at the "
+                        "start and at the end; 0: off, and no row is held out")
+    p.add_argument("--eval_rows", type=checked(int, lambda n: n >= 2, "at least 2 (a row is ranked against others)"),
+                   default=1000, help="with --eval_steps: the first this many lines of every file, held out of training")
+    p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use; None: all local devices")
+    p.add_argument("--cpu_devices", type=COUNT, default=None,
+                   help="without an accelerator, split the CPU into this many devices (one per core runs about cores "
+                        "x faster); None: XLA_FLAGS' --xla_force_host_platform_device_count, else 1")
+    p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+                   help="tokenizer processes, one core each; 0: a thread of the trainer. Default %(default)s: half "
+                        "this host's cores, at most 4, which keeps a TPU v3-8 fed")
+    p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
+    p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
+                   help="seconds to wait for a batch before naming the stuck worker, checkpointing the last "
+                        "finished step and stopping (exit 1); 0: wait forever")
+    p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
+                   help="stream N global batches without a model, print source counts and throughput, exit")
+    p.add_argument("--dump_batches", default=None, metavar="FILE",
+                   help="with --dry_run: write each global batch's texts and sources as a JSON line")
+    p.add_argument("--multihost", action="store_true",
+                   help="join the other hosts (each runs the same command) with jax.distributed.initialize(), which "
+                        "finds them on Cloud TPU pods, SLURM and Open MPI; elsewhere give the three flags below")
+    p.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="multi-host: process 0's address, the same on every host (implies --multihost)")
+    p.add_argument("--num_processes", type=COUNT, default=None, help="multi-host: how many processes join")
+    p.add_argument("--process_id", type=NATURAL, default=None, help="multi-host: this process's index, 0 .. N-1")
+    try:
+        args = p.parse_args(argv)
+    except argparse.ArgumentError as e:  # a bad value: one line, as every other UserError
+        raise UserError(f"{e.argument_name} {e.message}") from None
+    args.run_flags = [action.dest for action in run._group_actions]  # what a checkpoint records
+    args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
+    # A short run (a smoke test) may keep the card's warm-up; one typed beyond --steps would leave
+    # the learning rate short of --lr for the whole run.
+    if args.warmup_steps > args.steps and args.warmup_steps != p.get_default("warmup_steps"):
+        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
+    check_combinations(args)
+    return args
+
+
+def check_combinations(args):
+    """What the flags' types cannot see alone; fills the defaults that depend on other flags."""
     if args.cache_small_sources is None:
         args.cache_small_sources = 10_000_000 if args.data_order == "original" else 0
-    if args.schedule_steps is None:
-        args.schedule_steps = args.steps
+    args.schedule_steps = args.schedule_steps or args.steps
     if args.schedule_steps < args.steps:
         raise UserError(f"--schedule_steps {args.schedule_steps} is below --steps {args.steps}: the lr would be 0 "
                         "from there on")
-    if args.dump_batches and args.dry_run is None:
-        raise UserError("--dump_batches only works with --dry_run N")
-    if args.resume and args.overwrite:
-        raise UserError("--resume continues OUTPUT and --overwrite deletes it: pass one of them")
-    if args.resume_force and not args.resume:
-        raise UserError("--resume_force only works with --resume")
-    if args.eval_steps and args.eval_rows < 2:
-        raise UserError(f"--eval_rows must be at least 2 (a row needs others to be ranked against), "
-                        f"got {args.eval_rows}")
-    if args.mini_batch_size is not None and not (
-            1 <= args.mini_batch_size <= args.batch_size and args.batch_size % args.mini_batch_size == 0):
+    if args.mini_batch_size is not None and (args.mini_batch_size < 1 or args.batch_size % args.mini_batch_size):
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
-
-    if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
-        raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
+    if args.dump_batches and args.dry_run is None:
+        raise UserError("--dump_batches only works with --dry_run N")
+    if args.resume_force and not args.resume:
+        raise UserError("--resume_force only works with --resume")
     if (args.num_processes is not None or args.process_id is not None) and not (
             args.multihost or args.coordinator_address):
         raise UserError("--num_processes and --process_id need --coordinator_address (or --multihost)")
+    if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
+        raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
 
 
 def bucket_lengths(text, max_length):
@@ -286,7 +274,7 @@ def bucket_lengths(text, max_length):
 # stream starts after them (positions count from there), so no training batch ever sees them.
 
 def load_data_config(path):
-    """Reads and validates the mixture: a JSON list of {"name", "weight", "lines"}."""
+    """The mixture, checked: a JSON list of {"name", "weight", "lines"}."""
     try:
         with open(path) as f:
             entries = json.load(f)
@@ -294,22 +282,20 @@ def load_data_config(path):
         raise UserError(f"data config {path}: cannot read it as JSON ({e})")
     if not isinstance(entries, list) or not entries:
         raise UserError(f"data config {path}: expected a non-empty JSON list of sources")
-    seen = {}  # {the file a name points to: the entry that named it first}
+    first = {}  # {the file a name points to: the entry that named it first}
     for i, entry in enumerate(entries):
         where = f"data config {path}, entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise UserError(f"{where}: needs a \"name\" (a file relative to --data_folder)")
         where += f" ({entry['name']})"
-        weight = entry.get("weight")
+        weight, lines = entry.get("weight"), entry.get("lines", 0)
         if type(weight) is not int or weight < 1:
             raise UserError(f"{where}: \"weight\" must be a positive integer, got {weight!r}")
-        if "lines" in entry and (type(entry["lines"]) is not int or entry["lines"] < 0):
-            raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {entry['lines']!r}")
-        file = posixpath.normpath(entry["name"])  # x, ./x and a//x are one file
-        if file in seen:
-            first = seen[file]
-            raise UserError(f"{where}: the name appears twice (entry {first} is {entries[first]['name']})")
-        seen[file] = i
+        if type(lines) is not int or lines < 0:
+            raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {lines!r}")
+        j = first.setdefault(posixpath.normpath(entry["name"]), i)  # x, ./x and a//x are one file
+        if j != i:
+            raise UserError(f"{where}: the name appears twice (entry {j} is {entries[j]['name']})")
     return entries
 
 
@@ -318,10 +304,9 @@ def source_url(data_folder, name):
 
 
 def parse_row(record, draws):
-    """One JSON record of any published format -> a tuple of texts, or None if unusable.
-
-    `draws` are two uniform numbers fixed per line, used where the original picked at random
-    (two members of a duplicate set, one positive and one negative of a query)."""
+    """One JSON record of any published format -> a tuple of texts, or None if unusable. `draws`,
+    two uniform numbers fixed per line, stand in for the original's random picks (two members of a
+    duplicate set, one positive and one negative of a query)."""
     if isinstance(record, dict):
         if "texts" in record:
             record = record["texts"]
@@ -345,23 +330,16 @@ def parse_row(record, draws):
             return None
     if not isinstance(record, list) or len(record) not in (2, 3):
         return None
-    if not all(isinstance(text, str) and text.strip() for text in record):
-        return None
-    return tuple(record)
+    return tuple(record) if all(isinstance(text, str) and text.strip() for text in record) else None
 
 
-def parse_line(line, draws):
-    """parse_row of one JSON line; None if the line is not JSON or not a usable row."""
+def usable_row(line, draws, columns=None):
+    """parse_row of one JSON line; None if the line is not JSON, not a usable row or not of `columns` texts."""
     try:
-        return parse_row(json.loads(line), draws)
+        row = parse_row(json.loads(line), draws)
     except ValueError:
         return None
-
-
-def usable_row(line, draws, columns):
-    """The texts of one line if it parses into a row of `columns` texts, else None."""
-    row = parse_line(line, draws)
-    return row if row is not None and len(row) == columns else None
+    return row if row is None or columns is None or len(row) == columns else None
 
 
 def repeats_a_text(texts, seen, within_row=True):
@@ -376,11 +354,9 @@ def open_source(url):
 
 
 def read_lines(url, stride, skip=0):
-    """The lines of a file after the first `skip` that belong to this process (every stride[1]-th
-    from stride[0]).
-
-    A corrupt or truncated gzip stops the run with the file's name rather than wrapping around
-    at the damage: silently training on part of a source would change the mixture."""
+    """This process's lines of a file (every stride[1]-th from stride[0]) after the first `skip`. A
+    corrupt or truncated gzip stops the run with the file's name rather than wrapping around at the
+    damage: silently training on part of a source would change the mixture."""
     try:
         with open_source(url) as f:
             yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
@@ -393,12 +369,11 @@ def read_lines(url, stride, skip=0):
 
 
 def head_of(url, count=1000):
-    """(The first usable row, the mean size of the first `count` lines) of a file; checks that it
-    exists and has a usable row."""
+    """(The first usable row, the mean size of the first `count` lines) of a file that must have one."""
     row, sizes = None, []
     for line in read_lines(url, (0, 1)):
         sizes.append(len(line))
-        row = row or parse_line(line, (0.0, 0.5))
+        row = row or usable_row(line, (0.0, 0.5))
         if row is not None and len(sizes) >= count:
             break
     if row is None:
@@ -425,8 +400,7 @@ class Source:
 
     def next_row(self, seed, stride):
         """The next usable row; counts (and skips) the unusable ones."""
-        if self.rows is None:
-            self.rows = self._stream(seed, stride)
+        self.rows = self.rows or self._stream(seed, stride)
         for position, line, draws in self.rows:
             self.position = position
             row = usable_row(line, draws, self.columns)
@@ -434,53 +408,43 @@ class Source:
                 return row
             self.invalid += 1
 
-    def shuffled(self, pass_index):
-        """Whether a pass is shuffled: every pass with --data_order shuffled; with original, only
-        the later passes of a kept file."""
-        return not self.file_order or (self.keep_lines and pass_index > 0)
-
     def _lines(self, stride):
         """This process's lines of the file in file order; from RAM once kept."""
         if self.kept is not None:
             yield from self.kept
             return
-        kept = [] if self.keep_lines else None
+        kept = []
         for line in read_lines(self.url, stride, skip=self.held_out):
-            if kept is not None:
+            if self.keep_lines:
                 kept.append(line)
             yield line
-        self.kept = kept
+        self.kept = kept if self.keep_lines else None
 
     def _stream(self, seed, stride):
         source_key = zlib.crc32(self.name.encode())
         pass_index, offset = self.position
         while True:
-            lines, shuffled = self._lines(stride), self.shuffled(pass_index)
-            size = sys.maxsize if shuffled and self.keep_lines else self.block  # a kept file is shuffled whole
-            block_index, skip = divmod(offset, size)
-            for _ in itertools.islice(lines, block_index * size):
-                pass
-            seen_any = offset > 0
+            # --data_order original shuffles only the later passes of a kept file, and that whole
+            shuffled = not self.file_order or (self.keep_lines and pass_index > 0)
+            size = sys.maxsize if shuffled and self.keep_lines else self.block
+            lines, (block_index, skip) = self._lines(stride), divmod(offset, size)
+            collections.deque(itertools.islice(lines, block_index * size), maxlen=0)  # the blocks consumed
             while block := list(itertools.islice(lines, size)):
-                seen_any = True
                 rng = np.random.default_rng([seed, source_key, pass_index, block_index])
                 order = rng.permutation(len(block)) if shuffled else range(len(block))
                 draws = rng.random((len(block), 2))
                 for k in range(skip, len(block)):
                     yield (pass_index, block_index * size + k + 1), block[order[k]], draws[k]
                 block_index, skip = block_index + 1, 0
-            if not seen_any:
+            if block_index == offset == 0:  # not one line in a whole pass
                 raise UserError(f"{self.url}: no lines for this process")
             pass_index, offset = pass_index + 1, 0
 
 
-# a kept line costs its bytes, a bytes object's header and its slot in the list
-KEPT_LINE_OVERHEAD = sys.getsizeof(b"") + 8
-
-
 def open_sources(entries, args):
-    """Checks every file before training starts (exists, has a usable row), learns its format, and
-    checks that the files --cache_small_sources keeps fit in RAM."""
+    """Checks every file before training starts (exists, has a usable row) and learns its format;
+    refuses files kept in RAM (--cache_small_sources) beyond the machine's, estimated from the
+    config's lines and the size of their first lines (each process keeps its own share)."""
     urls = [source_url(args.data_folder, e["name"]) for e in entries]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         heads = list(pool.map(head_of, urls))
@@ -489,23 +453,19 @@ def open_sources(entries, args):
                       keep_lines=0 < entry.get("lines", 0) < args.cache_small_sources,
                       held_out=args.eval_rows if args.eval_steps else 0)
                for entry, url, (row, _) in zip(entries, urls, heads)]
-    kept = [entry["lines"] * (line_bytes + KEPT_LINE_OVERHEAD)
+    # a kept line costs its bytes, a bytes object's header and its slot in the list
+    kept = [entry["lines"] * (line_bytes + sys.getsizeof(b"") + 8)
             for entry, source, (_, line_bytes) in zip(entries, sources, heads) if source.keep_lines]
     if kept:
-        check_ram_for_kept_lines(len(kept), sum(kept) / jax.process_count(), args.cache_small_sources)
+        limit, files, needed = args.cache_small_sources, len(kept), sum(kept) / jax.process_count()
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        print(f"--cache_small_sources {limit}: {files} file(s) kept in RAM, about {needed / 2**20:,.0f} MiB "
+              f"of this machine's {total / 2**20:,.0f} MiB")
+        if needed > total:
+            raise UserError(f"--cache_small_sources {limit} keeps {files} file(s) in RAM, about {needed / 2**20:,.0f} "
+                            f"MiB, more than this machine's {total / 2**20:,.0f} MiB: lower --cache_small_sources "
+                            "(0 keeps none)")
     return sources
-
-
-def check_ram_for_kept_lines(files, needed, limit):
-    """Says how much RAM the kept files take (from the config's lines and the size of their first
-    lines; each process keeps its own share) and refuses a run that would exhaust the machine's."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"--cache_small_sources {limit}: {files} file(s) kept in RAM, about {needed / 2**20:,.0f} MiB "
-          f"of this machine's {total / 2**20:,.0f} MiB")
-    if needed > total:
-        raise UserError(f"--cache_small_sources {limit} keeps {files} file(s) in RAM, about {needed / 2**20:,.0f} "
-                        f"MiB, more than this machine's {total / 2**20:,.0f} MiB: lower --cache_small_sources "
-                        "(0 keeps none)")
 
 
 @dataclasses.dataclass
@@ -541,19 +501,6 @@ def choose_sources(rng, sources, count):
     return [first] + [same[i] for i in others]
 
 
-def step_sources(sources, args, devices, step):
-    """The sources of global step `step`, in batch order: a pure function of (seed, step), so every
-    process of a multi-host run picks the same ones and a resumed run continues the sequence.
-
-    per_batch: --datasets_per_batch shares, drawn anew every step. original: one source; the round
-    of `devices` steps that holds the step draws --datasets_per_batch, each filling its share of them."""
-    if args.mixing == "per_batch":
-        return choose_sources(np.random.default_rng([args.seed, step]), sources, args.datasets_per_batch)
-    round_index, step_in_round = divmod(step, devices)
-    drawn = choose_sources(np.random.default_rng([args.seed, round_index]), sources, args.datasets_per_batch)
-    return [drawn[step_in_round * args.datasets_per_batch // devices]]
-
-
 def new_rows(source, count, seen, args, stride):
     """The next `count` rows of a source with no text in `seen`, which their texts join. A row that
     repeats a text within itself is kept with --mixing original, as the original did."""
@@ -576,18 +523,22 @@ def new_rows(source, count, seen, args, stride):
 
 
 def text_batches(sources, args, global_batch, local_range, stride, start_step=0):
-    """Yields the text of every step's batch (this process's rows of it), forever.
-
-    A text appears once per batch (per_batch) or once per round (original). A round that a
+    """The text of every step's batch (this process's rows of it), forever. A step's sources are a
+    pure function of (seed, step): every process of a multi-host run picks the same ones, and a
+    resumed run continues the sequence. per_batch: --datasets_per_batch shares drawn anew every step,
+    a text once per batch. original: one source a step; a round of `devices` steps draws
+    --datasets_per_batch, each filling its share of the steps, a text once per round. A round that a
     checkpoint cut is replayed from its first step on resume, so that the same rows are skipped:
     mid-round, a batch's stream_state is the positions at the start of its round."""
     devices = global_batch // args.batch_size
-    period = devices if args.mixing == "original" else 1  # steps that share the set of seen texts
+    period = devices if args.mixing == "original" else 1  # steps that share the draw and the seen texts
     local_start, local_stop = local_range
     for step in itertools.count(start_step - start_step % period):
         if step % period == 0:
-            seen, round_start = set(), {s.name: s.position for s in sources}
-        chosen = step_sources(sources, args, devices, step)
+            rng = np.random.default_rng([args.seed, step // period])
+            drawn, seen = choose_sources(rng, sources, args.datasets_per_batch), set()
+            round_start = {s.name: s.position for s in sources}
+        chosen = drawn if args.mixing == "per_batch" else [drawn[step % period * args.datasets_per_batch // devices]]
         share, rows = global_batch // len(chosen), []
         for slot, source in enumerate(chosen):
             count = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
@@ -599,7 +550,6 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
 
 
 def invalid_lines_report(invalid):
-    """One log line: the unusable lines skipped so far, per file."""
     return "skipped unusable lines: " + ", ".join(f"{name} {count}" for name, count in invalid.items())
 
 
@@ -607,32 +557,25 @@ def invalid_lines_report(invalid):
 # model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length, then
 # cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
 # shapes (each compiled once), and short texts do not pay for 128 positions.
-
-_tokenizer = None
-_buckets = None
-_taken = None  # a queue told (step, pid) as a worker takes a batch: which worker holds a late one
+_tokenizer = _buckets = _taken = None  # _taken: a queue told (step, pid) as a worker takes a batch
 
 
-def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken):
+def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken, parent=None):
     global _tokenizer, _buckets, _taken
+    if parent:  # a worker process
+        # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
+        # tokenizer's own thread pool does not compete with the trainer's threads for the others.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+        def exit_with_parent():
+            while os.getppid() == parent:  # the parent's pid, given: one that died first is not mistaken
+                time.sleep(1)
+            os._exit(1)
+        threading.Thread(target=exit_with_parent, daemon=True).start()
     _tokenizer = Tokenizer.from_str(tokenizer_json)
     _tokenizer.enable_truncation(max_length)
     _tokenizer.enable_padding(length=max_length, pad_id=pad_id, direction="right")
     _buckets, _taken = buckets, taken
-
-
-def _init_worker(parent, *init):
-    # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
-    # tokenizer's own thread pool does not compete with the trainer's threads for the others.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    _init_tokenizer(*init)
-
-
-def _exit_with_parent(parent):
-    while os.getppid() == parent:  # the parent's pid, given: one that died first is not mistaken
-        time.sleep(1)
-    os._exit(1)
 
 
 def tokenize_columns(columns, shape):
@@ -668,20 +611,27 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
-    """An executor whose workers tokenize: processes, or one thread with --num_workers 0.
-
-    Leaving it kills the processes rather than waiting for them: their pending batches are not
-    needed, and a stuck one (stopped, spinning) would hold the trainer forever."""
-    taken = multiprocessing.get_context("spawn").Queue() if args.num_workers else queue.SimpleQueue()
+    """An executor whose workers tokenize: processes, or one thread with --num_workers 0. Leaving it
+    kills the processes rather than waiting for them: their pending batches are not needed, and a
+    stuck one (stopped, spinning) would hold the trainer forever."""
+    spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX's threads is unsafe
+    taken = spawn.Queue() if args.num_workers else queue.SimpleQueue()
     init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
     if args.num_workers == 0:
         pool = concurrent.futures.ThreadPoolExecutor(1, initializer=_init_tokenizer, initargs=init)
     else:
-        # spawn: forking a process that runs JAX's threads is unsafe
-        pool = concurrent.futures.ProcessPoolExecutor(
-            args.num_workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(os.getpid(), *init))
-        start_workers_deaf(pool, args.num_workers)
+        pool = concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=spawn,
+                                                      initializer=_init_tokenizer, initargs=(*init, os.getpid()))
+        # Every worker starts now, with SIGINT and SIGTERM blocked (a process inherits its creator's
+        # signal mask): a Ctrl-C sent to the whole process group (a terminal, a container's stop) never
+        # reaches a worker, even while it starts; the trainer alone decides what it means. Blocked in
+        # this thread only, such a signal still reaches the trainer, through its signal thread.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for _ in range(args.num_workers):  # each submit starts a process while none is idle
+                pool.submit(int)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     pool.taken = taken
     try:
         yield pool
@@ -690,40 +640,40 @@ def tokenizer_pool(tokenizer, args):
         pool.shutdown(cancel_futures=True)
 
 
-def start_workers_deaf(pool, workers):
-    """Starts every worker now, with SIGINT and SIGTERM ignored: a process inherits ignored signals,
-    so a Ctrl-C sent to the whole process group (a terminal, a container's stop) cannot kill a
-    worker, even during the seconds it takes to start; the trainer alone decides what they mean."""
-    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-    try:
-        for _ in range(workers):  # each submit starts a process while none is idle
-            pool.submit(int)
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-
-
 def end_workers():
     for worker in multiprocessing.active_children():
         worker.kill()
 
 
 def background_batches(texts, pool, workers, shape, depth, timeout=None, interrupted=lambda: False):
-    """Tokenized batches, produced by a background thread into a bounded queue.
-
-    Any failure of the producer or a worker reaches the consumer as a PipelineError, and so does a
-    wait for a batch longer than `timeout` seconds, naming the worker and the batch: never a hang.
-    Ends early if `interrupted()` becomes true while the consumer waits."""
-    ready, stop = queue.Queue(depth), threading.Event()
-    pending = collections.deque()  # (text batch, future) submitted, in order
-    holder = {}                    # step -> pid of the worker that took its batch
+    """Tokenized batches, in order; a background thread reads the texts and submits them to the pool
+    ahead of the consumer: `depth` batches kept ready and `workers` more tokenizing, at most. A failure
+    of the reader or a worker reaches the consumer as a PipelineError (a UserError as it is), and so
+    does a wait over `timeout` seconds, naming the batch and who has it: never a hang. Ends early if
+    `interrupted()` becomes true while the consumer waits."""
+    # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
+    # depth + workers - 1 queued keep at most `depth` ready and `workers` tokenizing
+    submitted, stop = queue.Queue(depth + workers - 1), threading.Event()
+    holder = {}  # step -> pid of the worker that took its batch
 
     def put(item):
         while not stop.is_set():
-            try:
-                return ready.put(item, timeout=0.2)
-            except queue.Full:
-                pass
+            with contextlib.suppress(queue.Full):
+                submitted.put(item, timeout=0.2)
+                return True
+        return False
+
+    def produce():
+        end = concurrent.futures.Future()  # the last item: why the batches end
+        try:
+            for text_batch in texts:
+                columns = list(zip(*(row for _, row in text_batch.rows)))
+                if not put((text_batch, pool.submit(tokenize_batch, text_batch.step, columns, shape))):
+                    return
+            end.set_result(None)  # a finite `texts` (tests, benchmarks) ends here
+        except BaseException as e:  # handed to the trainer, which stops with it
+            end.set_exception(e)
+        put((None, end))
 
     def note_holders():
         with contextlib.suppress(queue.Empty):
@@ -731,40 +681,15 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
                 step, pid = pool.taken.get_nowait()
                 holder[step] = pid
 
-    def deliver():
-        text_batch, future = pending[0]
-        columns = future.result()
-        pending.popleft()
-        note_holders()
-        holder.pop(text_batch.step, None)
-        put(Batch(text_batch, columns))
-
-    def produce():
-        try:
-            for text_batch in texts:
-                columns = list(zip(*(row for _, row in text_batch.rows)))
-                pending.append((text_batch, pool.submit(tokenize_batch, text_batch.step, columns, shape)))
-                if len(pending) > workers:  # keep every worker busy, and batches in order
-                    deliver()
-                if stop.is_set():
-                    return
-            while pending:  # a finite `texts` (tests, benchmarks) ends here
-                deliver()
-            put(None)
-        except BaseException as e:  # handed to the trainer, which stops with it
-            put(e)
-
-    def late(waited):
-        """One line: the batch that is late, and who has it."""
-        note_holders()
-        if not pending:
+    def late(text_batch, waited):
+        if text_batch is None:
             return f"no batch in {waited:.0f}s (--batch_timeout): the data reader gave no texts for the next one"
-        text_batch = pending[0][0]
+        note_holders()
         pid = holder.get(text_batch.step)
-        workers = ", ".join(str(w.pid) for w in multiprocessing.active_children())
+        alive = ", ".join(str(w.pid) for w in multiprocessing.active_children())
         who = (f"tokenizer worker pid {pid} has it" if pid and pid != os.getpid() else
                "the tokenizer thread has it" if pid else
-               f"none of the tokenizer workers (pid {workers}) took it" if workers else "no tokenizer took it")
+               f"none of the tokenizer workers (pid {alive}) took it" if alive else "no tokenizer took it")
         return (f"no batch in {waited:.0f}s (--batch_timeout) for step {text_batch.step + 1} "
                 f"(sources {', '.join(text_batch.sources)}): {who}")
 
@@ -772,24 +697,30 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
     thread.start()
     try:
         while True:
-            since = time.monotonic()
-            while True:
-                with contextlib.suppress(queue.Empty):
-                    item = ready.get(timeout=0.2)
-                    break
+            since, item = time.monotonic(), None
+            # wait for the next batch to be submitted, then tokenized
+            while item is None or not concurrent.futures.wait([item[1]], timeout=0.2).done:
+                if item is None:
+                    with contextlib.suppress(queue.Empty):
+                        item = submitted.get(timeout=0.2)
+                        continue
+                    if not thread.is_alive() and submitted.empty():
+                        raise PipelineError("the data producer stopped without a reason")
                 if interrupted():
                     return
-                if not thread.is_alive():
-                    raise PipelineError("the data producer stopped without a reason")
                 if timeout and time.monotonic() - since > timeout:
-                    raise PipelineError(late(time.monotonic() - since))
-            if item is None:
+                    raise PipelineError(late(item[0] if item else None, time.monotonic() - since))
+            text_batch, future = item
+            failure = future.exception()
+            if isinstance(failure, UserError):
+                raise failure
+            if failure:
+                raise PipelineError(f"the data producer failed: {type(failure).__name__}: {failure}") from failure
+            if text_batch is None:
                 return
-            if isinstance(item, UserError):
-                raise item
-            if isinstance(item, BaseException):
-                raise PipelineError(f"the data producer failed: {type(item).__name__}: {item}") from item
-            yield item
+            note_holders()
+            holder.pop(text_batch.step, None)
+            yield Batch(text_batch, future.result())
     finally:
         stop.set()
 
@@ -797,19 +728,17 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
 def dry_run(sources, args, tokenizer, global_batch):
     """Streams --dry_run batches through the whole input pipeline and reports what it saw."""
     texts = text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
-    counts = collections.Counter()
-    started = time.perf_counter()
+    counts, started = collections.Counter(), time.perf_counter()
     with (tokenizer_pool(tokenizer, args) as pool,
+          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers), (global_batch,),
+                                                args.prefetch, args.batch_timeout)) as batches,
           open(args.dump_batches, "w") if args.dump_batches else contextlib.nullcontext() as dump):
-        batches = background_batches(texts, pool, max(1, args.num_workers), (global_batch,), args.prefetch,
-                                     args.batch_timeout)
         for batch in itertools.islice(batches, args.dry_run):
             counts.update(batch.text.sources)
             if dump:
                 rows = [{"source": name, "texts": list(t)} for name, t in batch.text.rows]
                 dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources,
                                        "rows": rows}) + "\n")
-        batches.close()
     seconds = time.perf_counter() - started
     print(f"{args.dry_run} batches of {global_batch} rows in {seconds:.1f}s: "
           f"{args.dry_run * global_batch / seconds:,.0f} rows/s")
@@ -868,8 +797,9 @@ def load_tokenizer_and_config(args):
 
 
 def load_model(args, config):
-    """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch."""
-    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=compute_dtype(args))
+    """FlaxAutoModel from a Hub name or folder; PyTorch-only `model.safetensors` loads without torch.
+    Its parameters stay float32 whatever --dtype: the optimizer updates float32 master weights."""
+    load = functools.partial(FlaxAutoModel.from_pretrained, args.model, config=config, dtype=jnp.dtype(args.dtype))
     try:
         try:
             return load()
@@ -885,12 +815,6 @@ def load_model(args, config):
     except (ValueError, RuntimeError, safetensors.SafetensorError) as e:  # msgpack's, torch's, safetensors' readers
         raise UserError(f"--model {args.model}: cannot read its weights ({first_line(e)}); "
                         "is the file truncated or damaged?")
-
-
-def compute_dtype(args):
-    """The dtype of activations and matmuls. transformers' Flax models keep their parameters in
-    float32 whatever this is, so the optimizer updates float32 master weights."""
-    return jnp.dtype(args.dtype)
 
 
 def first_line(error):
@@ -1199,31 +1123,24 @@ def held_out_texts(held_out):
     return [text for rows in held_out.values() for column in zip(*rows) for text in column]
 
 
-def tokenize_held_out(held_out, pool, chunk):
-    """The held-out texts tokenized once, padded with empty texts to a multiple of `chunk`."""
+def make_evaluator(model, held_out, pool, devices, sharding, per_device):
+    """(params) -> the held-out scores. The texts are tokenized once, padded with empty texts to
+    whole global batches; every batch is dispatched before any is fetched, so the devices never
+    wait for the host."""
     texts = held_out_texts(held_out)
+    chunk = len(devices) * per_device
     texts += [""] * (-len(texts) % chunk)
-    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts),)).result()
-    return ids, mask
+    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts) // chunk, len(devices), per_device)).result()
 
-
-def make_embed_step(model, devices):
-    """The pmapped inference embedding (no dropout): (params, input_ids, attention_mask) -> embeddings."""
-    def embed_step(params, input_ids, attention_mask):
+    @functools.partial(jax.pmap, axis_name=AXIS, devices=devices)
+    def embed_step(params, input_ids, attention_mask):  # no dropout
         return embed(model, params, input_ids, attention_mask)
 
-    return jax.pmap(embed_step, axis_name=AXIS, devices=devices)
-
-
-def embed_held_out(embed_step, params, tokens, sharding, devices, per_device):
-    """Embeddings of all held-out texts, [texts, dim] on the host; every chunk is dispatched before
-    any is fetched, so the devices never wait for the host."""
-    ids, mask = tokens
-    chunk = devices * per_device
-    outputs = [embed_step(params, *to_devices((ids[i:i + chunk].reshape(devices, per_device, -1),
-                                               mask[i:i + chunk].reshape(devices, per_device, -1)), sharding))
-               for i in range(0, len(ids), chunk)]
-    return np.concatenate([np.asarray(out).reshape(chunk, -1) for out in jax.device_get(outputs)])
+    def evaluate(params):
+        outputs = [embed_step(params, *to_devices(chunk_tokens, sharding)) for chunk_tokens in zip(ids, mask)]
+        embeddings = np.concatenate([np.asarray(out).reshape(chunk, -1) for out in jax.device_get(outputs)])
+        return score_held_out(held_out, embeddings)
+    return evaluate
 
 
 def rank_of_partners(queries, candidates):
@@ -1237,20 +1154,17 @@ def rank_of_partners(queries, candidates):
     return np.concatenate(ranks)
 
 
-def retrieval_scores(ranks):
-    return {"accuracy": float(np.mean(ranks == 1)),
-            f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
-
-
 def score_held_out(held_out, embeddings):
-    """{source name: scores, ..., "overall": the mean of every score over the sources}."""
+    """{source name: {accuracy, mrr@10}, ..., "overall": each score's mean over the sources}."""
     scores, start = {}, 0
     for name, rows in held_out.items():
         columns = []
         for _ in rows[0]:
             columns.append(embeddings[start:start + len(rows)])
             start += len(rows)
-        scores[name] = retrieval_scores(rank_of_partners(columns[0], np.concatenate(columns[1:])))
+        ranks = rank_of_partners(columns[0], np.concatenate(columns[1:]))
+        scores[name] = {"accuracy": float(np.mean(ranks == 1)),
+                        f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
     scores["overall"] = {key: float(np.mean([s[key] for s in scores.values()])) for key in scores[name]}
     return scores
 
@@ -1259,58 +1173,49 @@ def score_held_out(held_out, embeddings):
 # Export: a sentence-transformers folder, written from the Flax parameters (no torch needed)
 # ============================================================================================
 
-# Model types whose Flax parameter tree mirrors the PyTorch module names (kernel/scale/embedding
-# aside), so the mapping below is exact, and whose Flax and PyTorch models compute the same
-# outputs; tests/test_export.py checks each with transformers and sentence-transformers. (ELECTRA's
-# names map too, but its Flax and PyTorch models disagree.) Each maps to the PyTorch class.
+# Model types whose Flax parameter names mirror PyTorch's (kernel/scale/embedding aside) and whose Flax and
+# PyTorch models compute the same outputs (tests/test_export.py checks each; ELECTRA's names map too, but its
+# two models disagree), with their PyTorch class.
 EXPORTABLE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
               "distilbert": "DistilBertModel", "albert": "AlbertModel"}
 
 # sentence-transformers never runs here, so its "version" in the folder is that of the format:
 # the oldest release that reads every field written below (similarity_fn_name came with 3.0.0).
 SENTENCE_TRANSFORMERS_FORMAT = "3.0.0"
+POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
 
 
 def torch_state_dict(params):
-    """Flax parameters -> PyTorch `AutoModel` names and layouts, as float32 numpy arrays."""
+    """Flax parameters -> PyTorch `AutoModel` names and layouts (a flax Dense kernel is [in, out], a torch
+    Linear weight [out, in]), as float32 numpy arrays."""
     state = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        *module, leaf = path
-        value = np.asarray(value, dtype=np.float32)
-        if leaf == "kernel":  # flax Dense is [in, out]; torch Linear.weight is [out, in]
-            value = value.T
-        leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-        state[".".join([*module, leaf])] = np.ascontiguousarray(value)
+    for (*module, leaf), value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value.T if leaf == "kernel" else value, dtype=np.float32)
+        name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+        state[".".join([*module, name])] = np.ascontiguousarray(value)
     return state
 
 
 def export_sentence_transformer(folder, params, config, tokenizer, args, run):
-    """Writes a folder that `SentenceTransformer(folder)` loads: Transformer -> mean Pooling -> Normalize,
-    with a model card and a copy of the run record (OUTPUT/train_script.py and data_config.json).
-
-    The folder is written under another name and renamed when complete: whenever a run stops,
-    OUTPUT/<step> is either a whole model or absent (and --resume writes it again)."""
+    """Writes a folder that `SentenceTransformer(folder)` loads (Transformer -> mean Pooling -> Normalize),
+    with its model card and the run record. Written as FOLDER.partial and renamed when whole: whenever
+    a run stops, OUTPUT/<step> is a whole model or absent (and --resume writes it again)."""
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         os.makedirs(os.path.join(partial, "1_Pooling"))
         os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
         save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-        config = config.__class__.from_dict(config.to_dict())
-        config.architectures = [EXPORTABLE[config.model_type]]
+        config = type(config).from_dict({**config.to_dict(), "architectures": [EXPORTABLE[config.model_type]]})
         config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        write_json(os.path.join(partial, "modules.json"), [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        write_json(os.path.join(partial, "modules.json"), [{
+            "idx": i, "name": str(i), "path": f"{i}_{cls}" if i else "", "type": f"sentence_transformers.models.{cls}"}
+            for i, cls in enumerate(("Transformer", "Pooling", "Normalize"))])
         write_json(os.path.join(partial, "sentence_bert_config.json"),
                    {"max_seq_length": args.max_length, "do_lower_case": False})
-        write_json(os.path.join(partial, "1_Pooling", "config.json"), {
-            "word_embedding_dimension": config.hidden_size, "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False, "include_prompt": True})
+        write_json(os.path.join(partial, "1_Pooling", "config.json"), {"word_embedding_dimension": config.hidden_size,
+                   "include_prompt": True, **{f"pooling_mode_{m}": m == "mean_tokens" for m in POOLING_MODES}})
         write_json(os.path.join(partial, "config_sentence_transformers.json"), {
             "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
                             "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
@@ -1332,8 +1237,7 @@ def export_folder(args, step):
 
 def write_json(path, value):
     with open(path, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
+        f.write(json.dumps(value, indent=2) + "\n")
 
 
 def library_versions():
@@ -1347,242 +1251,122 @@ def source_group(name):
 
 
 def mixture_table(mixture, pairs_drawn, group=None):
-    """The mixture as a Markdown table, one row per file or (with `group`) per group of files.
-
-    A file's expected share of the training pairs is weight / total weight. That is the chance
-    that it is a round's (or a batch's) first source; the other sources are drawn in proportion to
-    weight among the files of the same format, which gives every draw the same chance."""
-    total_weight = sum(e["weight"] for e in mixture)
-    rows = collections.defaultdict(lambda: [0, 0, 0])  # files, lines, weight
+    """The mixture as a Markdown table, a row per file or (with `group`) per group of files, heaviest first.
+    A file's expected share of the pairs is weight / total weight: its chance to be a round's (or a batch's)
+    first source, and the others are drawn by weight among the files of its format."""
+    total = sum(e["weight"] for e in mixture)
+    rows = collections.defaultdict(lambda: np.zeros(3, np.int64))  # files, lines, weight
     for e in mixture:
-        row = rows[group(e["name"]) if group else e["name"]]
-        row[0], row[1], row[2] = row[0] + 1, row[1] + e.get("lines", 0), row[2] + e["weight"]
-    if group:
-        rows = dict(sorted(rows.items(), key=lambda item: -item[1][2]))
-    head, rule = ("| source | files |", "|---|---:|") if group else ("| file |", "|---|")
-    table = [head + " lines | weight | share of pairs | pairs drawn (expected) |", rule + "---:|---:|---:|---:|"]
-    for name, (files, lines, weight) in rows.items():
-        share = weight / total_weight
-        first = f"| {name} | {files} |" if group else f"| {name} |"
-        table.append(f"{first} {lines:,} | {weight:,} | {share:.2%} | {share * pairs_drawn:,.0f} |")
+        rows[group(e["name"]) if group else e["name"]] += (1, e.get("lines", 0), e["weight"])
+    table = [f"| {'source | files' if group else 'file'} | lines | weight | share of pairs | pairs drawn (expected) |",
+             "|---|" + "---:|" * (5 if group else 4)]
+    for name, (files, lines, weight) in sorted(rows.items(), key=lambda row: -row[1][2]):
+        table.append(f"| {name} |{f' {files} |' if group else ''} {lines:,} | {weight:,} | {weight / total:.2%} | "
+                     f"{weight / total * pairs_drawn:,.0f} |")
     return "\n".join(table)
 
 
 def hub_name(model):
-    """The Hub name of --model: the name itself or, for a folder of the Hugging Face cache
-    (.../models--OWNER--NAME/snapshots/REVISION, the path `hf download OWNER/NAME` prints), the name
-    it was downloaded as; None for any other folder, which nothing in it names."""
+    """The Hub name of --model: the name itself, or the name a snapshot in the Hugging Face cache (the
+    .../models--OWNER--NAME/snapshots/REVISION that `hf download` prints) was downloaded as; else None."""
     if not os.path.isdir(model):
         return model
     parts = os.path.abspath(model).split(os.sep)
-    if len(parts) > 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--"):].replace("--", "/")  # Hub names never contain "--"
-    return None
-
-
-def hub_datasets(data_folder):
-    """The Hub dataset the run read: that of an hf://datasets/OWNER/NAME[@REVISION]/... --data_folder;
-    a local folder or a bucket names none."""
-    if not data_folder.startswith("hf://datasets/"):
-        return []
-    return ["/".join(data_folder[len("hf://datasets/"):].split("/")[:2]).split("@")[0]]
-
-
-def card_metadata(args, name, scores):
-    """The card's YAML block, which the Hub indexes: licence, task, base model, data and, when the
-    run evaluated, the held-out scores as a model-index."""
-    datasets = hub_datasets(args.data_folder)
-    results = [EvalResult(task_type="information-retrieval", task_name="In-batch retrieval of held-out rows",
-                          dataset_type=datasets[0] if datasets else "unknown",
-                          dataset_name=f"the first {args.eval_rows} lines of every training file",
-                          metric_type=key, metric_value=value) for key, value in scores.items()]
-    return ModelCardData(
-        language="en", license="apache-2.0", library_name="sentence-transformers",
-        pipeline_tag="sentence-similarity", base_model=args.base_model or hub_name(args.model),
-        datasets=datasets or None, tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "jax"],
-        model_name=name if results else None,  # the model-index's name; alone it is no Hub field
-        eval_results=results or None)
-
-
-def batch_composition(args, run):
-    """How the card's run made its batches, in a sentence or two."""
-    if args.mixing == "per_batch":
-        return (f"Each global batch of {run['global_batch']:,} pairs is split into {args.datasets_per_batch} equal "
-                "shares, each from a file drawn anew in proportion to its weight (files after the first only "
-                "among those with the same number of columns); no text repeats within a batch.")
-    return (f"Each global batch of {run['global_batch']:,} pairs comes from a single file. A round of "
-            f"{run['devices']} steps draws {args.datasets_per_batch} files in proportion to their weights, all with "
-            f"the same number of columns, each filling {run['devices'] // args.datasets_per_batch} consecutive steps; "
-            "no text repeats within a round.")
+    cached = parts[-2] == "snapshots" and parts[-3].startswith("models--")
+    return parts[-3][len("models--"):].replace("--", "/") if cached else None  # Hub names never contain "--"
 
 
 def model_card(folder, config, args, run):
-    """A model card in the format of sentence-transformers' own, describing this run."""
-    mixture = run["mixture"]
-    pairs_drawn = run["step"] * run["global_batch"]
-    groups = {source_group(e["name"]) for e in mixture}
-    data = mixture_table(mixture, pairs_drawn)
-    if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
-        data = (f"{mixture_table(mixture, pairs_drawn, source_group)}\n\n"
-                f"<details><summary>All {len(mixture)} files</summary>\n\n{data}\n\n</details>")
-    name = os.path.basename(os.path.normpath(args.output))
+    """The card of an export: the metadata the Hub indexes (the dataset is that of an hf://datasets/OWNER/NAME
+    --data_folder; the held-out scores a model-index), how to use the model, and the run in its own numbers."""
+    mixture, step, batch, devices = run["mixture"], run["step"], run["global_batch"], run["devices"]
+    name, pairs_drawn = os.path.basename(os.path.normpath(args.output)), step * batch
     scores = run["scores"]["overall"] if run.get("scores") else {}
-    metadata = card_metadata(args, name, scores)
-    base = (f"[{metadata.base_model}](https://huggingface.co/{metadata.base_model})" if metadata.base_model
+    held_out = f"the first {args.eval_rows} lines of every training file"
+    hub_data = args.data_folder.startswith("hf://datasets/")
+    datasets = ["/".join(args.data_folder[len("hf://datasets/"):].split("/")[:2]).split("@")[0]] if hub_data else []
+    data = ModelCardData(
+        language="en", license="apache-2.0", library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+        base_model=args.base_model or hub_name(args.model), datasets=datasets or None,
+        tags=["sentence-transformers", "feature-extraction", "sentence-similarity", "jax"],
+        model_name=name if scores else None,  # the model-index's name; alone it is no Hub field
+        eval_results=[EvalResult(task_type="information-retrieval", task_name="In-batch retrieval of held-out rows",
+                                 dataset_type=datasets[0] if datasets else "unknown", dataset_name=held_out,
+                                 metric_type=key, metric_value=value) for key, value in scores.items()] or None)
+    base = (f"[{data.base_model}](https://huggingface.co/{data.base_model})" if data.base_model
             else f"`{args.model}` (a local folder)")
-    evaluation = f"""## Evaluation
-
-At step {run['step']:,}, in-batch retrieval over the first {args.eval_rows} lines of every training file, held out
-of training (each anchor ranks the candidates of its own file's rows; scores averaged over the files):
-{", ".join(f"{key} {value:.4f}" for key, value in scores.items())}.
-
-""" if scores else ""
-    loss = "in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss)"
-    if args.symmetric_loss:
-        loss += ("; for pairs, averaged with that of each positive against all anchors "
-                 "(MultipleNegativesSymmetricRankingLoss)")
-    progress = ("the end of the run" if run["step"] == args.steps else
-                f"an intermediate export at step {run['step']:,} of {args.steps:,}")
-    device = jax.local_devices()[0]  # the kind of device the run used
+    groups = {source_group(e["name"]) for e in mixture}
+    table = mixture_table(mixture, pairs_drawn)
+    if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
+        table = (f"{mixture_table(mixture, pairs_drawn, source_group)}\n\n"
+                 f"<details><summary>All {len(mixture)} files</summary>\n\n{table}\n\n</details>")
+    evaluation = (f"## Evaluation\n\nAt step {step:,}, in-batch retrieval over {held_out}, held out of training (each "
+                  "anchor ranks the candidates of its own file's rows; scores averaged over the files): "
+                  f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())}.\n\n" if scores else "")
+    progress = "the end of the run" if step == args.steps else f"the export at step {step:,} of {args.steps:,}"
     versions = "\n".join(f"- {library}: {version}" for library, version in run["versions"].items())
     return ModelCard(f"""---
-{metadata.to_yaml()}
+{data.to_yaml()}
 ---
 
 # {name}
 
-This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on {len(mixture)}
-data files. It maps sentences & paragraphs to a {config.hidden_size}-dimensional dense vector space and
-can be used for semantic textual similarity, semantic search, paraphrase mining, text classification,
-clustering, and more. It was trained with `train_script.py` (JAX/Flax), the reproduction of how
-all-MiniLM-L12-v1 was trained; this folder holds {progress}.
-
-## Model Details
-
-### Model Description
-- **Model Type:** Sentence Transformer
-- **Base model:** {base}
-- **Maximum Sequence Length:** {args.max_length} tokens
-- **Output Dimensionality:** {config.hidden_size} dimensions
-- **Similarity Function:** Cosine Similarity
-- **Training Data:** {len(mixture)} files, listed below
-
-### Full Model Architecture
-
-```
-SentenceTransformer(
-  (0): Transformer({{'max_seq_length': {args.max_length}, 'do_lower_case': False}}) with Transformer model: {EXPORTABLE[config.model_type]}
-  (1): Pooling({{'word_embedding_dimension': {config.hidden_size}, 'pooling_mode_mean_tokens': True}})
-  (2): Normalize()
-)
-```
+A [sentence-transformers](https://www.SBERT.net) model finetuned from {base} with `train_script.py` (JAX/Flax), the
+reproduction of how all-MiniLM-L12-v1 was trained; this folder holds {progress}. It maps texts of up to
+{args.max_length} tokens to {config.hidden_size}-dimensional unit vectors (mean pooling, normalised) compared by cosine.
 
 ## Usage
 
-Below, `{name}` stands for the model's Hub id once this folder is uploaded
-(`hf upload <user>/{name} {folder}` makes it `<user>/{name}`).
-Where it was trained, load it from disk: `SentenceTransformer("{folder}")`.
-
-### Direct Usage (Sentence Transformers)
-
-```bash
-pip install -U sentence-transformers
-```
-
+`{name}` stands for the model's Hub id once this folder is uploaded (`hf upload <user>/{name} {folder}`);
+where it was trained, load it from disk: `SentenceTransformer("{folder}")`.
 ```python
-from sentence_transformers import SentenceTransformer
-
+from sentence_transformers import SentenceTransformer  # pip install -U sentence-transformers
 model = SentenceTransformer("{name}")
-sentences = ["This is an example sentence", "Each sentence is converted"]
-embeddings = model.encode(sentences)
-print(embeddings.shape)  # (2, {config.hidden_size})
-print(model.similarity(embeddings, embeddings))
+embeddings = model.encode(["This is an example sentence", "Each sentence is converted"])
+print(embeddings.shape, model.similarity(embeddings, embeddings))  # (2, {config.hidden_size}), 2 x 2 cosines
 ```
 
-### Direct Usage (Transformers)
+Without sentence-transformers: average `AutoModel.from_pretrained("{name}")`'s last hidden states over the
+attention mask of `AutoTokenizer.from_pretrained("{name}")`'s batch, then L2-normalise.
 
-Without sentence-transformers: run the transformer, average the token embeddings over the
-attention mask, and normalise.
+{evaluation}## Training
 
-```python
-import torch
-import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+A file's share of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that
+share of the {pairs_drawn:,} pairs of the {step:,} steps behind this export. {len(mixture)} files in {len(groups)}
+sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
 
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-model = AutoModel.from_pretrained("{name}")
-batch = tokenizer(["This is an example sentence", "Each sentence is converted"], padding=True,
-                  truncation=True, max_length={args.max_length}, return_tensors="pt")
-with torch.no_grad():
-    tokens = model(**batch).last_hidden_state
-mask = batch["attention_mask"].unsqueeze(-1).float()
-embeddings = F.normalize((tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1)
-```
+{table}
 
-{evaluation}## Training Details
-
-### Training Data
-
-{batch_composition(args, run)} A file's share
-of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that share of
-the {pairs_drawn:,} pairs of the {run['step']:,} steps behind this export. {len(mixture)} files in
-{len(groups)} sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
-
-{data}
-
-### Training Hyperparameters
-
-| | |
+| hyper-parameter | value |
 |---|---|
-| steps | {run['step']:,} of {args.steps:,} |
-| global batch | {run['global_batch']:,} ({args.batch_size} per device x {run['devices']} devices, {device.device_kind}) |
+| steps | {step:,} of {args.steps:,} |
+| global batch | {batch:,} ({args.batch_size} per device x {devices} devices, {jax.local_devices()[0].device_kind}) |
+| batches | {f"{args.datasets_per_batch} equal shares per batch, each from a file drawn anew by weight (after the first, among files with as many columns); no text repeats within a batch" if args.mixing == "per_batch" else f"one file per batch: a round of {devices} steps draws {args.datasets_per_batch} files by weight (all with as many columns), each for {devices // args.datasets_per_batch} consecutive steps; no text repeats within a round"} |
 | optimizer | transformers' AdamW (eps 1e-6 added before the bias correction), lr {args.lr}, betas (0.9, 0.999), weight decay {args.weight_decay} (not on biases and LayerNorm) |
 | schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.schedule_steps:,} |
 | gradient clipping | norm 1.0, {"each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device" else "of the gradient averaged over the devices"} |
 | max sequence length | {args.max_length} tokens |
-| loss | {loss}, scale {args.scale}, candidates gathered over all devices |
+| loss | in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss){"; for pairs, averaged with that of each positive against all anchors (MultipleNegativesSymmetricRankingLoss)" if args.symmetric_loss else ""}, scale {args.scale}, candidates gathered over all devices |
 | dropout | {"the base model's" if args.dropout is None else args.dropout}; attention dropout {"drawn per element" if args.attention_dropout == "element" else "one mask per layer, shared by a device's examples and heads"} |
 | seed | {args.seed} |
 
-The exact command (`train_script.py`, the script that ran with its command appended, and
-`data_config.json` in this folder are the rest of the record):
-
+The exact command (this folder's `train_script.py` is the script that ran, with it appended):
 ```bash
 {args.command}
 ```
-
-### Framework Versions
-
+Framework versions:
 {versions}
-
-## Citation
-
-```bibtex
-@inproceedings{{reimers-2019-sentence-bert,
-    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
-    author = "Reimers, Nils and Gurevych, Iryna",
-    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
-    month = "11",
-    year = "2019",
-    publisher = "Association for Computational Linguistics",
-    url = "https://arxiv.org/abs/1908.10084",
-}}
-```
 """)
 
 
-def start_run_record(args, entries, output):
-    """As the original did: a copy of this script with the command appended, and the config used."""
-    shutil.copyfile(__file__, os.path.join(output, "train_script.py"))
-    with open(os.path.join(output, "train_script.py"), "a") as f:
-        f.write(f"\n\n# Script was called via:\n# {args.command}\n")
-    write_json(os.path.join(output, "data_config.json"), entries)
-
-
-def record_resume(args, step):
-    """A resumed run adds its command line to the record of the run it continues."""
+def write_run_record(args, entries, step):
+    """As the original did: OUTPUT/train_script.py is a copy of this script with the command appended, and
+    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record."""
+    if step == 0:
+        shutil.copyfile(__file__, os.path.join(args.output, "train_script.py"))
+        write_json(os.path.join(args.output, "data_config.json"), entries)
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
-        f.write(f"# Resumed at step {step} via:\n# {args.command}\n")
+        f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n")
 
 
 # ============================================================================================
@@ -1594,14 +1378,6 @@ def record_resume(args, step):
 # a temporary folder and renames it when it is complete, so a kill at any moment leaves the whole
 # checkpoint or none. Nothing else is needed to continue exactly: the sources of a batch derive
 # from (seed, step), dropout keys from (seed, step, device).
-
-# The flags a resumed run must share with its checkpoint to compute the same thing; the others
-# (logging, saving, workers, prefetch, --data_folder) only change how it is computed or reported.
-RUN_FLAGS = ("model", "steps", "batch_size", "mini_batch_size", "max_length", "pad_to_buckets", "datasets_per_batch",
-             "scale", "symmetric_loss", "lr", "warmup_steps", "schedule_steps", "weight_decay", "clip_scope",
-             "dropout", "attention_dropout", "dtype", "seed", "mixing", "data_order", "shuffle_buffer",
-             "cache_small_sources")
-
 
 class Interrupted(Exception):
     """A signal or the input pipeline stopped the run (after a checkpoint of its last finished step,
@@ -1615,7 +1391,7 @@ class Interrupted(Exception):
 def run_identity(args, entries, devices):
     """What a checkpoint records and a resume must match: the flags above, the mixture, the devices,
     the lines held out of training; as JSON reads it back (tuples become lists)."""
-    identity = {f"--{name}": getattr(args, name) for name in RUN_FLAGS}
+    identity = {f"--{name}": getattr(args, name) for name in args.run_flags}
     identity.update({"data config": entries, "devices": len(devices) * jax.process_count(),
                      "processes": jax.process_count(),
                      "--eval_rows held out": args.eval_rows if args.eval_steps else 0})
@@ -1633,14 +1409,10 @@ def checkpoint_manager(args):
         cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
     report = sys.unraisablehook
-
-    def unless_too_late(unraisable):
-        # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it
-        # find the event loop awaiting them closed: nothing is lost, nothing to report
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            report(unraisable)
-
-    sys.unraisablehook = unless_too_late
+    # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it find the
+    # event loop awaiting them closed: nothing is lost, nothing to report
+    sys.unraisablehook = lambda u: None if (isinstance(u.exc_value, RuntimeError)
+                                            and str(u.exc_value) == "Event loop is closed") else report(u)
     try:
         yield manager
     except BaseException:
@@ -1664,48 +1436,53 @@ def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_sou
             "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
     intact = checkpoints.all_steps()
     threads_before = set(threading.enumerate())
+    # orbax logs every failure of its threads, traceback and all, then raises it here, where it is
+    # reported in one line: its logger (absl's) keeps quiet meanwhile
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
-        with orbax_logs_quiet():
-            checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
-                                                           meta=ocp.args.JsonSave(meta)), force=True)
+        checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:
         # The other writes of a failed save go on in orbax's threads; once they end, nothing writes
         # into its temporary folder while the run stops, or when a resume cleans it up.
-        with orbax_logs_quiet():
-            for thread in set(threading.enumerate()) - threads_before:
-                if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
-                    thread.join()
+        for thread in set(threading.enumerate()) - threads_before:
+            if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
+                thread.join()
         kept = f"the checkpoint of step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
         raise UserError(f"cannot write the checkpoint of step {step} to {checkpoints.directory} "
                         f"({first_line(e)}); {kept}") from e
-
-
-@contextlib.contextmanager
-def orbax_logs_quiet():
-    """Orbax logs every failure of its threads, traceback and all, then hands it to the caller,
-    which reports it in one line: its logger (absl's) keeps quiet meanwhile."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
     finally:
-        logger.setLevel(level)
+        absl.setLevel(level)
 
 
-def restore_checkpoint(checkpoints, fresh, identity, force):
-    """The newest checkpoint that reads whole, as (host state, meta); None if there is none.
+def initial_state(args, model, checkpoints, identity):
+    """Where the run starts, decided here only, in this order:
 
-    A damaged one (truncated by a copy, a failing disk) is skipped with a warning for the one
-    before, and renamed <step>.unreadable so that the resumed run can write that step again.
-    A checkpoint of a different run is refused, unless `force`."""
-    steps = sorted(checkpoints.all_steps(), reverse=True)
-    target = {"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step}
+    1. with --resume, the newest checkpoint in OUTPUT that reads whole: its state and stream
+       positions. A damaged one (truncated by a copy, a failing disk) is skipped with a warning for
+       the one before, and renamed <step>.unreadable so that the run can write that step again.
+       A checkpoint of a different run is refused, unless --resume_force;
+    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
+    Returns (TrainState, its step, {source name: position} for this process,
+    {source name: batches drawn from it before that step})."""
+    fresh = init_state(model, args)
+    steps = sorted(checkpoints.all_steps(), reverse=True) if args.resume else []
+    target = (jax.device_get({"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step})
+              if steps else None)
     for tried, step in enumerate(steps):
         folder = os.path.join(checkpoints.directory, str(step))
         try:
             meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            check_same_run(meta["run"], identity, folder, force)
+            changed = [name if name == "data config" else f"{name} ({meta['run'].get(name)!r} in the checkpoint, "
+                       f"now {now!r})" for name, now in identity.items() if meta["run"].get(name) != now]
+            if changed and not args.resume_force:
+                raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
+                                f"pass the checkpoint's flags, or --resume_force to continue regardless")
+            if changed:
+                print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}",
+                      file=sys.stderr)
             state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         except UserError:
             raise
@@ -1717,52 +1494,27 @@ def restore_checkpoint(checkpoints, fresh, identity, force):
             shutil.rmtree(damaged + ".unreadable", ignore_errors=True)
             os.replace(damaged, damaged + ".unreadable")
         checkpoints.reload()
-        return fresh.replace(**state), meta
-    if steps:
-        raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
-    return None
-
-
-def check_same_run(saved, identity, folder, force):
-    changed = [name if name == "data config" else f"{name} ({saved.get(name)!r} in the checkpoint, now {now!r})"
-               for name, now in identity.items() if saved.get(name) != now]
-    if not changed:
-        return
-    if not force:
-        raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
-                        f"pass the checkpoint's flags, or --resume_force to continue regardless")
-    print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
-
-
-def initial_state(args, model, checkpoints, identity):
-    """Where the run starts, decided here only, in this order:
-
-    1. with --resume, the newest readable checkpoint in OUTPUT: its state and stream positions;
-    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
-    Returns (TrainState, its step, {source name: position} for this process,
-    {source name: batches drawn from it before that step})."""
-    fresh = init_state(model, args)
-    found = restore_checkpoint(checkpoints, jax.device_get(fresh), identity, args.resume_force) if args.resume else None
-    if found is None:
+        break
+    else:
+        if steps:
+            raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
         if args.resume:
             print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
         return fresh, 0, {}, {}
-    state, meta = found
     if meta["step"] > args.steps:
         raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
     if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
         print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
-    return state, meta["step"], positions, meta.get("batches", {})
+    return fresh.replace(**state), meta["step"], positions, meta.get("batches", {})
 
 
 @dataclasses.dataclass
 class StopRequests:
-    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked, and what stopping at once says.
-
-    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop
-    (the loop reads `first`); any other signal, or one outside the loop, stops at once."""
+    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked. While the train loop runs, the
+    first signal asks it to finish its step, checkpoint and stop (the loop reads `first`); any other
+    signal, or one outside the loop, stops at once."""
     first: signal.Signals = None   # the signal the loop was asked to stop for
     in_loop: bool = False          # the loop runs: there is a step to checkpoint
     resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
@@ -1833,131 +1585,86 @@ STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices: c
 STOP_CHECK_STEPS = 10  # multi-host: the processes share their stop requests every this many steps
 
 
-def train(args, model, tokenizer, config, sources, entries, devices, checkpoints, stop, held_out=None):
-    process, processes = jax.process_index(), jax.process_count()
-    global_batch = args.batch_size * len(devices) * processes
-    local_batch = args.batch_size * len(devices)
-    writer = process == 0
-    identity = run_identity(args, entries, devices)
-    start_state, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
-    versions = library_versions()
+@dataclasses.dataclass
+class Progress:
+    """The loop's bookkeeping. The steps since the last log line keep their measurements on the
+    devices until log_window fetches them; the host runs at most STEPS_IN_FLIGHT steps ahead."""
+    batches: collections.Counter    # batches drawn per source, from the run's start
+    window: list = dataclasses.field(default_factory=list)  # (text batch, measurements) since the last line
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # the window's start
+    waited: float = 0.0             # seconds of the window spent waiting for a batch
+    bad_in_a_row: int = 0           # non-finite steps in a row, up to the last logged one
+    skipped: int = 0                # non-finite steps, all told
+    invalid: dict = dataclasses.field(default_factory=dict)  # the unusable-line counts last reported
+    compiled: set = dataclasses.field(default_factory=set)   # batch shapes the step was compiled for
+    in_flight: collections.deque = dataclasses.field(default_factory=collections.deque)
 
+
+def train(args, model, tokenizer, data, devices, checkpoints, stop):
+    """Trains from where initial_state says to --steps; process 0 alone writes what the run reports."""
+    sources, entries, held_out = data
+    writer, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
     all_devices = devices_of_all_processes(devices)
-    sharding = device_sharding(all_devices)
-    state = replicate(start_state, sharding, len(devices))
-    scores_at = {}  # step -> held-out scores, for the model card of an export at that step
-
-    def export(step):
-        if writer:
-            params = jax.device_get(first_local_replica(state.params))
-            run = {"step": step, "global_batch": global_batch, "devices": len(devices) * processes,
-                   "mixture": entries, "versions": versions, "scores": scores_at.get(step)}
-            export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args, run)
-
+    sharding, global_batch, local_batch = (device_sharding(all_devices), args.batch_size * len(all_devices),
+                                           args.batch_size * len(devices))
+    identity = run_identity(args, entries, all_devices)
+    start, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
+    state = replicate(start, sharding, len(devices))
+    run = {"global_batch": global_batch, "devices": len(all_devices), "mixture": entries,
+           "versions": library_versions(), "scores": {}}
     # a resumed run first writes the export that a kill or a full disk cut short
-    if first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not os.path.isdir(
-            export_folder(args, first_step)):
-        export(first_step)
-    if first_step == args.steps:
-        if writer:  # a loop that restarts the command until it succeeds ends here
+    if writer and first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not (
+            os.path.isdir(export_folder(args, first_step))):
+        export(args, first_step, state, model.config, tokenizer, run)
+    if first_step == args.steps:  # a loop that restarts the command until it succeeds ends here
+        if writer:
             print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
         return
     if writer:
-        if first_step == 0:
-            start_run_record(args, entries, args.output)
-        else:
-            record_resume(args, first_step)
+        write_run_record(args, entries, first_step)
+
     train_step = make_train_step(model, args, all_devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
     for source in sources:
         source.position = tuple(positions.get(source.name, (0, 0)))
-    texts = text_batches(sources, args, global_batch,
-                         (process * local_batch, (process + 1) * local_batch), (process, processes), first_step)
-    metrics = open_metrics(args.output) if writer else None
-    embed_step = make_embed_step(model, devices) if held_out else None
-
-    def evaluate(step, tokens):
-        """Scores the held-out rows (every process, on its own devices); returns the seconds it took."""
-        started = time.perf_counter()
-        embeddings = embed_held_out(embed_step, state.params, tokens, sharding, len(devices), args.batch_size)
-        scores = scores_at[step] = score_held_out(held_out, embeddings)
-        seconds = time.perf_counter() - started
-        overall = " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
-        bar.write(f"eval step={step} {overall} ({seconds:.1f}s)")
-        if metrics:
-            write_metrics(metrics, {"step": step, "eval": scores, "eval_seconds": seconds})
-        return seconds
-
-    # a stop asked while the loop waits for a batch needs no batch; with several processes it waits
-    # for the step at which they all stop
+    texts = text_batches(sources, args, global_batch, (process * local_batch, (process + 1) * local_batch),
+                         (process, processes), first_step)
+    progress = Progress(collections.Counter(batches_so_far))
+    # a stop asked while the loop waits for a batch needs no batch; several processes wait for the
+    # step at which they all stop
     stop_asked = (lambda: stop.first is not None) if processes == 1 else (lambda: False)
     with (tokenizer_pool(tokenizer, args) as pool,
-          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers),
-                                                (len(devices), args.batch_size), args.prefetch,
-                                                args.batch_timeout, stop_asked)) as batches,
-          tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
-                    disable=not writer, dynamic_ncols=True) as bar):  # closed: a last line starts a line
-        def next_batch():
-            """The next batch and its columns on the devices; (None, None) if a stop was asked meanwhile."""
-            batch = next(batches, None)
-            return (batch, to_devices(batch.columns, sharding)) if batch else (None, None)
-
-        if held_out:
-            held_out_tokens = tokenize_held_out(held_out, pool, len(devices) * args.batch_size)
-            evaluate(first_step, held_out_tokens)
-        window, waited, window_start, skipped, bad_in_a_row = [], 0.0, time.perf_counter(), 0, 0
-        batches_per_source, reported_invalid = collections.Counter(batches_so_far), {}
-        batch, columns = next_batch()
-        compiled_shapes = set()  # each batch shape (pairs or triplets, bucket lengths) compiles the step once
-        in_flight = collections.deque()  # the measurements of the steps dispatched and maybe not done
-        for step in bar:
-            shape = tuple(ids.shape for ids, _ in columns)
-            if shape in compiled_shapes:
-                state, measured = train_step(state, columns, dropout_key)
-            else:
-                state, measured = compile_step(train_step, state, columns, dropout_key, args, bar)
-                compiled_shapes.add(shape)
+          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers), (len(devices), args.batch_size),
+                                                args.prefetch, args.batch_timeout, stop_asked)) as batches,
+          contextlib.closing(Report(args, first_step, writer)) as report):
+        evaluate = held_out and make_evaluator(model, held_out, pool, devices, sharding, args.batch_size)
+        if evaluate:
+            run["scores"][first_step] = report_eval(report, first_step, evaluate, state)
+        batch, failed = next_batch(batches, sharding, progress), None
+        for step in report.bar:
+            state = dispatch(train_step, state, batch, dropout_key, progress, args, report)
             stop.in_loop = True  # from here a signal checkpoints this step
-            # Dispatch runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, the
-            # host queues hundreds between two logging steps, and XLA:CPU aborts when a collective
-            # of one of them waits over 40 s for its devices (docs/performance.md).
-            in_flight.append(measured)
-            if len(in_flight) > STEPS_IN_FLIGHT:
-                jax.block_until_ready(in_flight.popleft())
             done = batch.text
-            window.append((done, measured))
-            batches_per_source.update(done.sources)
-            failed = None
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
-                wait_start = time.perf_counter()
                 try:
-                    batch, columns = next_batch()
+                    batch = next_batch(batches, sharding, progress)
                 except PipelineError as e:
                     failed = e
-                waited += time.perf_counter() - wait_start
             if failed and processes > 1:  # the others wait in the next step: no checkpoint without them
                 raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
                                   f"resume with: {resume_command(args)}", 1)
             signalled = agreed_stop(stop, step, processes)
-            checkpoint_now = ((step + 1) % args.save_steps == 0 or step + 1 == args.steps
-                              or bool(signalled or failed))
+            checkpoint_now = (step + 1) % args.save_steps == 0 or step + 1 == args.steps or bool(signalled or failed)
             # the window is checked before a checkpoint, so a run that must stop never writes one
             if (step + 1) % args.log_steps == 0 or checkpoint_now:
-                line, bad_in_a_row = log_window(bar, window, waited, time.perf_counter() - window_start,
-                                                global_batch, bad_in_a_row, checkpoints.latest_step())
-                skipped += line["skipped"]
-                if metrics:
-                    write_metrics(metrics, {**line, "batches": {s.name: batches_per_source[s.name] for s in sources}})
-                if window[-1][0].invalid != reported_invalid:
-                    reported_invalid = window[-1][0].invalid
-                    bar.write(invalid_lines_report(reported_invalid))
-                window, waited, window_start = [], 0.0, time.perf_counter()
-            if held_out and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
-                window_start += evaluate(step + 1, held_out_tokens)  # not counted as training time
+                log_window(report, progress, global_batch, sources, checkpoints.latest_step())
+            if evaluate and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
+                run["scores"][step + 1] = report_eval(report, step + 1, evaluate, state)
+                progress.started = time.perf_counter()  # the eval is not training time
             if checkpoint_now:
-                save_checkpoint(checkpoints, state, done, sources, identity, batches_per_source)
-            if (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
-                export(step + 1)
+                save_checkpoint(checkpoints, state, done, sources, identity, progress.batches)
+            if writer and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
+                export(args, step + 1, state, model.config, tokenizer, run)
             if failed:
                 raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step + 1} written; "
                                   f"resume with: {resume_command(args)}", 1)
@@ -1965,15 +1672,42 @@ def train(args, model, tokenizer, config, sources, entries, devices, checkpoints
                 raise Interrupted(f"{signalled.name} at step {step + 1}, checkpoint written; resume with: "
                                   f"{resume_command(args)}", 128 + signalled)
         stop.in_loop = False  # a signal from here stops at once: the last checkpoint is written
-        export(args.steps)
-    if metrics:
-        close_metrics(metrics)
     if writer:
-        print(f"done: {args.steps} steps, {skipped} skipped as non-finite, {len(compiled_shapes)} batch "
-              f"shape(s) compiled; model in {os.path.join(args.output, 'final')}")
+        export(args, args.steps, state, model.config, tokenizer, run)
+        print(f"done: {args.steps} steps, {progress.skipped} skipped as non-finite, {len(progress.compiled)} "
+              f"batch shape(s) compiled; model in {export_folder(args, args.steps)}")
 
 
-def compile_step(train_step, state, columns, dropout_key, args, bar):
+def next_batch(batches, sharding, progress):
+    """The next batch, its columns put on the devices; None if a stop was asked meanwhile."""
+    started = time.perf_counter()
+    batch = next(batches, None)
+    if batch:
+        batch.columns = to_devices(batch.columns, sharding)
+    progress.waited += time.perf_counter() - started
+    return batch
+
+
+def dispatch(train_step, state, batch, dropout_key, progress, args, report):
+    """Dispatches the step on `batch` (compiling it for a new batch shape) and returns the new state.
+    The host runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, it queues
+    hundreds between two logging steps, and XLA:CPU aborts when a collective of one of them waits
+    over 40 s for its devices (docs/performance.md)."""
+    shape = tuple(ids.shape for ids, _ in batch.columns)
+    if shape in progress.compiled:
+        state, measured = train_step(state, batch.columns, dropout_key)
+    else:
+        state, measured = compile_step(train_step, state, batch.columns, dropout_key, args, report)
+        progress.compiled.add(shape)
+    progress.in_flight.append(measured)
+    if len(progress.in_flight) > STEPS_IN_FLIGHT:
+        jax.block_until_ready(progress.in_flight.popleft())
+    progress.window.append((batch.text, measured))
+    progress.batches.update(batch.text.sources)
+    return state
+
+
+def compile_step(train_step, state, columns, dropout_key, args, report):
     """Runs a step that compiles (a new batch shape) and waits for it, so that a batch too big
     for the device fails here, as one line, rather than at the next fetch with a traceback."""
     kind = (f"{ {2: 'pairs', 3: 'triplets'}[len(columns)]} of "
@@ -1987,58 +1721,89 @@ def compile_step(train_step, state, columns, dropout_key, args, bar):
         raise UserError(f"a step on {kind} with --batch_size {args.batch_size} per device and --max_length "
                         f"{args.max_length} does not fit in device memory ({first_line(e)}); lower "
                         "--batch_size (the global batch shrinks with it) or --max_length") from e
-    bar.write(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
+    report.line(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
     return state, measured
 
 
-def log_window(bar, window, waited, seconds, global_batch, bad_in_a_row, last_checkpoint):
-    """Fetches the window's measurements (the only host sync) and reports them; returns the line
-    and how many steps in a row, up to the window's last, were not finite. last_checkpoint: the
+def log_window(report, progress, global_batch, sources, last_checkpoint):
+    """Fetches the measurements of the steps since the last line (the loop's only host sync), stops
+    the run after MAX_BAD_STEPS non-finite steps in a row, and reports them. last_checkpoint: the
     step of the newest checkpoint in OUTPUT, None if there is none."""
+    window, seconds = progress.window, time.perf_counter() - progress.started
     measured = jax.device_get([m for _, m in window])
     for (text, _), m in zip(window, measured):
-        bad_in_a_row = 0 if m["finite"][0] else bad_in_a_row + 1
-        if bad_in_a_row >= MAX_BAD_STEPS:
+        progress.bad_in_a_row = 0 if m["finite"][0] else progress.bad_in_a_row + 1
+        if progress.bad_in_a_row >= MAX_BAD_STEPS:
             kept = (f"the checkpoint of step {last_checkpoint} is intact" if last_checkpoint is not None
                     else "no checkpoint was written")
             raise UserError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
                             f"(sources {', '.join(text.sources)}); their updates were skipped; {kept}")
     finite = [m for m in measured if m["finite"][0]]
-
-    def mean(key):
-        return float(np.mean([m[key][0] for m in finite])) if finite else float("nan")
-
+    mean = lambda key: float(np.mean([m[key][0] for m in finite])) if finite else float("nan")  # noqa: E731
     line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
             "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
-            "data_wait": waited / seconds, "skipped": len(measured) - len(finite)}
-    if not bar.disable:  # processes other than 0 check the losses but log nothing
-        bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
-                        pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
-        bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
-    return line, bad_in_a_row
+            "data_wait": progress.waited / seconds, "skipped": len(measured) - len(finite)}
+    progress.skipped += line["skipped"]
+    progress.window, progress.waited, progress.started = [], 0.0, time.perf_counter()
+    report.bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
+                           pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
+    report.line(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    report.record({**line, "batches": {s.name: progress.batches[s.name] for s in sources}})
+    if window[-1][0].invalid != progress.invalid:
+        progress.invalid = window[-1][0].invalid
+        report.line(invalid_lines_report(progress.invalid))
 
 
-# OUTPUT/metrics.jsonl gets one JSON line per --log_steps (and per evaluation); OUTPUT/tensorboard/
-# the same numbers as scalars, nested keys joined by "/". Appending lets a resumed run continue both.
-
-def open_metrics(output):
-    return (open(os.path.join(output, "metrics.jsonl"), "a"),
-            tensorboardX.SummaryWriter(os.path.join(output, "tensorboard")))
-
-
-def write_metrics(metrics, record):
-    jsonl, board = metrics
-    jsonl.write(json.dumps(record) + "\n")
-    jsonl.flush()
-    numbers = {key: value for key, value in record.items() if key != "step"}  # the x axis, not a scalar
-    for tag, value in traverse_util.flatten_dict(numbers, sep="/").items():
-        board.add_scalar(tag, value, record["step"])
-    board.flush()
+def report_eval(report, step, evaluate, state):
+    """Scores the held-out rows at `step` (every process, on its own devices) and reports them."""
+    started = time.perf_counter()
+    scores = evaluate(state.params)
+    seconds = time.perf_counter() - started
+    report.line(f"eval step={step} " + " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
+                + f" ({seconds:.1f}s)")
+    report.record({"step": step, "eval": scores, "eval_seconds": seconds})
+    return scores
 
 
-def close_metrics(metrics):
-    for sink in metrics:
-        sink.close()
+def export(args, step, state, config, tokenizer, run):
+    """OUTPUT/<step> (OUTPUT/final at --steps), from this process's first copy of the parameters."""
+    params = jax.device_get(first_local_replica(state.params))
+    export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args,
+                                {**run, "step": step, "scores": run["scores"].get(step)})
+
+
+class Report:
+    """What the run reports, written by process 0 alone (the others train the same steps in silence):
+    lines above the progress bar, OUTPUT/metrics.jsonl and OUTPUT/tensorboard/ (a record per log
+    line and per evaluation, nested keys joined by "/"; appended to, so a resumed run continues both)."""
+
+    def __init__(self, args, first_step, writer):
+        self.writer = writer
+        self.bar = tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
+                             disable=not writer, dynamic_ncols=True)
+        if writer:
+            self.jsonl = open(os.path.join(args.output, "metrics.jsonl"), "a")
+            self.board = tensorboardX.SummaryWriter(os.path.join(args.output, "tensorboard"))
+
+    def line(self, text):
+        if self.writer:
+            self.bar.write(text)
+
+    def record(self, record):
+        if not self.writer:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        numbers = {key: value for key, value in record.items() if key != "step"}  # the x axis, not a scalar
+        for tag, value in traverse_util.flatten_dict(numbers, sep="/").items():
+            self.board.add_scalar(tag, value, record["step"])
+        self.board.flush()
+
+    def close(self):
+        self.bar.close()  # a line printed after the run starts on a line of its own
+        if self.writer:
+            self.jsonl.close()
+            self.board.close()
 
 
 # ============================================================================================
@@ -2052,12 +1817,6 @@ def choose_devices(args):
         raise UserError(f"--nprocs {count} but only {len(local)} {local[0].platform} device(s) are present; "
                         f"on CPU, emulate {count} with XLA_FLAGS=--xla_force_host_platform_device_count={count}")
     return local[:count]
-
-
-def split_cpu(args):
-    """--cpu_devices: must run before anything asks jax for devices."""
-    if args.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
 
 def join_processes(args):
@@ -2079,79 +1838,38 @@ def join_processes(args):
 # from before anything in OUTPUT is deleted until the run ends; the file names the holder. The
 # kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
 
-LOCK_FILE = ".lock"
-
-
-def local_path(url):
-    """The absolute path a local path or file:// URL names; None for a remote URL (gs://, hf://...)."""
-    url = url.split("::")[-1]  # a chained URL (simplecache::gs://...) ends with where the data lives
-    protocol, path = fsspec.core.split_protocol(url)
-    return os.path.abspath(path) if protocol in (None, "file", "local") else None
-
-
 def run_inputs(args, sources):
     """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
     inputs = [("the data config", args.data_config), ("this script", __file__)]
     if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
         files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
         inputs += [("--model", path) for path in [args.model, *files]]
-    inputs += [("the data file", local_path(s.url)) for s in sources]
-    return [(what, path) for what, path in inputs if path is not None]
-
-
-def inside(path, folder):
-    """Whether `path`, as written or with every link resolved, lies in `folder` (either form)."""
-    folders = {os.path.abspath(folder), os.path.realpath(folder)}
-    paths = {os.path.abspath(path), os.path.realpath(path)}
-    return any(os.path.commonpath([f, p]) == f for f in folders for p in paths)
-
-
-@contextlib.contextmanager
-def output_lock(output):
-    """OUTPUT/.lock held for the duration; a run holding it already is named and refused."""
-    path = os.path.join(output, LOCK_FILE)
-    while True:
-        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().decode().strip() or "starting"
-            lock.close()
-            raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
-        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
-            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {output}",
-                  file=sys.stderr)
-            break
-        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
-            break
-        lock.close()  # locked a file that its holder removed on exiting: lock the new one
-    try:
-        yield lock
-    finally:
-        os.unlink(path)  # while still locked, so that no other run locks the removed file
-        lock.close()
+    for source in sources:  # a chained URL (simplecache::gs://...) ends with where the data lives
+        protocol, path = fsspec.core.split_protocol(source.url.split("::")[-1])
+        if protocol in (None, "file", "local"):  # gs://, hf://... are nowhere in OUTPUT
+            inputs.append(("the data file", os.path.abspath(path)))
+    return inputs
 
 
 def prepare_output(args, inputs):
     """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
-    a kill or a full disk left unfinished. One in use is only emptied with --overwrite, and never if
-    it holds an input."""
-    existing = [name for name in os.listdir(args.output) if name != LOCK_FILE]
+    a kill or a full disk left unfinished (--resume writes them again). One in use is only emptied
+    with --overwrite, and never if it holds an input, as written or with every link resolved."""
+    existing = [name for name in os.listdir(args.output) if name != ".lock"]
     if args.resume:
-        for name in existing:
-            if name.endswith(".partial"):  # --resume writes the export again
-                shutil.rmtree(os.path.join(args.output, name))
-        return
-    if existing and not args.overwrite:
-        raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
-                        "or --overwrite to replace it")
-    if existing and os.path.islink(args.output):
-        raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
-                        "pass the folder itself")
-    for what, path in inputs:
-        if existing and inside(path, args.output):
-            raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
+        existing = [name for name in existing if name.endswith(".partial")]
+    elif existing:
+        if not args.overwrite:
+            raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
+                            "or --overwrite to replace it")
+        if os.path.islink(args.output):
+            raise UserError(f"--overwrite: {args.output} is a link to {os.path.realpath(args.output)}; "
+                            "pass the folder itself")
+        folders = {os.path.abspath(args.output), os.path.realpath(args.output)}
+        for what, path in inputs:
+            if any(os.path.commonpath([folder, p]) == folder
+                   for folder in folders for p in (os.path.abspath(path), os.path.realpath(path))):
+                raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
     for name in existing:
         path = os.path.join(args.output, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -2162,14 +1880,33 @@ def prepare_output(args, inputs):
 
 @contextlib.contextmanager
 def claim_output(args, inputs):
-    """OUTPUT created, locked and prepared; the lock held until the run ends."""
+    """OUTPUT created, locked (a run holding it already is named and refused) and prepared; the lock
+    held until the run ends."""
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"{args.output} exists and is not a folder")
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
-    with output_lock(args.output) as lock:
+    path = os.path.join(args.output, ".lock")
+    while True:
+        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().decode().strip() or "starting"
+            lock.close()
+            raise UserError(f"{args.output} is in use by another run ({holder}); "
+                            "wait for it to end or stop it") from None
+        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {args.output}",
+                  file=sys.stderr)
+            break
+        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
+            break
+        lock.close()  # locked a file that its holder removed on exiting: lock the new one
+    try:
         prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
             lock.truncate(0)  # a killed run's line
@@ -2178,6 +1915,9 @@ def claim_output(args, inputs):
         except OSError as e:
             raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None
         yield
+    finally:
+        os.unlink(path)  # while still locked, so that no other run locks the removed file
+        lock.close()
 
 
 @contextlib.contextmanager
@@ -2190,11 +1930,8 @@ def output_of_process_0(args, inputs):
                 claimed.enter_context(claim_output(args, inputs))
             except UserError as e:
                 problem = e
-        ready = multihost_utils.broadcast_one_to_all(np.int32(problem is None))  # a barrier too
-        if problem:
-            raise problem
-        if not ready:
-            raise UserError(f"process 0 could not prepare {args.output} (its error says why)")
+        if not multihost_utils.broadcast_one_to_all(np.int32(problem is None)):  # a barrier too
+            raise problem or UserError(f"process 0 could not prepare {args.output} (its error says why)")
         yield
 
 
@@ -2203,7 +1940,8 @@ def main(argv=None, stop=None):
     installs (called as a function, main leaves the caller's signals alone)."""
     stop = stop or StopRequests()
     args = parse_args(argv)
-    split_cpu(args)
+    if args.cpu_devices:  # before anything asks jax for devices
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
@@ -2225,19 +1963,16 @@ def main(argv=None, stop=None):
     with output_of_process_0(args, run_inputs(args, sources)):
         stop.resume = resume_command(args)  # from here a signal names the command that continues the run
         with checkpoint_manager(args) as checkpoints:
-            train(args, model, tokenizer, config, sources, entries, devices, checkpoints, stop, held_out)
+            train(args, model, tokenizer, (sources, entries, held_out), devices, checkpoints, stop)
 
 
 if __name__ == "__main__":
     stop = handle_stop_signals()  # before the first line of output
     try:
         main(stop=stop)
-    except UserError as e:
+    except (UserError, PipelineError) as e:  # a PipelineError comes before the first step: nothing to checkpoint
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except PipelineError as e:  # before the first step: nothing to checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UserError) else 1)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(e.status)

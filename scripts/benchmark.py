@@ -3,6 +3,7 @@ training step (PyTorch, MultipleNegativesRankingLoss), same architecture, batch 
 
     python scripts/benchmark.py                       # 32 pairs x 128 tokens, MiniLM-L12-H384
     python scripts/benchmark.py --steps 5 --buckets 32,64 -- --dtype bfloat16
+    python scripts/benchmark.py --memory_only --cpu_devices 1 --batch_size 128 --mini_batch_size 32,8
 
 The model is MiniLM-L12-H384's architecture (12 layers, hidden 384, 12 heads, intermediate 1536)
 from a random init built offline; both frameworks start from the same weights, dropout on. JAX
@@ -13,7 +14,8 @@ JAX step only. Also measured: the JAX step with the cheaper alternatives to the 
 rule (--clip_scope global, --attention_dropout shared), the producer (streaming, parsing,
 tokenizing; pairs/s), the step on length buckets if train_script has --pad_to_buckets, and
 GradCache's activation memory (XLA's buffer assignment of the compiled step) if it has
---mini_batch_size.
+--mini_batch_size. --memory_only compiles the plain and GradCache steps and runs neither, so the
+card's 128 rows per device can be measured on a machine too slow or too small to run them.
 
 The texts are synthetic with a realistic length mix: short questions, long answers. The tiny
 fixture's tokenizer (scripts/make_tiny_data.py) turns them into ids, so nothing is downloaded.
@@ -56,8 +58,12 @@ def parse_args():
     p.add_argument("--layers", type=int, default=12, help="transformer layers (12: MiniLM-L12)")
     p.add_argument("--steps", type=int, default=3, help="timed steps of each framework, after one warm-up step")
     p.add_argument("--buckets", default="32,64", help="--pad_to_buckets of the bucketed step (if the script has it)")
-    p.add_argument("--mini_batch_size", type=int, default=None,
-                   help="GradCache rows per chunk for the memory comparison (default: about a quarter of a device's)")
+    p.add_argument("--mini_batch_size", type=lambda text: [int(m) for m in text.split(",")], default=None,
+                   help="GradCache rows per chunk for the memory comparison, comma-separated for several "
+                        "(default: about a quarter of a device's)")
+    p.add_argument("--memory_only", action="store_true",
+                   help="only compile the plain and GradCache steps and print their activation memory: no "
+                        "step runs, so no PyTorch, no timing, no producer")
     p.add_argument("--producer_batches", type=int, default=20, help="batches timed through the producer")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="without an accelerator: JAX CPU devices, the batch split over them (default: one per "
@@ -220,8 +226,12 @@ def main():
         fixed = script_args(folder, options, per_device, flags)
         columns = tokenized_columns(texts, tokenizer, fixed, len(devices))
 
-        rows = [(f"JAX: train_script step, {len(devices)} {devices[0].platform} device(s), {shape}",
-                 time_steps(jax_step(fixed, columns), options.steps))]
+        if options.memory_only:
+            skip |= {"update_rule", "torch", "buckets", "producer"}
+            rows = []
+        else:
+            rows = [(f"JAX: train_script step, {len(devices)} {devices[0].platform} device(s), {shape}",
+                     time_steps(jax_step(fixed, columns), options.steps))]
         if "torch" not in skip:
             rows.append((f"PyTorch: sentence-transformers MNRL step, {torch_device}, {shape}",
                          time_steps(torch_step(folder, columns, torch_device), options.steps)))
@@ -242,7 +252,8 @@ def main():
               f"{torch.cuda.get_device_name() if torch_device == 'cuda' else 'cpu'} "
               f"({torch.get_num_threads()} threads)")
         print(f"command: {' '.join(['python', *sys.argv])}\n")
-        print("| step | seconds/step (median of %d) | pairs/s |\n|---|---:|---:|" % options.steps)
+        if rows:
+            print("| step | seconds/step (median of %d) | pairs/s |\n|---|---:|---:|" % options.steps)
         for name, times in rows:
             print(f"| {name} | {statistics.median(times):.3f} | {options.batch_size / statistics.median(times):.1f} |")
         if "torch" not in skip:  # rows[1] is PyTorch's
@@ -251,12 +262,14 @@ def main():
 
         if "gradcache" not in skip:
             # default: the largest divisor of a device's rows up to a quarter of them
-            mini = options.mini_batch_size or next(d for d in range(max(1, per_device // 4), 0, -1)
-                                                   if per_device % d == 0)
-            cached = script_args(folder, options, per_device, [*flags, "--mini_batch_size", str(mini)])
-            print(f"GradCache activation memory (XLA temp buffers, {per_device} rows per device): "
-                  f"{activation_bytes(fixed, columns) / 2**20:,.0f} MiB plain, "
-                  f"{activation_bytes(cached, columns) / 2**20:,.0f} MiB with --mini_batch_size {mini}")
+            minis = options.mini_batch_size or [next(d for d in range(max(1, per_device // 4), 0, -1)
+                                                      if per_device % d == 0)]
+            sizes = [f"{activation_bytes(fixed, columns) / 2**20:,.0f} MiB plain"]
+            for mini in minis:
+                cached = script_args(folder, options, per_device, [*flags, "--mini_batch_size", str(mini)])
+                sizes.append(f"{activation_bytes(cached, columns) / 2**20:,.0f} MiB with --mini_batch_size {mini}")
+            print(f"GradCache activation memory (XLA temp buffers, {per_device} rows x {options.max_length} "
+                  f"tokens per device): {', '.join(sizes)}")
         if "producer" not in skip:
             print(f"producer (stream, parse, tokenize; 1 tokenizer worker; generated question/answer data, "
                   f"MiniLM's tokenizer): {producer_pairs_per_second(tmp, options):,.0f} pairs/s")

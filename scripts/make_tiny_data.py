@@ -570,6 +570,11 @@ def _write_tokenizer(model_dir: Path, texts: list):
 
 
 def _write_model(model_dir: Path, vocab_size: int, seed: int) -> None:
+    # train_script first, as every caller in the tests and scripts/ has it: its settings (the
+    # filter on transformers' Flax deprecation notice, the RBG random generator that draws the
+    # init) then hold for this model too, so `make smoke` and the tests build the same fixture.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import train_script  # noqa: F401
     from transformers import BertConfig, FlaxBertModel
 
     config = BertConfig(

@@ -338,7 +338,7 @@ def test_every_exportable_type_loads_with_the_jax_embeddings(model_type, tiny, b
     args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path), "--max_length", str(MAX_LENGTH)])
     run = {"step": 0, "global_batch": 8, "devices": 8, "mixture": json.loads((tiny / "data_config.json").read_text()),
            "versions": train_script.library_versions()}
-    train_script.start_run_record(args, run["mixture"], str(tmp_path))
+    train_script.write_run_record(args, run["mixture"], 0)
     train_script.export_sentence_transformer(str(folder), model.params, config, tokenizer, args, run)
 
     pytorch, info = pytorch_model(folder)

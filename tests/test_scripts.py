@@ -97,6 +97,19 @@ def test_benchmark_rejects_a_batch_that_does_not_split_over_the_devices():
     assert result.stderr.strip().splitlines()[-1] == "error: --batch_size 12 does not split over 8 JAX devices"
 
 
+def test_benchmark_memory_only_compiles_the_plain_and_gradcache_steps_and_runs_neither():
+    result = run_script("benchmark.py", "--memory_only", "--layers", "1", "--batch_size", "32", "--max_length", "16",
+                        "--mini_batch_size", "2,1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "seconds/step" not in result.stdout and "producer" not in result.stdout  # nothing timed
+    memory = re.search(r"^GradCache activation memory \(XLA temp buffers, 4 rows x 16 tokens per device\): "
+                       r"([\d,]+) MiB plain, ([\d,]+) MiB with --mini_batch_size 2, ([\d,]+) MiB with "
+                       r"--mini_batch_size 1$", result.stdout, re.M)
+    assert memory, result.stdout
+    plain, two, one = (int(m.replace(",", "")) for m in memory.groups())
+    assert 0 < one <= two <= plain  # GradCache keeps fewer rows' activations alive, never more
+
+
 # --------------------------------------------------------------------------------------------
 # scripts/profile_step.py
 # --------------------------------------------------------------------------------------------

@@ -410,9 +410,9 @@ def logged(monkeypatch):
     seen = []
     log_window = train_script.log_window
 
-    def recording(bar, window, *rest):
-        seen.extend(zip([text for text, _ in window], jax.device_get([m for _, m in window])))
-        return log_window(bar, window, *rest)
+    def recording(report, progress, *rest):
+        seen.extend(zip([text for text, _ in progress.window], jax.device_get([m for _, m in progress.window])))
+        return log_window(report, progress, *rest)
 
     monkeypatch.setattr(train_script, "log_window", recording)
     return seen
