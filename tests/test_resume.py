@@ -7,6 +7,7 @@ there is a step to save, and no worker left behind; the host never runs far ahea
 Every run is tiny (the fixture's pairs, its 2-layer model, 16 word pieces, 2 pairs per device on
 the 8 emulated devices, 12 steps, a checkpoint every 4) and trains in-process where the behaviour
 is not about the process itself."""
+import contextlib
 import errno
 import json
 import logging
@@ -476,11 +477,15 @@ def test_a_read_only_output_parent_is_one_line(tiny, tmp_path, monkeypatch):
 def worker_pids(pid):
     """The tokenizer workers of process `pid`: its children that multiprocessing spawned (not its
     resource tracker), from /proc."""
+    def read(path):  # a thread or child that ends between the listing and the read has nothing to say
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError), open(path, "rb") as f:
+            return f.read()
+        return b""
+
     children = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return [c for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        children += [int(c) for c in read(f"/proc/{pid}/task/{task}/children").split()]
+    return [c for c in children if b"spawn_main" in read(f"/proc/{c}/cmdline")]
 
 
 def gone(pid, within=30):
