@@ -143,8 +143,8 @@ def parse_args(argv=None):
     run.add_argument("--shuffle_buffer", type=COUNT, default=10_000, help="lines of a source read (and shuffled) together")
     run.add_argument("--cache_small_sources", type=NATURAL, default=None,
                      help="keep files whose config \"lines\" is below this in RAM from their first pass on, and "
-                          "reshuffle them whole every later pass (the RAM it takes is printed); default %(default)s: "
-                          "10000000 with --data_order original (the published script), 0 (none) with shuffled")
+                          "reshuffle them whole every later pass (the RAM it takes is printed) (default: %(default)s, "
+                          "which is 10000000 with --data_order original, as the published script, and 0 with shuffled)")
     run.add_argument("--scale", type=POSITIVE, default=20.0, help="cosine similarities are multiplied by this")
     run.add_argument("--symmetric_loss", action=argparse.BooleanOptionalAction, default=True,
                      help="for pairs, average the anchor->positive and positive->anchor cross-entropies")
@@ -192,8 +192,8 @@ def parse_args(argv=None):
                    help="without an accelerator, split the CPU into this many devices (one per core runs about cores "
                         "x faster); None: XLA_FLAGS' --xla_force_host_platform_device_count, else 1")
     p.add_argument("--num_workers", type=NATURAL, default=min(4, max(1, (os.cpu_count() or 2) // 2)),
-                   help="tokenizer processes, one core each; 0: a thread of the trainer. Default %(default)s: half "
-                        "this host's cores, at most 4, which keeps a TPU v3-8 fed")
+                   help="tokenizer processes, one core each; 0: a thread of the trainer (default: %(default)s, half "
+                        "this host's cores but at most 4, which keeps a TPU v3-8 fed)")
     p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
     p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
                    help="seconds to wait for a batch before naming the stuck worker, checkpointing the last "
