@@ -550,7 +550,7 @@ def test_a_frozen_worker_ends_the_run_with_a_checkpoint_not_a_hang(tiny, tmp_pat
     checkpoints at once. The frozen worker is killed with the trainer."""
     output, log_path = tmp_path / "run", tmp_path / "log"
     args = [*tiny_args(tiny, output), "--steps", "400", "--prefetch", "1",
-            "--batch_timeout", "60" if how == "--batch_timeout" else "600"]  # 60: the workers' start fits
+            "--batch_timeout", "30" if how == "--batch_timeout" else "600"]  # 30: the workers' start fits
 
     def freeze_the_worker(process, workers):
         os.kill(workers[0], signal.SIGSTOP)
@@ -566,7 +566,7 @@ def test_a_frozen_worker_ends_the_run_with_a_checkpoint_not_a_hang(tiny, tmp_pat
     if how == "--batch_timeout":
         assert returncode == 1, lines[-5:]
         # frozen while on the awaited batch, or before it took it
-        stopped = re.fullmatch(rf"stopped: no batch in 6\ds \(--batch_timeout\) for step (\d+) \(sources .+\): "
+        stopped = re.fullmatch(rf"stopped: no batch in 3\ds \(--batch_timeout\) for step (\d+) \(sources .+\): "
                                rf"(tokenizer worker pid {workers[0]} has it|none of the tokenizer workers \(pid "
                                rf"{workers[0]}\) took it); checkpoint of step (\d+) written; resume with: .*--resume",
                                lines[-1])

@@ -27,10 +27,10 @@ def run_script(name, *flags, timeout=600):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_benchmark_prints_a_row_per_step_the_ratio_and_the_producer():
+def test_benchmark_prints_a_row_per_step_the_ratio_the_memory_and_the_producer():
     # 8 emulated devices (conftest's XLA_FLAGS): the JAX step is pmapped over all of them
     result = run_script("benchmark.py", "--layers", "1", "--batch_size", "8", "--max_length", "16", "--steps", "1",
-                        "--producer_batches", "2", "--skip", "buckets,gradcache")
+                        "--producer_batches", "2", "--skip", "buckets", "--mini_batch_size", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     named = dict(re.findall(r"^\| ((?:JAX|PyTorch): [^|]*?) \| ([\d.]+) \| [\d.]+ \|$", result.stdout, re.M))
     assert all(float(s) > 0 for s in named.values())
@@ -41,6 +41,9 @@ def test_benchmark_prints_a_row_per_step_the_ratio_and_the_producer():
     assert "8 cpu device(s), 8 pairs x 16 tokens" in result.stdout
     assert re.search(r"^JAX seconds per step / PyTorch seconds per step: [\d.]+$", result.stdout, re.M)
     assert re.search(r"producer .*: [\d,]+ pairs/s", result.stdout)
+    # the activation memory of the plain step and of GradCache (--memory_only prints only this line)
+    assert re.search(r"^GradCache activation memory \(XLA temp buffers, 1 rows x 16 tokens per device\): "
+                     r"[1-9][\d,]* MiB plain, [1-9][\d,]* MiB with --mini_batch_size 1$", result.stdout, re.M)
 
 
 def test_benchmark_gives_both_frameworks_the_same_weights_and_token_ids(tiny, tmp_path):
@@ -95,19 +98,6 @@ def test_benchmark_rejects_a_batch_that_does_not_split_over_the_devices():
     result = run_script("benchmark.py", "--batch_size", "12", timeout=300)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "error: --batch_size 12 does not split over 8 JAX devices"
-
-
-def test_benchmark_memory_only_compiles_the_plain_and_gradcache_steps_and_runs_neither():
-    result = run_script("benchmark.py", "--memory_only", "--layers", "1", "--batch_size", "32", "--max_length", "16",
-                        "--mini_batch_size", "2,1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "seconds/step" not in result.stdout and "producer" not in result.stdout  # nothing timed
-    memory = re.search(r"^GradCache activation memory \(XLA temp buffers, 4 rows x 16 tokens per device\): "
-                       r"([\d,]+) MiB plain, ([\d,]+) MiB with --mini_batch_size 2, ([\d,]+) MiB with "
-                       r"--mini_batch_size 1$", result.stdout, re.M)
-    assert memory, result.stdout
-    plain, two, one = (int(m.replace(",", "")) for m in memory.groups())
-    assert 0 < one <= two <= plain  # GradCache keeps fewer rows' activations alive, never more
 
 
 # --------------------------------------------------------------------------------------------
