@@ -2,15 +2,17 @@
 
     python train_script.py data_config.json OUTPUT [--flags]
 
-The model card's recipe is the default of every flag: microsoft/MiniLM-L12-H384-uncased, 540k
-steps, 128 pairs per device on 8 devices (a global batch of 1024), 128 word pieces, AdamW at 2e-5
-with 500 warm-up steps, mean pooling, scale 20. Each step takes its global batch from one source
-of data_config.json, drawn with probability proportional to its weight (as the published script:
-`--mixing`), scores every anchor against every candidate of the global batch (embeddings are gathered over all devices) and minimises the
-cross-entropy of the true partner. OUTPUT/final is a sentence-transformers model.
+The published run is the default of every flag: microsoft/MiniLM-L12-H384-uncased, 540k steps,
+128 pairs per device on 8 devices (a global batch of 1024), 128 word pieces, AdamW at 2e-5 with
+500 warm-up steps, mean pooling, scale 20. Each step takes its global batch from one source of
+data_config.json, drawn with probability proportional to its weight (as the published script:
+`--mixing`), scores every anchor against every candidate of the global batch (embeddings are
+gathered over all devices) and minimises the cross-entropy of the true partner. OUTPUT/final is
+a sentence-transformers model.
 
 The file reads in the order of the work: arguments, data, model & loss, update step, evals,
-export, checkpoints, train loop, main. A copy of it is left in OUTPUT as the record of how the model was made.
+export, checkpoints, train loop, main. A copy of it is left in OUTPUT as the record of how the
+model was made.
 """
 
 import argparse
@@ -140,7 +142,8 @@ def parse_args(argv=None):
                      help="original (the published script): every file's first pass in file order, later passes "
                           "of the files kept in RAM shuffled whole, of the others in file order. shuffled: every "
                           "pass shuffled in blocks of --shuffle_buffer lines")
-    run.add_argument("--shuffle_buffer", type=COUNT, default=10_000, help="lines of a source read (and shuffled) together")
+    run.add_argument("--shuffle_buffer", type=COUNT, default=10_000,
+                     help="lines of a source read (and shuffled) together")
     run.add_argument("--cache_small_sources", type=NATURAL, default=None,
                      help="keep files whose config \"lines\" is below this in RAM from their first pass on, and "
                           "reshuffle them whole every later pass (the RAM it takes is printed) (default: %(default)s, "
@@ -174,7 +177,8 @@ def parse_args(argv=None):
     p.add_argument("--save_steps", type=COUNT, default=10_000,
                    help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the training state to "
                         "OUTPUT/checkpoints/<step> every this many steps")
-    p.add_argument("--keep_checkpoints", type=COUNT, default=2, help="checkpoints kept (the newest); exports are all kept")
+    p.add_argument("--keep_checkpoints", type=COUNT, default=2,
+                   help="checkpoints kept (the newest); exports are all kept")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
@@ -186,7 +190,8 @@ def parse_args(argv=None):
                    help="score held-out rows of every source by in-batch retrieval every this many steps, at the "
                         "start and at the end; 0: off, and no row is held out")
     p.add_argument("--eval_rows", type=checked(int, lambda n: n >= 2, "at least 2 (a row is ranked against others)"),
-                   default=1000, help="with --eval_steps: the first this many lines of every file, held out of training")
+                   default=1000,
+                   help="with --eval_steps: the first this many lines of every file, held out of training")
     p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use; None: all local devices")
     p.add_argument("--cpu_devices", type=COUNT, default=None,
                    help="without an accelerator, split the CPU into this many devices (one per core runs about cores "
@@ -1295,6 +1300,21 @@ def model_card(folder, config, args, run):
                                  metric_type=key, metric_value=value) for key, value in scores.items()] or None)
     base = (f"[{data.base_model}](https://huggingface.co/{data.base_model})" if data.base_model
             else f"`{args.model}` (a local folder)")
+    batches = (f"{args.datasets_per_batch} equal shares per batch, each from a file drawn anew by weight (after "
+               "the first, among files with as many columns); no text repeats within a batch"
+               if args.mixing == "per_batch" else
+               f"one file per batch: a round of {devices} steps draws {args.datasets_per_batch} files by weight (all "
+               f"with as many columns), each for {devices // args.datasets_per_batch} consecutive steps; no text "
+               "repeats within a round")
+    clipping = ("each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device"
+                else "of the gradient averaged over the devices")
+    loss = ("in-batch cross-entropy of each anchor against all positives and hard negatives "
+            "(MultipleNegativesRankingLoss)")
+    if args.symmetric_loss:
+        loss += ("; for pairs, averaged with that of each positive against all anchors "
+                 "(MultipleNegativesSymmetricRankingLoss)")
+    attention_dropout = ("drawn per element" if args.attention_dropout == "element"
+                         else "one mask per layer, shared by a device's examples and heads")
     groups = {source_group(e["name"]) for e in mixture}
     table = mixture_table(mixture, pairs_drawn)
     if len(groups) < len(mixture):  # folders of many files: a summary, then every file folded away
@@ -1341,13 +1361,13 @@ sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixtu
 |---|---|
 | steps | {step:,} of {args.steps:,} |
 | global batch | {batch:,} ({args.batch_size} per device x {devices} devices, {jax.local_devices()[0].device_kind}) |
-| batches | {f"{args.datasets_per_batch} equal shares per batch, each from a file drawn anew by weight (after the first, among files with as many columns); no text repeats within a batch" if args.mixing == "per_batch" else f"one file per batch: a round of {devices} steps draws {args.datasets_per_batch} files by weight (all with as many columns), each for {devices // args.datasets_per_batch} consecutive steps; no text repeats within a round"} |
+| batches | {batches} |
 | optimizer | transformers' AdamW (eps 1e-6 added before the bias correction), lr {args.lr}, betas (0.9, 0.999), weight decay {args.weight_decay} (not on biases and LayerNorm) |
 | schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.schedule_steps:,} |
-| gradient clipping | norm 1.0, {"each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device" else "of the gradient averaged over the devices"} |
+| gradient clipping | norm 1.0, {clipping} |
 | max sequence length | {args.max_length} tokens |
-| loss | in-batch cross-entropy of each anchor against all positives and hard negatives (MultipleNegativesRankingLoss){"; for pairs, averaged with that of each positive against all anchors (MultipleNegativesSymmetricRankingLoss)" if args.symmetric_loss else ""}, scale {args.scale}, candidates gathered over all devices |
-| dropout | {"the base model's" if args.dropout is None else args.dropout}; attention dropout {"drawn per element" if args.attention_dropout == "element" else "one mask per layer, shared by a device's examples and heads"} |
+| loss | {loss}, scale {args.scale}, candidates gathered over all devices |
+| dropout | {"the base model's" if args.dropout is None else args.dropout}; attention dropout {attention_dropout} |
 | seed | {args.seed} |
 
 The exact command (this folder's `train_script.py` is the script that ran, with it appended):
