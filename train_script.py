@@ -698,23 +698,26 @@ def background_batches(texts, pool, workers, shape, depth, timeout=None, interru
         return (f"no batch in {waited:.0f}s (--batch_timeout) for step {text_batch.step + 1} "
                 f"(sources {', '.join(text_batch.sources)}): {who}")
 
+    def next_tokenized():
+        """The next (text batch, future) once the future is done; None if interrupted meanwhile."""
+        since, item = time.monotonic(), None
+        while True:
+            if item is None:  # not yet submitted
+                with contextlib.suppress(queue.Empty):
+                    item = submitted.get(timeout=0.2)
+                if item is None and not thread.is_alive() and submitted.empty():
+                    raise PipelineError("the data producer stopped without a reason")
+            elif concurrent.futures.wait([item[1]], timeout=0.2).done:
+                return item
+            if interrupted():
+                return None
+            if timeout and time.monotonic() - since > timeout:
+                raise PipelineError(late(item[0] if item else None, time.monotonic() - since))
+
     thread = threading.Thread(target=produce, name="producer", daemon=True)
     thread.start()
     try:
-        while True:
-            since, item = time.monotonic(), None
-            # wait for the next batch to be submitted, then tokenized
-            while item is None or not concurrent.futures.wait([item[1]], timeout=0.2).done:
-                if item is None:
-                    with contextlib.suppress(queue.Empty):
-                        item = submitted.get(timeout=0.2)
-                        continue
-                    if not thread.is_alive() and submitted.empty():
-                        raise PipelineError("the data producer stopped without a reason")
-                if interrupted():
-                    return
-                if timeout and time.monotonic() - since > timeout:
-                    raise PipelineError(late(item[0] if item else None, time.monotonic() - since))
+        while item := next_tokenized():
             text_batch, future = item
             failure = future.exception()
             if isinstance(failure, UserError):
