@@ -1412,10 +1412,10 @@ class Interrupted(Exception):
 
 
 def run_identity(args, entries, devices):
-    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices,
-    the lines held out of training; as JSON reads it back (tuples become lists)."""
+    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices
+    (of every process), the lines held out of training; as JSON reads it back (tuples become lists)."""
     identity = {f"--{name}": getattr(args, name) for name in args.run_flags}
-    identity.update({"data config": entries, "devices": len(devices) * jax.process_count(),
+    identity.update({"data config": entries, "devices": len(devices),
                      "processes": jax.process_count(),
                      "--eval_rows held out": args.eval_rows if args.eval_steps else 0})
     return json.loads(json.dumps(identity))
@@ -1620,7 +1620,6 @@ class Progress:
     skipped: int = 0                # non-finite steps, all told
     invalid: dict = dataclasses.field(default_factory=dict)  # the unusable-line counts last reported
     compiled: set = dataclasses.field(default_factory=set)   # batch shapes the step was compiled for
-    in_flight: collections.deque = dataclasses.field(default_factory=collections.deque)
 
 
 def train(args, model, tokenizer, data, devices, checkpoints, stop):
@@ -1722,10 +1721,9 @@ def dispatch(train_step, state, batch, dropout_key, progress, args, report):
     else:
         state, measured = compile_step(train_step, state, batch.columns, dropout_key, args, report)
         progress.compiled.add(shape)
-    progress.in_flight.append(measured)
-    if len(progress.in_flight) > STEPS_IN_FLIGHT:
-        jax.block_until_ready(progress.in_flight.popleft())
     progress.window.append((batch.text, measured))
+    if len(progress.window) > STEPS_IN_FLIGHT:  # the steps before the window were fetched when it began
+        jax.block_until_ready(progress.window[-STEPS_IN_FLIGHT - 1][1])
     progress.batches.update(batch.text.sources)
     return state
 
