@@ -1483,29 +1483,39 @@ def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_sou
 def initial_state(args, model, checkpoints, identity):
     """Where the run starts, decided here only, in this order:
 
-    1. with --resume, the newest checkpoint in OUTPUT that reads whole: its state and stream
-       positions. A damaged one (truncated by a copy, a failing disk) is skipped with a warning for
-       the one before, and renamed <step>.unreadable so that the run can write that step again.
-       A checkpoint of a different run is refused, unless --resume_force;
+    1. with --resume, the newest checkpoint in OUTPUT that reads whole (newest_checkpoint): its
+       state and stream positions;
     2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
     Returns (TrainState, its step, {source name: position} for this process,
     {source name: batches drawn from it before that step})."""
     fresh = init_state(model, args)
-    steps = sorted(checkpoints.all_steps(), reverse=True) if args.resume else []
-    target = (jax.device_get({"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step})
-              if steps else None)
+    restored = newest_checkpoint(args, checkpoints, identity, fresh) if args.resume else None
+    if restored is None:
+        return fresh, 0, {}, {}
+    state, meta = restored
+    if meta["step"] > args.steps:
+        raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
+    if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
+        print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
+    streams = meta["stream"]
+    positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
+    return fresh.replace(**state), meta["step"], positions, meta.get("batches", {})
+
+
+def newest_checkpoint(args, checkpoints, identity, fresh):
+    """(state, meta) of the newest checkpoint that reads whole; None if there is none. A damaged one
+    (truncated by a copy, a failing disk) is skipped with a warning for the one before, and renamed
+    <step>.unreadable so that the run can write that step again."""
+    steps = sorted(checkpoints.all_steps(), reverse=True)
+    if not steps:
+        print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
+        return None
+    target = jax.device_get({"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step})
     for tried, step in enumerate(steps):
         folder = os.path.join(checkpoints.directory, str(step))
         try:
             meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            changed = [name if name == "data config" else f"{name} ({meta['run'].get(name)!r} in the checkpoint, "
-                       f"now {now!r})" for name, now in identity.items() if meta["run"].get(name) != now]
-            if changed and not args.resume_force:
-                raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
-                                f"pass the checkpoint's flags, or --resume_force to continue regardless")
-            if changed:
-                print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}",
-                      file=sys.stderr)
+            check_same_run(args, meta["run"], identity, folder)
             state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
         except UserError:
             raise
@@ -1517,20 +1527,19 @@ def initial_state(args, model, checkpoints, identity):
             shutil.rmtree(damaged + ".unreadable", ignore_errors=True)
             os.replace(damaged, damaged + ".unreadable")
         checkpoints.reload()
-        break
-    else:
-        if steps:
-            raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
-        if args.resume:
-            print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
-        return fresh, 0, {}, {}
-    if meta["step"] > args.steps:
-        raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
-    if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
-        print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
-    streams = meta["stream"]
-    positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
-    return fresh.replace(**state), meta["step"], positions, meta.get("batches", {})
+        return state, meta
+    raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
+
+
+def check_same_run(args, recorded, identity, folder):
+    """Refuses to continue a checkpoint of a different run (run_identity differs), unless --resume_force."""
+    changed = [name if name == "data config" else f"{name} ({recorded.get(name)!r} in the checkpoint, now {now!r})"
+               for name, now in identity.items() if recorded.get(name) != now]
+    if changed and not args.resume_force:
+        raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
+                        f"pass the checkpoint's flags, or --resume_force to continue regardless")
+    if changed:
+        print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
 
 
 @dataclasses.dataclass
@@ -1910,23 +1919,7 @@ def claim_output(args, inputs):
     except OSError as e:
         raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
     path = os.path.join(args.output, ".lock")
-    while True:
-        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().decode().strip() or "starting"
-            lock.close()
-            raise UserError(f"{args.output} is in use by another run ({holder}); "
-                            "wait for it to end or stop it") from None
-        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
-            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {args.output}",
-                  file=sys.stderr)
-            break
-        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
-            break
-        lock.close()  # locked a file that its holder removed on exiting: lock the new one
+    lock = lock_file(path, args.output)
     try:
         prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
@@ -1939,6 +1932,26 @@ def claim_output(args, inputs):
     finally:
         os.unlink(path)  # while still locked, so that no other run locks the removed file
         lock.close()
+
+
+def lock_file(path, output):
+    """The lock file, open and locked; refused, naming its holder, if another run holds it."""
+    while True:
+        lock = open(path, "a+b", buffering=0)  # unbuffered: a failed write fails once, at the write
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().decode().strip() or "starting"
+            lock.close()
+            raise UserError(f"{output} is in use by another run ({holder}); wait for it to end or stop it") from None
+        except OSError as e:  # a file system without locks: run, but say that nothing guards OUTPUT
+            print(f"warning: cannot lock {path} ({e.strerror}); make sure no other run uses {output}",
+                  file=sys.stderr)
+            return lock
+        if os.path.exists(path) and os.path.samefile(path, lock.fileno()):
+            return lock
+        lock.close()  # locked a file that its holder removed on exiting: lock the new one
 
 
 @contextlib.contextmanager
