@@ -616,9 +616,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
-    """An executor whose workers tokenize: processes, or one thread with --num_workers 0. Leaving it
-    kills the processes rather than waiting for them: their pending batches are not needed, and a
-    stuck one (stopped, spinning) would hold the trainer forever."""
+    """An executor whose workers tokenize: processes, or one thread with --num_workers 0 (`workers`
+    says how many tokenize at once). Leaving it kills the processes rather than waiting for them:
+    their pending batches are not needed, and a stuck one (stopped, spinning) would hold the trainer
+    forever."""
     spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX's threads is unsafe
     taken = spawn.Queue() if args.num_workers else queue.SimpleQueue()
     init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
@@ -637,7 +638,7 @@ def tokenizer_pool(tokenizer, args):
                 pool.submit(int)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
-    pool.taken = taken
+    pool.taken, pool.workers = taken, max(1, args.num_workers)
     try:
         yield pool
     finally:
@@ -650,15 +651,15 @@ def end_workers():
         worker.kill()
 
 
-def background_batches(texts, pool, workers, shape, depth, timeout=None, interrupted=lambda: False):
+def background_batches(texts, pool, shape, depth, timeout=None, interrupted=lambda: False):
     """Tokenized batches, in order; a background thread reads the texts and submits them to the pool
-    ahead of the consumer: `depth` batches kept ready and `workers` more tokenizing, at most. A failure
-    of the reader or a worker reaches the consumer as a PipelineError (a UserError as it is), and so
-    does a wait over `timeout` seconds, naming the batch and who has it: never a hang. Ends early if
-    `interrupted()` becomes true while the consumer waits."""
+    ahead of the consumer: `depth` batches kept ready and pool.workers more tokenizing, at most. A
+    failure of the reader or a worker reaches the consumer as a PipelineError (a UserError as it is),
+    and so does a wait over `timeout` seconds, naming the batch and who has it: never a hang. Ends
+    early if `interrupted()` becomes true while the consumer waits."""
     # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
-    # depth + workers - 1 queued keep at most `depth` ready and `workers` tokenizing
-    submitted, stop = queue.Queue(depth + workers - 1), threading.Event()
+    # depth + workers - 1 queued keep at most `depth` ready and the workers tokenizing
+    submitted, stop = queue.Queue(depth + pool.workers - 1), threading.Event()
     holder = {}  # step -> pid of the worker that took its batch
 
     def put(item):
@@ -738,8 +739,8 @@ def dry_run(sources, args, tokenizer, global_batch):
     texts = text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
     counts, started = collections.Counter(), time.perf_counter()
     with (tokenizer_pool(tokenizer, args) as pool,
-          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers), (global_batch,),
-                                                args.prefetch, args.batch_timeout)) as batches,
+          contextlib.closing(background_batches(texts, pool, (global_batch,), args.prefetch,
+                                                args.batch_timeout)) as batches,
           open(args.dump_batches, "w") if args.dump_batches else contextlib.nullcontext() as dump):
         for batch in itertools.islice(batches, args.dry_run):
             counts.update(batch.text.sources)
@@ -1665,7 +1666,7 @@ def train(args, model, tokenizer, data, devices, checkpoints, stop):
     # step at which they all stop
     stop_asked = (lambda: stop.first is not None) if processes == 1 else (lambda: False)
     with (tokenizer_pool(tokenizer, args) as pool,
-          contextlib.closing(background_batches(texts, pool, max(1, args.num_workers), (len(devices), args.batch_size),
+          contextlib.closing(background_batches(texts, pool, (len(devices), args.batch_size),
                                                 args.prefetch, args.batch_timeout, stop_asked)) as batches,
           contextlib.closing(Report(args, first_step, writer)) as report):
         evaluate = held_out and make_evaluator(model, held_out, pool, devices, sharding, args.batch_size)
@@ -1979,8 +1980,8 @@ def main(argv=None, stop=None):
     join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
-    global_batch = args.batch_size * len(devices) * jax.process_count()
-    check_batch_split(args, len(devices) * jax.process_count())
+    run_devices = len(devices) * jax.process_count()
+    check_batch_split(args, run_devices)
     if len(args.pad_to_buckets) > 1 and jax.process_count() > 1:
         # each process tokenizes only its rows, so processes could choose different lengths
         raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
@@ -1988,7 +1989,7 @@ def main(argv=None, stop=None):
     held_out = load_held_out(sources, args.eval_rows) if args.eval_steps else None
     tokenizer, config = load_tokenizer_and_config(args)
     if args.dry_run is not None:
-        return dry_run(sources, args, tokenizer, global_batch)
+        return dry_run(sources, args, tokenizer, args.batch_size * run_devices)
     if config.model_type not in EXPORTABLE:
         raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
                         f"not {config.model_type}")

@@ -120,7 +120,7 @@ def measure(config, folder, workers, batches, warmup):
     global_batch = DEVICES * PER_DEVICE
     texts = train_script.text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
     with train_script.tokenizer_pool(tokenizer, args) as pool:
-        stream = train_script.background_batches(texts, pool, max(1, workers), (DEVICES, PER_DEVICE), args.prefetch)
+        stream = train_script.background_batches(texts, pool, (DEVICES, PER_DEVICE), args.prefetch)
         for _ in range(warmup):  # workers started, every worker busy, the queue full
             next(stream)
         cpu_before, main_before = worker_cpu_seconds(), time.process_time()

@@ -581,7 +581,7 @@ def test_tokenization_matches_the_hf_tokenizer(tiny, model, max_length):
     args = args_for(tiny, "--max_length", str(max_length), "--num_workers", "0")
     batch = text_batch(TEXTS, columns=3)
     with train_script.tokenizer_pool(tokenizer, args) as pool:
-        columns = next(train_script.background_batches(iter([batch]), pool, 1, (2, 4), 2)).columns
+        columns = next(train_script.background_batches(iter([batch]), pool, (2, 4), 2)).columns
     for c, (ids, mask) in enumerate(columns):
         reference = tokenizer([texts[c] for _, texts in batch.rows], truncation=True,
                               max_length=max_length, padding="max_length", return_tensors="np")
@@ -597,7 +597,7 @@ def test_worker_processes_tokenize_like_the_thread(tiny):
     for workers in (0, 2):
         args = args_for(tiny, "--max_length", "16", "--num_workers", str(workers))
         with train_script.tokenizer_pool(tokenizer, args) as pool:
-            got = list(train_script.background_batches(iter(batches), pool, max(1, workers), (8,), 2))
+            got = list(train_script.background_batches(iter(batches), pool, (8,), 2))
         assert [b.text for b in got] == batches  # in order
         results[workers] = [c for b in got for column in b.columns for c in column]
     for threaded, processed in zip(results[0], results[2]):
@@ -615,7 +615,7 @@ def test_a_killed_worker_stops_the_consumer_instead_of_hanging(tiny):
     outcome = []
     with train_script.tokenizer_pool(tokenizer, args) as pool:
         worker = pool.submit(os.getpid).result()
-        batches = train_script.background_batches(endless(), pool, 1, (8,), 2)
+        batches = train_script.background_batches(endless(), pool, (8,), 2)
         next(batches)
         os.kill(worker, signal.SIGKILL)
 
