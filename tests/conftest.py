@@ -1,6 +1,6 @@
 """Shared fixtures and builders. Eight emulated CPU devices, so the real 8-way pmap runs in every
 test session; the tiny fixture (a 2-layer BERT and a small mixture); the command line of a run on
-it; gzip JSON-lines sources and data configs written for a test."""
+it; train_script.py in a fresh process; gzip JSON-lines sources and data configs written for a test."""
 import collections
 import contextlib
 import functools
@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
 import sys
 import types
 
@@ -81,6 +82,16 @@ def short_run(tiny, tmp_path_factory):
         patch.setattr(train_script, "export_sentence_transformer", keep_params)
         train_script.main(argv)
     return types.SimpleNamespace(output=output, argv=argv, params=exported, traces=collections.Counter(traces))
+
+
+def run_train_script(*argv, block_torch=False, timeout=300):
+    """train_script.py as a user runs it, in a fresh process on 8 emulated devices."""
+    prelude = "import sys; sys.modules['torch'] = None; " if block_torch else ""  # `import torch` fails
+    code = prelude + f"import runpy; sys.argv = {['train_script.py', *map(str, argv)]!r}; " \
+                     "runpy.run_path('train_script.py', run_name='__main__')"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", "import sys; " + code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------

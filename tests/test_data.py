@@ -7,8 +7,6 @@ original, --data_order original); the tests of the alternatives pass PER_BATCH /
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -20,7 +18,7 @@ import scipy.stats
 from transformers import AutoTokenizer
 
 import train_script
-from conftest import ROOT, TINY_STEP, read_source, tiny_argv, write_config, write_source
+from conftest import ROOT, TINY_STEP, read_source, run_train_script, tiny_argv, write_config, write_source
 from train_script import TextBatch, UserError, parse_row
 
 DEVICES = 8  # conftest.py emulates 8 CPU devices
@@ -427,9 +425,7 @@ def test_truncated_gzip_stops_with_its_name(tiny, tmp_path):
 
 def test_command_line_error_is_one_line_and_nonzero_exit(tiny, tmp_path):
     config = write_config(tmp_path / "config.json", [{"name": "missing.jsonl.gz", "weight": 1}])
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_script.py"), str(config),
-                             str(tmp_path / "out"), "--data_folder", str(tiny / "data"), "--dry_run", "1"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_train_script(config, tmp_path / "out", "--data_folder", tiny / "data", "--dry_run", "1")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == \

@@ -8,8 +8,6 @@ import os
 import shlex
 import shutil
 import socket
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -19,7 +17,7 @@ from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 
 import train_script
-from conftest import CACHED_AS, ROOT, TINY_STEP, tiny_argv
+from conftest import CACHED_AS, ROOT, TINY_STEP, read_source, run_train_script, tiny_argv
 from train_script import UserError
 
 MAX_LENGTH = int(TINY_STEP[TINY_STEP.index("--max_length") + 1])  # that of conftest's short_run
@@ -309,11 +307,9 @@ TINY_CONFIGS = {  # small versions of each architecture in EXPORTABLE
 @pytest.fixture(scope="module")
 def bpe_tokenizer(tiny, tmp_path_factory):
     """A byte-level BPE tokenizer as RoBERTa's (<s>=0, <pad>=1, </s>=2), trained on the fixture text."""
-    import gzip
     from tokenizers import ByteLevelBPETokenizer
     from transformers import RobertaTokenizerFast
-    with gzip.open(tiny / "data" / "paraphrase_pairs.jsonl.gz", "rt") as f:
-        texts = [text for line in f for text in json.loads(line)]
+    texts = [text for row in read_source(tiny / "data" / "paraphrase_pairs.jsonl.gz") for text in row]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts + SENTENCES, vocab_size=500,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
@@ -362,10 +358,7 @@ def test_real_checkpoint_survives_a_step_at_lr_0_without_torch(tiny, tmp_path):
     argv = [str(tiny / "data_config.json"), str(output), "--model", original, "--data_folder", str(tiny / "data"),
             "--steps", "1", "--batch_size", "2", "--nprocs", "1", "--datasets_per_batch", "1",
             "--max_length", "32", "--lr", "0", "--num_workers", "0"]
-    without_torch = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
-                     "runpy.run_path(sys.argv[0], run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", without_torch, train_script.__file__, *argv],
-                          capture_output=True, text=True, timeout=600)
+    done = run_train_script(*argv, block_torch=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "TensorFlow and JAX classes are deprecated" not in done.stderr  # known, and silenced
     final = output / "final"

@@ -30,7 +30,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from safetensors.numpy import load_file
 
 import train_script
-from conftest import TINY_STEP, read_source, tiny_argv, write_config, write_source
+from conftest import TINY_STEP, read_source, run_train_script, tiny_argv, write_config, write_source
 
 STEPS, SAVE_STEPS = 12, 4
 RUN = ("--steps", STEPS, "--save_steps", SAVE_STEPS, "--log_steps", SAVE_STEPS, *TINY_STEP,
@@ -366,8 +366,7 @@ def test_resume_of_a_finished_run_exits_0_and_writes_only_a_missing_final_export
     output = tmp_path / "run"
     shutil.copytree(uninterrupted, output)
     shutil.rmtree(output / "final")  # a full disk or a kill during the last export
-    result = subprocess.run([sys.executable, train_script.__file__, *tiny_args(tiny, output, "--resume")],
-                            capture_output=True, text=True, timeout=600)
+    result = run_train_script(*tiny_args(tiny, output, "--resume"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"--resume: the run is complete ({STEPS} steps); model in {output / 'final'}" in result.stdout
     assert_same_params(final_params(output), final_params(uninterrupted))

@@ -15,7 +15,6 @@ Run with -s to see the measured differences.
 import importlib
 import os
 import shutil
-import subprocess
 import sys
 
 import flax
@@ -33,7 +32,7 @@ from sentence_transformers.sentence_transformer.losses import (MultipleNegatives
 from transformers import AutoTokenizer, BertConfig, BertModel, FlaxAutoModel, FlaxBertModel
 
 import train_script
-from conftest import ROOT, pmap_traces, read_source, tiny_argv, write_config
+from conftest import pmap_traces, read_source, run_train_script, tiny_argv, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The MultipleNegativesSymmetricRankingLoss is deprecated")
 
@@ -716,16 +715,6 @@ def test_a_data_config_naming_one_file_twice_or_a_folder_is_one_line(tiny, tmp_p
     assert "\n" not in str(error.value) and "corrupt" not in str(error.value)
 
 
-def run_script(*argv, block_torch=False, timeout=300):
-    """train_script.py as a user runs it, in a fresh process on 8 emulated devices."""
-    prelude = "import sys; sys.modules['torch'] = None; " if block_torch else ""  # `import torch` fails
-    code = prelude + f"import runpy; sys.argv = {['train_script.py', *map(str, argv)]!r}; " \
-                     "runpy.run_path('train_script.py', run_name='__main__')"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-c", "import sys; " + code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def one_error_line(result):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -734,7 +723,7 @@ def one_error_line(result):
 
 
 def test_pytorch_model_bin_without_torch_says_what_to_do(tiny, tmp_path, torch_only_checkpoint):
-    result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", torch_only_checkpoint,
+    result = run_train_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", torch_only_checkpoint,
                         "--data_folder", tiny / "data", block_torch=True)
     line = one_error_line(result)
     assert "pytorch_model.bin" in line and "pip install torch" in line
@@ -749,7 +738,7 @@ def test_a_batch_too_big_for_the_device_fails_in_one_line(tiny, tmp_path):
     config = BertConfig.from_pretrained(folder)
     config.max_position_embeddings = 131072
     FlaxBertModel(config, seed=0).save_pretrained(folder)
-    result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", folder, "--data_folder",
+    result = run_train_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", folder, "--data_folder",
                         tiny / "data", "--nprocs", "1", "--datasets_per_batch", "1", "--batch_size", "2",
                         "--max_length", "131072",
                         "--steps", "1", "--num_workers", "0")
@@ -759,7 +748,7 @@ def test_a_batch_too_big_for_the_device_fails_in_one_line(tiny, tmp_path):
 
 def test_a_negative_learning_rate_is_refused_by_the_command(tiny, tmp_path):
     """Before, `--lr -1` trained, exited 0 and exported a model moved away from its data."""
-    result = run_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", tiny / "model",
+    result = run_train_script(tiny / "data_config_pairs.json", tmp_path / "out", "--model", tiny / "model",
                         "--data_folder", tiny / "data", "--lr", "-1", "--steps", "1")
     assert one_error_line(result) == "error: --lr must be a finite number of 0 or more, got -1"
     assert not (tmp_path / "out").exists()
