@@ -738,10 +738,10 @@ def dry_run(sources, args, tokenizer, global_batch):
     """Streams --dry_run batches through the whole input pipeline and reports what it saw."""
     texts = text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
     counts, started = collections.Counter(), time.perf_counter()
-    with (tokenizer_pool(tokenizer, args) as pool,
+    with (open_dump(args, run_inputs(args, sources)) if args.dump_batches else contextlib.nullcontext() as dump,
+          tokenizer_pool(tokenizer, args) as pool,
           contextlib.closing(background_batches(texts, pool, (global_batch,), args.prefetch,
-                                                args.batch_timeout)) as batches,
-          open(args.dump_batches, "w") if args.dump_batches else contextlib.nullcontext() as dump):
+                                                args.batch_timeout)) as batches):
         for batch in itertools.islice(batches, args.dry_run):
             counts.update(batch.text.sources)
             if dump:
@@ -754,6 +754,19 @@ def dry_run(sources, args, tokenizer, global_batch):
     print(f"{'source':60} {'batches':>8} {'invalid':>8} {'duplicate':>9}")
     for s in sources:
         print(f"{s.name:60} {counts[s.name]:8d} {s.invalid:8d} {s.duplicate:9d}")
+
+
+def open_dump(args, inputs):
+    """--dump_batches' file, open for writing; refused, before anything is truncated, if it is one of
+    the run's inputs (run_inputs) under any name."""
+    dump = args.dump_batches
+    for what, path in inputs:
+        if os.path.exists(dump) and os.path.exists(path) and os.path.samefile(dump, path):
+            raise UserError(f"--dump_batches {dump} is {what} {path}; give a new file")
+    try:
+        return open(dump, "w")
+    except OSError as e:  # no such folder, a folder, no permission, a full disk
+        raise UserError(f"--dump_batches: cannot write {dump} ({e.strerror or e})") from None
 
 
 # ============================================================================================
@@ -1870,7 +1883,8 @@ def join_processes(args):
 # kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
 
 def run_inputs(args, sources):
-    """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
+    """(what, local path) of everything the run reads: --overwrite must not delete any of them, nor
+    --dump_batches write over one."""
     inputs = [("the data config", args.data_config), ("this script", __file__)]
     if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
         files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
