@@ -1257,6 +1257,15 @@ def export_folder(args, step):
     return os.path.join(args.output, "final" if step == args.steps else str(step))
 
 
+def keep_final_model(args, ended):
+    """A run resumed with another --steps than its checkpoints' (`ended`) keeps OUTPUT/final, the model
+    of that end, as OUTPUT/<ended>: the run's new end writes another final."""
+    final, kept = os.path.join(args.output, "final"), export_folder(args, ended)
+    if ended != args.steps and os.path.isdir(final) and not os.path.exists(kept):
+        os.replace(final, kept)
+        print(f"--resume: the model of step {ended} moves from {final} to {kept}")
+
+
 def write_json(path, value):
     with open(path, "w") as f:
         f.write(json.dumps(value, indent=2) + "\n")
@@ -1501,19 +1510,29 @@ def initial_state(args, model, checkpoints, identity):
        state and stream positions;
     2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
     Returns (TrainState, its step, {source name: position} for this process,
-    {source name: batches drawn from it before that step})."""
+    {source name: batches drawn from it before that step}, the --steps its run had)."""
     fresh = init_state(model, args)
     restored = newest_checkpoint(args, checkpoints, identity, fresh) if args.resume else None
     if restored is None:
-        return fresh, 0, {}, {}
+        return fresh, 0, {}, {}, args.steps
     state, meta = restored
-    if meta["step"] > args.steps:
-        raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
-    if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
-        print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
+    step, recorded = meta["step"], meta["run"]
+    if step > args.steps:
+        raise UserError(f"--resume: the checkpoint of step {step} is past --steps {args.steps}")
+    if step < args.steps:  # at --steps, the run is complete: train says so
+        print(f"resuming at step {step} from {os.path.join(checkpoints.directory, str(step))}")
+    ended, scheduled = (recorded.get(name, identity[name]) for name in WHERE_IT_ENDS)
+    if ended != args.steps:
+        print(f"--resume: the run now ends at step {args.steps}, not {ended}" + (
+            "" if scheduled != args.schedule_steps else f"; the learning rate schedule stays (0 at step {scheduled})"))
+    if scheduled != args.schedule_steps:
+        before = argparse.Namespace(**{**vars(args), "schedule_steps": scheduled})
+        print(f"--resume: the learning rate schedule changes: it decays to 0 at step {args.schedule_steps}, not "
+              f"{scheduled}, so step {step} trains at lr {learning_rate_schedule(args)(step):.3g} instead of "
+              f"{learning_rate_schedule(before)(step):.3g}")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
-    return fresh.replace(**state), meta["step"], positions, meta.get("batches", {})
+    return fresh.replace(**state), step, positions, meta.get("batches", {}), ended
 
 
 def newest_checkpoint(args, checkpoints, identity, fresh):
@@ -1545,15 +1564,31 @@ def newest_checkpoint(args, checkpoints, identity, fresh):
     raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
 
 
+# A resume may move the run's end (a finished run extended): the schedule follows (initial_state says how).
+WHERE_IT_ENDS = ("--steps", "--schedule_steps")
+
+
 def check_same_run(args, recorded, identity, folder):
     """Refuses to continue a checkpoint of a different run (run_identity differs), unless --resume_force."""
-    changed = [name if name == "data config" else f"{name} ({recorded.get(name)!r} in the checkpoint, now {now!r})"
-               for name, now in identity.items() if recorded.get(name) != now]
+    changed = [config_changes(recorded.get(name) or [], now) if name == "data config"
+               else f"{name} ({recorded.get(name)!r} in the checkpoint, now {now!r})"
+               for name, now in identity.items() if recorded.get(name) != now and name not in WHERE_IT_ENDS]
     if changed and not args.resume_force:
         raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
                         f"pass the checkpoint's flags, or --resume_force to continue regardless")
     if changed:
         print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
+
+
+def config_changes(recorded, now):
+    """How the data config differs from the checkpoint's, entry by entry."""
+    before, after = ({e.get("name"): e for e in entries} for entries in (recorded, now))
+    changes = [f"{name} added" for name in after if name not in before]
+    changes += [f"{name} removed" for name in before if name not in after]
+    changes += [f"{name}'s {key} ({before[name].get(key)!r} in the checkpoint, now {after[name].get(key)!r})"
+                for name in after if name in before
+                for key in sorted({*before[name], *after[name]}) if before[name].get(key) != after[name].get(key)]
+    return f"data config ({', '.join(changes or ['the order of its entries'])})"
 
 
 @dataclasses.dataclass
@@ -1653,12 +1688,14 @@ def train(args, model, tokenizer, data, devices, checkpoints, stop):
     sharding, global_batch, local_batch = (device_sharding(all_devices), args.batch_size * len(all_devices),
                                            args.batch_size * len(devices))
     identity = run_identity(args, entries, all_devices)
-    start, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
+    start, first_step, positions, batches_so_far, ended = initial_state(args, model, checkpoints, identity)
     state = replicate(start, sharding, len(devices))
     run = {"global_batch": global_batch, "devices": len(all_devices), "mixture": entries,
            "versions": library_versions(), "scores": {}}
+    if writer and first_step:
+        keep_final_model(args, ended)
     # a resumed run first writes the export that a kill or a full disk cut short
-    if writer and first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not (
+    if writer and first_step and (first_step % args.save_steps == 0 or first_step in (args.steps, ended)) and not (
             os.path.isdir(export_folder(args, first_step))):
         export(args, first_step, state, model.config, tokenizer, run)
     if first_step == args.steps:  # a loop that restarts the command until it succeeds ends here

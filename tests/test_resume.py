@@ -194,7 +194,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tiny, tmp_pa
     (["--seed", "7"], "--seed"),
     (["--nprocs", "4"], "devices"),
     (["--max_length", "32"], "--max_length"),
-    ("reweighted mixture", "data config"),
+    ("reweighted mixture", r"data config \(paraphrase_pairs.jsonl.gz's weight \(\d+ in the checkpoint, now \d+\)\)"),
 ])
 def test_resume_of_a_different_run_is_refused(tiny, tmp_path, uninterrupted, change, culprit):
     args = tiny_args(tiny, uninterrupted, "--resume")
@@ -375,6 +375,33 @@ def test_resume_of_a_finished_run_exits_0_and_writes_only_a_missing_final_export
     train_script.main(tiny_args(tiny, output, "--resume"))
     assert "the run is complete" in capsys.readouterr().out
     assert file_bytes(output) == before
+
+
+def test_a_finished_run_given_more_steps_keeps_its_model_and_says_the_schedule_changes(
+        tiny, tmp_path, uninterrupted, capsys):
+    """Extending a run: --resume with a larger --steps, no --resume_force. The finished model stays, as
+    OUTPUT/<its step>; the learning rate follows the new schedule (transformers' linear warm-up and decay)."""
+    output, more = tmp_path / "run", STEPS + SAVE_STEPS
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    train_script.main(tiny_args(tiny, output, "--resume", "--steps", more))
+    out = capsys.readouterr().out
+    lr = lambda step: 1e-3 * (more - step) / (more - 2)  # noqa: E731  (--lr 1e-3, --warmup_steps 2)
+    assert f"--resume: the run now ends at step {more}, not {STEPS}\n" in out
+    assert f"it decays to 0 at step {more}, not {STEPS}, so step {STEPS} trains at lr {lr(STEPS):.3g} instead of 0" in out
+    assert f"the model of step {STEPS} moves from {output / 'final'} to {output / str(STEPS)}" in out
+    after = file_bytes(output)
+    for path, content in before.items():  # the finished model, the exports and the newest checkpoint intact
+        relative = path.relative_to(output).parts
+        if relative[0] == "final":
+            assert after[output.joinpath(str(STEPS), *relative[1:])] == content, path
+        elif relative[0] in ("4", "8") or relative[:2] == ("checkpoints", str(STEPS)):
+            assert after[path] == content, path
+    [last] = [json.loads(line) for line in open(output / "metrics.jsonl") if json.loads(line)["step"] == more]
+    assert abs(last["lr"] - lr(more - 1)) <= 1e-6 * lr(more - 1)  # the lr of the last update, step index more - 1
+    assert (output / "final").is_dir() and final_params(output).keys() == final_params(uninterrupted).keys()
+    name = "embeddings.word_embeddings.weight"  # trained on: the new final is not step 12's model
+    assert not np.array_equal(final_params(output)[name], final_params(uninterrupted)[name])
 
 
 # --------------------------------------------------------------------------------------------
