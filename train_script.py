@@ -1242,8 +1242,9 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
             "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
                             "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
             "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-        model_card(folder, config, args, run).save(os.path.join(partial, "README.md"))
-        for record in ("train_script.py", "data_config.json"):  # the run record travels with every upload
+        records = run_record(args.output)
+        model_card(folder, config, args, {**run, "records": records}).save(os.path.join(partial, "README.md"))
+        for record in records:  # the run record travels with every upload
             shutil.copyfile(os.path.join(args.output, record), os.path.join(partial, record))
     except (OSError, safetensors.SafetensorError) as e:  # a full disk, most often
         shutil.rmtree(partial, ignore_errors=True)
@@ -1350,6 +1351,8 @@ def model_card(folder, config, args, run):
                   "anchor ranks the candidates of its own file's rows; scores averaged over the files): "
                   f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())}.\n\n" if scores else "")
     progress = "the end of the run" if step == args.steps else f"the export at step {step:,} of {args.steps:,}"
+    earlier = [name for name in run.get("records", []) if name.startswith("data_config.before_step_")]
+    earlier = f" (earlier steps drew from other mixtures: {', '.join(earlier)}, beside this card)" if earlier else ""
     versions = "\n".join(f"- {library}: {version}" for library, version in run["versions"].items())
     return ModelCard(f"""---
 {data.to_yaml()}
@@ -1379,7 +1382,7 @@ attention mask of `AutoTokenizer.from_pretrained("{name}")`'s batch, then L2-nor
 
 A file's share of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that
 share of the {pairs_drawn:,} pairs of the {step:,} steps behind this export. {len(mixture)} files in {len(groups)}
-sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
+sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all{earlier}:
 
 {table}
 
@@ -1407,12 +1410,31 @@ Framework versions:
 
 def write_run_record(args, entries, step):
     """As the original did: OUTPUT/train_script.py is a copy of this script with the command appended, and
-    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record."""
+    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record.
+    A resume with another config (--resume_force) keeps the one before as data_config.before_step_<step>.json
+    (unless a resume at that step kept one already: the config between trained no step that counts)."""
+    config, changed = os.path.join(args.output, "data_config.json"), ""
     if step == 0:
         shutil.copyfile(__file__, os.path.join(args.output, "train_script.py"))
-        write_json(os.path.join(args.output, "data_config.json"), entries)
+    elif os.path.exists(config):
+        with open(config) as f:
+            recorded = json.load(f)
+        earlier = os.path.join(args.output, f"data_config.before_step_{step}.json")
+        if recorded != entries:
+            changed = f"# with another data config: {os.path.basename(earlier)} holds the one before\n"
+            if not os.path.exists(earlier):
+                os.replace(config, earlier)
+    if step == 0 or changed:
+        write_json(config, entries)
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
-        f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n")
+        f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n"
+                + changed)
+
+
+def run_record(output):
+    """The files of OUTPUT's run record, which every export carries."""
+    return ["train_script.py", *sorted(name for name in os.listdir(output)
+                                       if name.startswith("data_config.") and name.endswith(".json"))]
 
 
 # ============================================================================================

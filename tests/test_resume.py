@@ -208,6 +208,31 @@ def test_resume_of_a_different_run_is_refused(tiny, tmp_path, uninterrupted, cha
         train_script.main(args)
 
 
+def test_a_forced_resume_with_another_mixture_records_both(tiny, tmp_path, uninterrupted, capsys):
+    """OUTPUT/data_config.json and every later export's copy show the mixture the run trains on from the
+    resume; the one before is kept beside it, and the card and the script's record say so."""
+    output, step = tmp_path / "run", STEPS - SAVE_STEPS
+    shutil.copytree(uninterrupted, output)
+    shutil.rmtree(output / "final")
+    shutil.rmtree(output / "checkpoints" / str(STEPS))
+    before = file_bytes(output)
+    entries = json.loads((tiny / "data_config_pairs.json").read_text())
+    entries[0]["weight"] += 1
+    config = write_config(tmp_path / "reweighted.json", entries)
+    train_script.main(tiny_args(tiny, output, "--resume", "--resume_force", config=config))
+    assert f"with a different data config ({entries[0]['name']}'s weight" in capsys.readouterr().err
+    earlier = f"data_config.before_step_{step}.json"
+    for folder in (output, output / "final"):
+        assert json.loads((folder / "data_config.json").read_text()) == entries
+        assert (folder / earlier).read_bytes() == before[output / "data_config.json"]
+    assert f"earlier steps drew from other mixtures: {earlier}" in (output / "final" / "README.md").read_text()
+    assert (output / "train_script.py").read_text().endswith(f"--resume_force\n# with another data config: "
+                                                             f"{earlier} holds the one before\n")
+    for path, content in before.items():  # the exports and checkpoints before the resume stay as they were
+        if path.relative_to(output).parts[0] in ("4", "8", "checkpoints"):
+            assert path.read_bytes() == content, path
+
+
 def poison(tiny, tmp_path, only_snowmen=False):
     """The crafted input: a model whose [UNK] embedding is NaN, and a source whose texts all hold a
     character outside the fixture's vocabulary (so [UNK]); no other fixture text has [UNK].
