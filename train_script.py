@@ -1748,6 +1748,8 @@ def train(args, model, tokenizer, data, devices, checkpoints, stop):
         for step in report.bar:
             state = dispatch(train_step, state, batch, dropout_key, progress, args, report)
             stop.in_loop = True  # from here a signal checkpoints this step
+            if writer and step == first_step:  # a step made: the run that --overwrite replaces goes
+                drop_replaced(args.output)
             done = batch.text
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
                 try:
@@ -1958,11 +1960,13 @@ def run_inputs(args, sources):
 def prepare_output(args, inputs):
     """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
     a kill or a full disk left unfinished (--resume writes them again). One in use is only emptied
-    with --overwrite, and never if it holds an input, as written or with every link resolved."""
-    existing = [name for name in os.listdir(args.output) if name != ".lock"]
+    with --overwrite, and never if it holds an input, as written or with every link resolved; its run
+    goes to OUTPUT/.replaced, returned, until the new run has made its first step."""
+    aside = replaced_run(args.output)
+    existing = [name for name in os.listdir(args.output) if name not in (".lock", REPLACED)]
     if args.resume:
         existing = [name for name in existing if name.endswith(".partial")]
-    elif existing:
+    elif existing or aside:
         if not args.overwrite:
             raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
                             "or --overwrite to replace it")
@@ -1974,28 +1978,82 @@ def prepare_output(args, inputs):
             if any(os.path.commonpath([folder, p]) == folder
                    for folder in folders for p in (os.path.abspath(path), os.path.realpath(path))):
                 raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
-    for name in existing:
-        path = os.path.join(args.output, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+        if not aside:
+            aside = os.path.join(args.output, REPLACED)
+            os.mkdir(aside)
+            for name in existing:
+                os.replace(os.path.join(args.output, name), os.path.join(aside, name))
+            existing = []
+    for name in existing:  # with a replaced run aside: what a killed run wrote before its first step
+        remove(os.path.join(args.output, name))
+    if aside:
+        print(f"{aside} holds the run that --overwrite replaces, until this run has made its first step "
+              "(it is put back if this run fails before)")
+    return aside
+
+
+# --overwrite moves OUTPUT's run to OUTPUT/.replaced; train deletes it once the new run has made its
+# first step (drop_replaced), a failure before puts it back (put_back). A kill in between leaves it to
+# the next run on OUTPUT: with --overwrite or --resume, that run keeps it the same way (what else OUTPUT
+# holds is the killed run's, which made no step); a put-back that a kill cut short is finished first.
+REPLACED = ".replaced"
+PUTTING_BACK = ".putting_back"  # in REPLACED: OUTPUT's other entries are the replaced run's again
+
+
+def replaced_run(output):
+    """OUTPUT/.replaced if it holds a replaced run, else None; the leftovers of a kill cleared first."""
+    aside = os.path.join(output, REPLACED)
+    shutil.rmtree(aside + ".deleted", ignore_errors=True)  # drop_replaced cut short
+    if os.path.exists(os.path.join(aside, PUTTING_BACK)):
+        put_back(output)
+    elif os.path.isdir(aside) and not os.listdir(aside):
+        os.rmdir(aside)
+    return aside if os.path.isdir(aside) else None
+
+
+def put_back(output):
+    """OUTPUT as before --overwrite: what the new run wrote deleted, the replaced run moved back."""
+    aside = os.path.join(output, REPLACED)
+    marker = os.path.join(aside, PUTTING_BACK)
+    if not os.path.exists(marker):
+        for name in os.listdir(output):
+            if name not in (".lock", REPLACED):
+                remove(os.path.join(output, name))
+        open(marker, "w").close()
+    for name in os.listdir(aside):
+        if name != PUTTING_BACK:
+            os.replace(os.path.join(aside, name), os.path.join(output, name))
+    shutil.rmtree(aside)
+
+
+def drop_replaced(output):
+    aside = os.path.join(output, REPLACED)
+    if os.path.isdir(aside):
+        os.replace(aside, aside + ".deleted")  # at once: a kill during the deletion leaves no half a run
+        shutil.rmtree(aside + ".deleted")
+
+
+def remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 @contextlib.contextmanager
 def claim_output(args, inputs):
     """OUTPUT created, locked (a run holding it already is named and refused) and prepared; the lock
-    held until the run ends."""
+    held until the run ends. A run that fails before its first step puts back the run it replaced."""
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"{args.output} exists and is not a folder")
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
-    path = os.path.join(args.output, ".lock")
+    path, aside = os.path.join(args.output, ".lock"), None
     lock = lock_file(path, args.output)
     try:
-        prepare_output(args, inputs)
+        aside = prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
             lock.truncate(0)  # a killed run's line
             lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
@@ -2003,6 +2061,12 @@ def claim_output(args, inputs):
         except OSError as e:
             raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None
         yield
+    except BaseException:
+        if aside and os.path.isdir(aside):
+            put_back(args.output)
+            print(f"{args.output} holds the run that --overwrite was to replace again: this run failed "
+                  "before its first step", file=sys.stderr)
+        raise
     finally:
         os.unlink(path)  # while still locked, so that no other run locks the removed file
         lock.close()

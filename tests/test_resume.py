@@ -498,6 +498,96 @@ def test_overwrite_never_deletes_an_input_in_any_form(tiny, tmp_path, monkeypatc
     assert file_bytes(project) == before
 
 
+def fail_before_the_first_step(how, tmp_path, monkeypatch):
+    """Flags (and a patch) for a run that fails once data flows, before its first step."""
+    if how == "a tokenizer crash":
+        def crash(columns, shape):
+            raise MemoryError("the tokenizer ran out of memory")
+        monkeypatch.setattr(train_script, "tokenize_columns", crash)
+        return {}
+    # a file whose first row has 2 texts and every other row 3: it runs dry once streaming skips them
+    write_source(tmp_path / "data" / "mixed.jsonl.gz", [["a question", "an answer"]] + [
+        [f"question {i}", f"answer {i}", f"wrong answer {i}"] for i in range(100)])
+    return {"config": write_config(tmp_path / "mixed.json", [{"name": "mixed.jsonl.gz", "lines": 101, "weight": 1}]),
+            "data": tmp_path / "data"}
+
+
+ONE_STEP = ("--steps", "1", "--save_steps", "1", "--warmup_steps", "0")
+
+
+def assert_replaced_by_a_one_step_run(output):
+    assert (output / "final").is_dir() and (output / "checkpoints" / "1").is_dir()
+    assert not [p.name for p in output.iterdir() if p.name in ("4", "8", ".replaced", ".replaced.deleted")]
+
+
+@pytest.mark.parametrize("how", ["a tokenizer crash", "rows of another column count"])
+def test_overwrite_keeps_the_replaced_run_until_the_first_step(tiny, tmp_path, uninterrupted, monkeypatch, capsys,
+                                                               how):
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    with pytest.raises((train_script.UserError, RuntimeError)):
+        train_script.main(tiny_args(tiny, output, "--overwrite", **fail_before_the_first_step(how, tmp_path, monkeypatch)))
+    assert file_bytes(output) == before and not (output / ".replaced").exists()
+    assert f"{output} holds the run that --overwrite was to replace again" in capsys.readouterr().err
+
+    monkeypatch.undo()  # a replacement that works: the old run goes once the new one has made a step
+    train_script.main(tiny_args(tiny, output, "--overwrite", *ONE_STEP))
+    assert_replaced_by_a_one_step_run(output)
+
+
+def kill_during_the_replacement(tiny, output, log_path):
+    """An --overwrite of OUTPUT killed (-9) as soon as it has moved the old run aside."""
+    with open(log_path, "w") as log:
+        process = start_script(tiny_args(tiny, output, "--overwrite"), log)
+        try:
+            while not (output / ".replaced").is_dir():
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.01)
+        finally:
+            process.kill()
+            process.wait()
+    assert not (output / ".replaced.deleted").exists(), "the run made its first step before the kill: nothing tested"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("then", ["--overwrite", "--resume"])
+def test_a_replacement_killed_before_its_first_step_loses_nothing(tiny, tmp_path, uninterrupted, monkeypatch,
+                                                                  capsys, then):
+    """kill -9 while the replaced run is aside: the next --overwrite or --resume keeps it aside the same way,
+    puts it back if it fails before its first step, and deletes it once it has made one."""
+    output, aside = tmp_path / "run", tmp_path / "run" / ".replaced"
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    kill_during_the_replacement(tiny, output, tmp_path / "log")
+    assert {p.relative_to(aside): c for p, c in file_bytes(aside).items()} == {
+        p.relative_to(output): c for p, c in before.items()}
+    with pytest.raises(RuntimeError, match="the tokenizer ran out of memory"):
+        train_script.main(tiny_args(tiny, output, then,
+                                    **fail_before_the_first_step("a tokenizer crash", tmp_path, monkeypatch)))
+    assert f"{aside} holds the run that --overwrite replaces, until this run has made its first step" in \
+        capsys.readouterr().out
+    assert file_bytes(output) == before and not aside.exists()
+
+    monkeypatch.undo()
+    kill_during_the_replacement(tiny, output, tmp_path / "log")
+    train_script.main(tiny_args(tiny, output, then, *ONE_STEP))
+    assert_replaced_by_a_one_step_run(output)
+
+
+def test_a_put_back_cut_short_by_a_kill_is_finished_by_the_next_run(tiny, tmp_path, uninterrupted, capsys):
+    output, aside = tmp_path / "run", tmp_path / "run" / ".replaced"
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    aside.mkdir()  # what a kill leaves while a failed replacement puts the old run back: some of it still aside
+    for name in ("checkpoints", "final"):
+        (output / name).rename(aside / name)
+    (aside / ".putting_back").touch()
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    assert "the run is complete" in capsys.readouterr().out
+    assert file_bytes(output) == before and not aside.exists()
+
+
 def test_overwrite_of_a_linked_output_is_one_line(tiny, tmp_path):
     (tmp_path / "disk" / "run").mkdir(parents=True)
     (tmp_path / "disk" / "run" / "metrics.jsonl").write_text("an earlier run\n")
