@@ -123,7 +123,8 @@ def parse_args(argv=None):
     run = p.add_argument_group("what the run computes (a resumed run must repeat these)")
     run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
                      help="starting checkpoint: a Hub name or a local folder")
-    run.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
+    run.add_argument("--steps", type=COUNT, default=540_000,
+                     help="training steps; a --resume may change it (and --schedule_steps): a finished run goes on")
     run.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
     run.add_argument("--mini_batch_size", type=int, default=None,
                      help="GradCache: embed and back-propagate this many rows of a device's batch at a time (same "
@@ -182,7 +183,8 @@ def parse_args(argv=None):
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
-    start.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUTPUT's run, kept in OUTPUT/.replaced until the new run's first step")
     p.add_argument("--resume_force", action="store_true",
                    help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
     p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
@@ -206,7 +208,8 @@ def parse_args(argv=None):
     p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
-                   help="with --dry_run: write each global batch's texts and sources as a JSON line")
+                   help="with --dry_run: write each global batch's texts and sources as a JSON line (never "
+                        "over an input of the run)")
     p.add_argument("--multihost", action="store_true",
                    help="join the other hosts (each runs the same command) with jax.distributed.initialize(), which "
                         "finds them on Cloud TPU pods, SLURM and Open MPI; elsewhere give the three flags below")
@@ -1259,8 +1262,7 @@ def export_folder(args, step):
 
 
 def keep_final_model(args, ended):
-    """A run resumed with another --steps than its checkpoints' (`ended`) keeps OUTPUT/final, the model
-    of that end, as OUTPUT/<ended>: the run's new end writes another final."""
+    """A run resumed with another --steps than its checkpoints' (`ended`) keeps their OUTPUT/final as OUTPUT/<ended>."""
     final, kept = os.path.join(args.output, "final"), export_folder(args, ended)
     if ended != args.steps and os.path.isdir(final) and not os.path.exists(kept):
         os.replace(final, kept)
@@ -1413,22 +1415,20 @@ def write_run_record(args, entries, step):
     OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record.
     A resume with another config (--resume_force) keeps the one before as data_config.before_step_<step>.json
     (unless a resume at that step kept one already: the config between trained no step that counts)."""
-    config, changed = os.path.join(args.output, "data_config.json"), ""
+    config, earlier = (os.path.join(args.output, f"data_config{name}.json") for name in ("", f".before_step_{step}"))
+    changed = False
     if step == 0:
         shutil.copyfile(__file__, os.path.join(args.output, "train_script.py"))
     elif os.path.exists(config):
         with open(config) as f:
-            recorded = json.load(f)
-        earlier = os.path.join(args.output, f"data_config.before_step_{step}.json")
-        if recorded != entries:
-            changed = f"# with another data config: {os.path.basename(earlier)} holds the one before\n"
-            if not os.path.exists(earlier):
-                os.replace(config, earlier)
+            changed = json.load(f) != entries
+        if changed and not os.path.exists(earlier):
+            os.replace(config, earlier)
     if step == 0 or changed:
         write_json(config, entries)
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
         f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n"
-                + changed)
+                + (f"# with another data config: {os.path.basename(earlier)} holds the one before\n" * changed))
 
 
 def run_record(output):
@@ -1544,14 +1544,11 @@ def initial_state(args, model, checkpoints, identity):
     if step < args.steps:  # at --steps, the run is complete: train says so
         print(f"resuming at step {step} from {os.path.join(checkpoints.directory, str(step))}")
     ended, scheduled = (recorded.get(name, identity[name]) for name in WHERE_IT_ENDS)
-    if ended != args.steps:
-        print(f"--resume: the run now ends at step {args.steps}, not {ended}" + (
-            "" if scheduled != args.schedule_steps else f"; the learning rate schedule stays (0 at step {scheduled})"))
-    if scheduled != args.schedule_steps:
+    if (ended, scheduled) != (args.steps, args.schedule_steps):  # a run extended (or cut short)
         before = argparse.Namespace(**{**vars(args), "schedule_steps": scheduled})
-        print(f"--resume: the learning rate schedule changes: it decays to 0 at step {args.schedule_steps}, not "
-              f"{scheduled}, so step {step} trains at lr {learning_rate_schedule(args)(step):.3g} instead of "
-              f"{learning_rate_schedule(before)(step):.3g}")
+        print(f"--resume: the run now ends at step {args.steps} (was {ended}) and its lr decays to 0 at step "
+              f"{args.schedule_steps} (was {scheduled}): step {step} trains at lr "
+              f"{learning_rate_schedule(args)(step):.3g} (was {learning_rate_schedule(before)(step):.3g})")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
     return fresh.replace(**state), step, positions, meta.get("batches", {}), ended
@@ -1987,8 +1984,7 @@ def prepare_output(args, inputs):
     for name in existing:  # with a replaced run aside: what a killed run wrote before its first step
         remove(os.path.join(args.output, name))
     if aside:
-        print(f"{aside} holds the run that --overwrite replaces, until this run has made its first step "
-              "(it is put back if this run fails before)")
+        print(f"{aside} holds the run that --overwrite replaces until this run's first step (put back on a failure)")
     return aside
 
 
@@ -1996,8 +1992,7 @@ def prepare_output(args, inputs):
 # first step (drop_replaced), a failure before puts it back (put_back). A kill in between leaves it to
 # the next run on OUTPUT: with --overwrite or --resume, that run keeps it the same way (what else OUTPUT
 # holds is the killed run's, which made no step); a put-back that a kill cut short is finished first.
-REPLACED = ".replaced"
-PUTTING_BACK = ".putting_back"  # in REPLACED: OUTPUT's other entries are the replaced run's again
+REPLACED, PUTTING_BACK = ".replaced", ".putting_back"  # the latter in REPLACED: OUTPUT holds its run again
 
 
 def replaced_run(output):
@@ -2034,10 +2029,7 @@ def drop_replaced(output):
 
 
 def remove(path):
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -2064,8 +2056,7 @@ def claim_output(args, inputs):
     except BaseException:
         if aside and os.path.isdir(aside):
             put_back(args.output)
-            print(f"{args.output} holds the run that --overwrite was to replace again: this run failed "
-                  "before its first step", file=sys.stderr)
+            print(f"{args.output} holds the run that --overwrite was to replace again", file=sys.stderr)
         raise
     finally:
         os.unlink(path)  # while still locked, so that no other run locks the removed file

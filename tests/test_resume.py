@@ -1,6 +1,8 @@
 """Checkpoints and resume: a run killed (-9 or SIGTERM) and resumed ends with the parameters of
 an uninterrupted run; damaged checkpoints, changed flags, NaN steps, a full disk and a crashed
-producer are each handled without losing the last good checkpoint. Signals (before the first step,
+producer are each handled without losing the last good checkpoint; a finished run is extended, a
+forced resume with another mixture recorded, and --overwrite loses no run to a replacement that
+fails or is killed before its first step. Signals (before the first step,
 twice), a frozen or killed tokenizer worker each end the run in one line, with a checkpoint where
 there is a step to save, and no worker left behind; the host never runs far ahead of the devices.
 
@@ -412,8 +414,8 @@ def test_a_finished_run_given_more_steps_keeps_its_model_and_says_the_schedule_c
     train_script.main(tiny_args(tiny, output, "--resume", "--steps", more))
     out = capsys.readouterr().out
     lr = lambda step: 1e-3 * (more - step) / (more - 2)  # noqa: E731  (--lr 1e-3, --warmup_steps 2)
-    assert f"--resume: the run now ends at step {more}, not {STEPS}\n" in out
-    assert f"it decays to 0 at step {more}, not {STEPS}, so step {STEPS} trains at lr {lr(STEPS):.3g} instead of 0" in out
+    assert f"--resume: the run now ends at step {more} (was {STEPS}) and its lr decays to 0 at step {more} (was " \
+           f"{STEPS}): step {STEPS} trains at lr {lr(STEPS):.3g} (was 0)\n" in out
     assert f"the model of step {STEPS} moves from {output / 'final'} to {output / str(STEPS)}" in out
     after = file_bytes(output)
     for path, content in before.items():  # the finished model, the exports and the newest checkpoint intact
@@ -565,8 +567,7 @@ def test_a_replacement_killed_before_its_first_step_loses_nothing(tiny, tmp_path
     with pytest.raises(RuntimeError, match="the tokenizer ran out of memory"):
         train_script.main(tiny_args(tiny, output, then,
                                     **fail_before_the_first_step("a tokenizer crash", tmp_path, monkeypatch)))
-    assert f"{aside} holds the run that --overwrite replaces, until this run has made its first step" in \
-        capsys.readouterr().out
+    assert f"{aside} holds the run that --overwrite replaces until this run's first step" in capsys.readouterr().out
     assert file_bytes(output) == before and not aside.exists()
 
     monkeypatch.undo()
