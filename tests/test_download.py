@@ -432,7 +432,7 @@ def test_a_rerun_keeps_the_entries_it_did_not_write(world, tiny, tmp_path, capsy
     config = tmp_path / "DATA" / "data_config.json"
     written = json.loads(config.read_text())
     (tmp_path / "DATA" / "reddit").mkdir()
-    shutil.copy(tiny / "data" / "reddit" / "reddit_tiny.jsonl.gz", tmp_path / "DATA" / "reddit" / "reddit_tiny.jsonl.gz")
+    shutil.copy(tiny / "data" / "reddit" / "reddit_tiny.jsonl.gz", tmp_path / "DATA" / "reddit")
     added = [{"name": "reddit/reddit_tiny.jsonl.gz", "lines": 2000, "weight": 82},
              {"name": "my_pairs.jsonl.gz", "lines": 5, "weight": 1}]
     config.write_text(json.dumps(written[:1] + added + written[1:]))  # anywhere in the file
@@ -446,7 +446,8 @@ def test_a_rerun_keeps_the_entries_it_did_not_write(world, tiny, tmp_path, capsy
 def test_a_full_disk_is_one_line_and_leaves_the_mixture_as_it_was(mirror, tmp_path, capsys, monkeypatch):
     import download_data
     folder, entries = mirror
-    argv = [str(write_config(tmp_path / "config.json", entries)), str(tmp_path / "data"), "--source", f"file://{folder}"]
+    argv = [str(write_config(tmp_path / "config.json", entries)), str(tmp_path / "data"),
+            "--source", f"file://{folder}"]
     assert run(argv, capsys)[0] == 0
     config = tmp_path / "data" / "data_config.json"
     before = config.read_bytes()

@@ -529,7 +529,8 @@ def test_overwrite_keeps_the_replaced_run_until_the_first_step(tiny, tmp_path, u
     shutil.copytree(uninterrupted, output)
     before = file_bytes(output)
     with pytest.raises((train_script.UserError, RuntimeError)):
-        train_script.main(tiny_args(tiny, output, "--overwrite", **fail_before_the_first_step(how, tmp_path, monkeypatch)))
+        train_script.main(tiny_args(tiny, output, "--overwrite",
+                                    **fail_before_the_first_step(how, tmp_path, monkeypatch)))
     assert file_bytes(output) == before and not (output / ".replaced").exists()
     assert f"{output} holds the run that --overwrite was to replace again" in capsys.readouterr().err
 
