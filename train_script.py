@@ -123,7 +123,8 @@ def parse_args(argv=None):
     run = p.add_argument_group("what the run computes (a resumed run must repeat these)")
     run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
                      help="starting checkpoint: a Hub name or a local folder")
-    run.add_argument("--steps", type=COUNT, default=540_000, help="training steps")
+    run.add_argument("--steps", type=COUNT, default=540_000,
+                     help="training steps; a --resume may change it (and --schedule_steps): a finished run goes on")
     run.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
     run.add_argument("--mini_batch_size", type=int, default=None,
                      help="GradCache: embed and back-propagate this many rows of a device's batch at a time (same "
@@ -182,7 +183,8 @@ def parse_args(argv=None):
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
-    start.add_argument("--overwrite", action="store_true", help="delete an existing OUTPUT and start afresh")
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUTPUT's run, kept in OUTPUT/.replaced until the new run's first step")
     p.add_argument("--resume_force", action="store_true",
                    help="with --resume: continue even if data, model or batch flags differ from the checkpoint's")
     p.add_argument("--log_steps", type=COUNT, default=100, help="fetch and print loss/lr every this many steps")
@@ -206,7 +208,8 @@ def parse_args(argv=None):
     p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
-                   help="with --dry_run: write each global batch's texts and sources as a JSON line")
+                   help="with --dry_run: write each global batch's texts and sources as a JSON line (never "
+                        "over an input of the run)")
     p.add_argument("--multihost", action="store_true",
                    help="join the other hosts (each runs the same command) with jax.distributed.initialize(), which "
                         "finds them on Cloud TPU pods, SLURM and Open MPI; elsewhere give the three flags below")
@@ -738,10 +741,10 @@ def dry_run(sources, args, tokenizer, global_batch):
     """Streams --dry_run batches through the whole input pipeline and reports what it saw."""
     texts = text_batches(sources, args, global_batch, (0, global_batch), (0, 1))
     counts, started = collections.Counter(), time.perf_counter()
-    with (tokenizer_pool(tokenizer, args) as pool,
+    with (open_dump(args, run_inputs(args, sources)) if args.dump_batches else contextlib.nullcontext() as dump,
+          tokenizer_pool(tokenizer, args) as pool,
           contextlib.closing(background_batches(texts, pool, (global_batch,), args.prefetch,
-                                                args.batch_timeout)) as batches,
-          open(args.dump_batches, "w") if args.dump_batches else contextlib.nullcontext() as dump):
+                                                args.batch_timeout)) as batches):
         for batch in itertools.islice(batches, args.dry_run):
             counts.update(batch.text.sources)
             if dump:
@@ -754,6 +757,19 @@ def dry_run(sources, args, tokenizer, global_batch):
     print(f"{'source':60} {'batches':>8} {'invalid':>8} {'duplicate':>9}")
     for s in sources:
         print(f"{s.name:60} {counts[s.name]:8d} {s.invalid:8d} {s.duplicate:9d}")
+
+
+def open_dump(args, inputs):
+    """--dump_batches' file, open for writing; refused, before anything is truncated, if it is one of
+    the run's inputs (run_inputs) under any name."""
+    dump = args.dump_batches
+    for what, path in inputs:
+        if os.path.exists(dump) and os.path.exists(path) and os.path.samefile(dump, path):
+            raise UserError(f"--dump_batches {dump} is {what} {path}; give a new file")
+    try:
+        return open(dump, "w")
+    except OSError as e:  # no such folder, a folder, no permission, a full disk
+        raise UserError(f"--dump_batches: cannot write {dump} ({e.strerror or e})") from None
 
 
 # ============================================================================================
@@ -1229,8 +1245,9 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
             "__version__": {"sentence_transformers": SENTENCE_TRANSFORMERS_FORMAT,
                             "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
             "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-        model_card(folder, config, args, run).save(os.path.join(partial, "README.md"))
-        for record in ("train_script.py", "data_config.json"):  # the run record travels with every upload
+        records = run_record(args.output)
+        model_card(folder, config, args, {**run, "records": records}).save(os.path.join(partial, "README.md"))
+        for record in records:  # the run record travels with every upload
             shutil.copyfile(os.path.join(args.output, record), os.path.join(partial, record))
     except (OSError, safetensors.SafetensorError) as e:  # a full disk, most often
         shutil.rmtree(partial, ignore_errors=True)
@@ -1242,6 +1259,14 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
 
 def export_folder(args, step):
     return os.path.join(args.output, "final" if step == args.steps else str(step))
+
+
+def keep_final_model(args, ended):
+    """A run resumed with another --steps than its checkpoints' (`ended`) keeps their OUTPUT/final as OUTPUT/<ended>."""
+    final, kept = os.path.join(args.output, "final"), export_folder(args, ended)
+    if ended != args.steps and os.path.isdir(final) and not os.path.exists(kept):
+        os.replace(final, kept)
+        print(f"--resume: the model of step {ended} moves from {final} to {kept}")
 
 
 def write_json(path, value):
@@ -1328,6 +1353,8 @@ def model_card(folder, config, args, run):
                   "anchor ranks the candidates of its own file's rows; scores averaged over the files): "
                   f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())}.\n\n" if scores else "")
     progress = "the end of the run" if step == args.steps else f"the export at step {step:,} of {args.steps:,}"
+    earlier = [name for name in run.get("records", []) if name.startswith("data_config.before_step_")]
+    earlier = f" (earlier steps drew from other mixtures: {', '.join(earlier)}, beside this card)" if earlier else ""
     versions = "\n".join(f"- {library}: {version}" for library, version in run["versions"].items())
     return ModelCard(f"""---
 {data.to_yaml()}
@@ -1357,7 +1384,7 @@ attention mask of `AutoTokenizer.from_pretrained("{name}")`'s batch, then L2-nor
 
 A file's share of the training pairs is its weight / {sum(e['weight'] for e in mixture):,}; "pairs drawn" is that
 share of the {pairs_drawn:,} pairs of the {step:,} steps behind this export. {len(mixture)} files in {len(groups)}
-sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all:
+sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixture):,} lines in all{earlier}:
 
 {table}
 
@@ -1385,12 +1412,29 @@ Framework versions:
 
 def write_run_record(args, entries, step):
     """As the original did: OUTPUT/train_script.py is a copy of this script with the command appended, and
-    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record."""
+    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record.
+    A resume with another config (--resume_force) keeps the one before as data_config.before_step_<step>.json
+    (unless a resume at that step kept one already: the config between trained no step that counts)."""
+    config, earlier = (os.path.join(args.output, f"data_config{name}.json") for name in ("", f".before_step_{step}"))
+    changed = False
     if step == 0:
         shutil.copyfile(__file__, os.path.join(args.output, "train_script.py"))
-        write_json(os.path.join(args.output, "data_config.json"), entries)
+    elif os.path.exists(config):
+        with open(config) as f:
+            changed = json.load(f) != entries
+        if changed and not os.path.exists(earlier):
+            os.replace(config, earlier)
+    if step == 0 or changed:
+        write_json(config, entries)
     with open(os.path.join(args.output, "train_script.py"), "a") as f:
-        f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n")
+        f.write((f"# Resumed at step {step}" if step else "\n\n# Script was called") + f" via:\n# {args.command}\n"
+                + (f"# with another data config: {os.path.basename(earlier)} holds the one before\n" * changed))
+
+
+def run_record(output):
+    """The files of OUTPUT's run record, which every export carries."""
+    return ["train_script.py", *sorted(name for name in os.listdir(output)
+                                       if name.startswith("data_config.") and name.endswith(".json"))]
 
 
 # ============================================================================================
@@ -1488,19 +1532,26 @@ def initial_state(args, model, checkpoints, identity):
        state and stream positions;
     2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
     Returns (TrainState, its step, {source name: position} for this process,
-    {source name: batches drawn from it before that step})."""
+    {source name: batches drawn from it before that step}, the --steps its run had)."""
     fresh = init_state(model, args)
     restored = newest_checkpoint(args, checkpoints, identity, fresh) if args.resume else None
     if restored is None:
-        return fresh, 0, {}, {}
+        return fresh, 0, {}, {}, args.steps
     state, meta = restored
-    if meta["step"] > args.steps:
-        raise UserError(f"--resume: the checkpoint of step {meta['step']} is past --steps {args.steps}")
-    if meta["step"] < args.steps:  # at --steps, the run is complete: train says so
-        print(f"resuming at step {meta['step']} from {os.path.join(checkpoints.directory, str(meta['step']))}")
+    step, recorded = meta["step"], meta["run"]
+    if step > args.steps:
+        raise UserError(f"--resume: the checkpoint of step {step} is past --steps {args.steps}")
+    if step < args.steps:  # at --steps, the run is complete: train says so
+        print(f"resuming at step {step} from {os.path.join(checkpoints.directory, str(step))}")
+    ended, scheduled = (recorded.get(name, identity[name]) for name in WHERE_IT_ENDS)
+    if (ended, scheduled) != (args.steps, args.schedule_steps):  # a run extended (or cut short)
+        before = argparse.Namespace(**{**vars(args), "schedule_steps": scheduled})
+        print(f"--resume: the run now ends at step {args.steps} (was {ended}) and its lr decays to 0 at step "
+              f"{args.schedule_steps} (was {scheduled}): step {step} trains at lr "
+              f"{learning_rate_schedule(args)(step):.3g} (was {learning_rate_schedule(before)(step):.3g})")
     streams = meta["stream"]
     positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
-    return fresh.replace(**state), meta["step"], positions, meta.get("batches", {})
+    return fresh.replace(**state), step, positions, meta.get("batches", {}), ended
 
 
 def newest_checkpoint(args, checkpoints, identity, fresh):
@@ -1532,15 +1583,31 @@ def newest_checkpoint(args, checkpoints, identity, fresh):
     raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
 
 
+# A resume may move the run's end (a finished run extended): the schedule follows (initial_state says how).
+WHERE_IT_ENDS = ("--steps", "--schedule_steps")
+
+
 def check_same_run(args, recorded, identity, folder):
     """Refuses to continue a checkpoint of a different run (run_identity differs), unless --resume_force."""
-    changed = [name if name == "data config" else f"{name} ({recorded.get(name)!r} in the checkpoint, now {now!r})"
-               for name, now in identity.items() if recorded.get(name) != now]
+    changed = [config_changes(recorded.get(name) or [], now) if name == "data config"
+               else f"{name} ({recorded.get(name)!r} in the checkpoint, now {now!r})"
+               for name, now in identity.items() if recorded.get(name) != now and name not in WHERE_IT_ENDS]
     if changed and not args.resume_force:
         raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
                         f"pass the checkpoint's flags, or --resume_force to continue regardless")
     if changed:
         print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
+
+
+def config_changes(recorded, now):
+    """How the data config differs from the checkpoint's, entry by entry."""
+    before, after = ({e.get("name"): e for e in entries} for entries in (recorded, now))
+    changes = [f"{name} added" for name in after if name not in before]
+    changes += [f"{name} removed" for name in before if name not in after]
+    changes += [f"{name}'s {key} ({before[name].get(key)!r} in the checkpoint, now {after[name].get(key)!r})"
+                for name in after if name in before
+                for key in sorted({*before[name], *after[name]}) if before[name].get(key) != after[name].get(key)]
+    return f"data config ({', '.join(changes or ['the order of its entries'])})"
 
 
 @dataclasses.dataclass
@@ -1640,12 +1707,14 @@ def train(args, model, tokenizer, data, devices, checkpoints, stop):
     sharding, global_batch, local_batch = (device_sharding(all_devices), args.batch_size * len(all_devices),
                                            args.batch_size * len(devices))
     identity = run_identity(args, entries, all_devices)
-    start, first_step, positions, batches_so_far = initial_state(args, model, checkpoints, identity)
+    start, first_step, positions, batches_so_far, ended = initial_state(args, model, checkpoints, identity)
     state = replicate(start, sharding, len(devices))
     run = {"global_batch": global_batch, "devices": len(all_devices), "mixture": entries,
            "versions": library_versions(), "scores": {}}
+    if writer and first_step:
+        keep_final_model(args, ended)
     # a resumed run first writes the export that a kill or a full disk cut short
-    if writer and first_step and (first_step % args.save_steps == 0 or first_step == args.steps) and not (
+    if writer and first_step and (first_step % args.save_steps == 0 or first_step in (args.steps, ended)) and not (
             os.path.isdir(export_folder(args, first_step))):
         export(args, first_step, state, model.config, tokenizer, run)
     if first_step == args.steps:  # a loop that restarts the command until it succeeds ends here
@@ -1676,6 +1745,8 @@ def train(args, model, tokenizer, data, devices, checkpoints, stop):
         for step in report.bar:
             state = dispatch(train_step, state, batch, dropout_key, progress, args, report)
             stop.in_loop = True  # from here a signal checkpoints this step
+            if writer and step == first_step:  # a step made: the run that --overwrite replaces goes
+                drop_replaced(args.output)
             done = batch.text
             if step + 1 < args.steps:  # the host prepares the next batch while the step runs
                 try:
@@ -1870,7 +1941,8 @@ def join_processes(args):
 # kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
 
 def run_inputs(args, sources):
-    """(what, local path) of everything the run reads: --overwrite must not delete any of them."""
+    """(what, local path) of everything the run reads: --overwrite must not delete any of them, nor
+    --dump_batches write over one."""
     inputs = [("the data config", args.data_config), ("this script", __file__)]
     if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
         files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
@@ -1885,11 +1957,13 @@ def run_inputs(args, sources):
 def prepare_output(args, inputs):
     """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
     a kill or a full disk left unfinished (--resume writes them again). One in use is only emptied
-    with --overwrite, and never if it holds an input, as written or with every link resolved."""
-    existing = [name for name in os.listdir(args.output) if name != ".lock"]
+    with --overwrite, and never if it holds an input, as written or with every link resolved; its run
+    goes to OUTPUT/.replaced, returned, until the new run has made its first step."""
+    aside = replaced_run(args.output)
+    existing = [name for name in os.listdir(args.output) if name not in (".lock", REPLACED)]
     if args.resume:
         existing = [name for name in existing if name.endswith(".partial")]
-    elif existing:
+    elif existing or aside:
         if not args.overwrite:
             raise UserError(f"{args.output} exists and is not empty; pass --resume to continue it "
                             "or --overwrite to replace it")
@@ -1901,28 +1975,77 @@ def prepare_output(args, inputs):
             if any(os.path.commonpath([folder, p]) == folder
                    for folder in folders for p in (os.path.abspath(path), os.path.realpath(path))):
                 raise UserError(f"--overwrite would delete {what} {path}: it is inside {args.output}")
-    for name in existing:
-        path = os.path.join(args.output, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+        if not aside:
+            aside = os.path.join(args.output, REPLACED)
+            os.mkdir(aside)
+            for name in existing:
+                os.replace(os.path.join(args.output, name), os.path.join(aside, name))
+            existing = []
+    for name in existing:  # with a replaced run aside: what a killed run wrote before its first step
+        remove(os.path.join(args.output, name))
+    if aside:
+        print(f"{aside} holds the run that --overwrite replaces until this run's first step (put back on a failure)")
+    return aside
+
+
+# --overwrite moves OUTPUT's run to OUTPUT/.replaced; train deletes it once the new run has made its
+# first step (drop_replaced), a failure before puts it back (put_back). A kill in between leaves it to
+# the next run on OUTPUT: with --overwrite or --resume, that run keeps it the same way (what else OUTPUT
+# holds is the killed run's, which made no step); a put-back that a kill cut short is finished first.
+REPLACED, PUTTING_BACK = ".replaced", ".putting_back"  # the latter in REPLACED: OUTPUT holds its run again
+
+
+def replaced_run(output):
+    """OUTPUT/.replaced if it holds a replaced run, else None; the leftovers of a kill cleared first."""
+    aside = os.path.join(output, REPLACED)
+    shutil.rmtree(aside + ".deleted", ignore_errors=True)  # drop_replaced cut short
+    if os.path.exists(os.path.join(aside, PUTTING_BACK)):
+        put_back(output)
+    elif os.path.isdir(aside) and not os.listdir(aside):
+        os.rmdir(aside)
+    return aside if os.path.isdir(aside) else None
+
+
+def put_back(output):
+    """OUTPUT as before --overwrite: what the new run wrote deleted, the replaced run moved back."""
+    aside = os.path.join(output, REPLACED)
+    marker = os.path.join(aside, PUTTING_BACK)
+    if not os.path.exists(marker):
+        for name in os.listdir(output):
+            if name not in (".lock", REPLACED):
+                remove(os.path.join(output, name))
+        open(marker, "w").close()
+    for name in os.listdir(aside):
+        if name != PUTTING_BACK:
+            os.replace(os.path.join(aside, name), os.path.join(output, name))
+    shutil.rmtree(aside)
+
+
+def drop_replaced(output):
+    aside = os.path.join(output, REPLACED)
+    if os.path.isdir(aside):
+        os.replace(aside, aside + ".deleted")  # at once: a kill during the deletion leaves no half a run
+        shutil.rmtree(aside + ".deleted")
+
+
+def remove(path):
+    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 @contextlib.contextmanager
 def claim_output(args, inputs):
     """OUTPUT created, locked (a run holding it already is named and refused) and prepared; the lock
-    held until the run ends."""
+    held until the run ends. A run that fails before its first step puts back the run it replaced."""
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"{args.output} exists and is not a folder")
     try:
         os.makedirs(args.output, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {args.output} ({e.strerror or e})") from None
-    path = os.path.join(args.output, ".lock")
+    path, aside = os.path.join(args.output, ".lock"), None
     lock = lock_file(path, args.output)
     try:
-        prepare_output(args, inputs)
+        aside = prepare_output(args, inputs)
         try:  # after prepare_output, which may have freed space
             lock.truncate(0)  # a killed run's line
             lock.write(f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
@@ -1930,6 +2053,11 @@ def claim_output(args, inputs):
         except OSError as e:
             raise UserError(f"cannot write to {args.output} ({e.strerror or e})") from None
         yield
+    except BaseException:
+        if aside and os.path.isdir(aside):
+            put_back(args.output)
+            print(f"{args.output} holds the run that --overwrite was to replace again", file=sys.stderr)
+        raise
     finally:
         os.unlink(path)  # while still locked, so that no other run locks the removed file
         lock.close()

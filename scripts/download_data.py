@@ -19,15 +19,20 @@ location instead (a mirror: gs://bucket/data, file:///mnt/copy, ...), under the 
   decompress (say, a resumed part that was not the remote's bytes) is fetched once more from scratch.
 - At the end DATA/data_config.json is the mixture on disk: the exact files with their v1 weights,
   substitutes with the weight of the file they replace and their true "lines"; files that could not
-  be had are left out. A table says how much of v1's weight and lines that is.
-- The hosts are probed first: with no network the script stops within seconds with one line.
+  be had are left out. A table says how much of v1's weight and lines that is. Entries of an earlier
+  DATA/data_config.json for files this script never fetched (the Reddit files a user adds) are kept;
+  the file is replaced whole or not at all.
+- The hosts (and --source) are probed first: with no network the script stops within seconds with
+  one line; so does a full disk, or a folder it cannot create.
   Exit status 1 when anything went wrong (a mismatch, a failed download); a file that is simply
   unavailable (the Reddit files, never published) is reported, not an error.
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
+import errno
 import gzip
 import json
 import os
@@ -137,8 +142,8 @@ def probe(host):
     try:
         requests.head(host, timeout=PROBE_SECONDS, allow_redirects=False)
     except requests.RequestException as e:
-        errno = re.search(r"\[Errno -?\d+\] [^'\")]*", str(e))  # the operating system's reason, if any
-        return f"{type(e).__name__}: {errno[0] if errno else str(e)[:120]}"
+        reason = re.search(r"\[Errno -?\d+\] [^'\")]*", str(e))  # the operating system's reason, if any
+        return f"{type(e).__name__}: {reason[0] if reason else str(e)[:120]}"
     return None
 
 
@@ -265,7 +270,7 @@ def fetch_and_count(fetch, what, folder, name, manifest):
     """Fetches `what` into folder/name and returns its rows; a file that does not decompress is
     deleted and fetched once more (a fresh download: its partial file went with it)."""
     local = os.path.join(folder, name)
-    os.makedirs(os.path.dirname(local), exist_ok=True)
+    make_folder(os.path.dirname(local))
     for attempt in range(2):
         fetch(what, local)
         try:
@@ -302,7 +307,12 @@ def obtain(plan, folder, manifest, down, substitutes):
         except CorruptFile as e:
             problems.append(f"{local_name}: {e}")
             return None, str(e)
+        except UserError:
+            raise
         except Exception as e:  # a network or disk error, one line per file; the partial file stays
+            if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):  # for every file alike: stop at once
+                raise UserError(f"{folder}: no space left on the disk (writing {local_name}); free some and "
+                                "rerun: what is fetched so far is kept") from None
             problems.append(f"{local_name}: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}; rerun to resume")
             return None, "download failed"
         if expected is not None and rows != expected:
@@ -344,6 +354,26 @@ def mixture_on_disk(outcomes):
     return [{"name": o.name, "lines": o.lines, "weight": o.entry["weight"]} for o in outcomes if o.kind != "missing"]
 
 
+def write_mixture(path, mixture, earlier, folder):
+    """DATA/data_config.json: the mixture fetched, then the entries of the earlier one (`earlier`) for
+    files this script never fetched (not in its manifest), which it returns. Written to a temporary
+    file and renamed: the file is replaced whole or not at all."""
+    fetched = set(Manifest(folder).files) | {entry["name"] for entry in mixture}
+    kept = [entry for entry in earlier if entry["name"] not in fetched]
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(mixture + kept, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise UserError(f"cannot write {path} ({e.strerror or e}); "
+                        + ("the earlier one is unchanged" if earlier else "rerun once the disk has room")) from None
+    return kept
+
+
 def summary(outcomes, config_out, folder):
     """The table: how much of v1 is on disk, exactly or substituted, and what is missing."""
     weight = sum(o.entry["weight"] for o in outcomes)
@@ -362,13 +392,35 @@ def summary(outcomes, config_out, folder):
     return "\n".join(out)
 
 
+def check_source(source):
+    """--source, before any file: a protocol fsspec knows (its package installed) and a folder there
+    (an http(s) server, which lists no folders, is probed with the other hosts)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(source)
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        found = bool(protocols & {"http", "https"}) or fs.isdir(path)
+    except Exception as e:  # an unknown protocol, a missing package, no access
+        raise UserError(f"--source {source}: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}") from None
+    if not found:
+        raise UserError(f"--source {source}: no such folder")
+
+
+def make_folder(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path} ({e.strerror or e})") from None
+
+
 def download(config, folder, sources=DEFAULT_SOURCES, source=None, substitutes=False, workers=4):
     """Fetches what can be had of the config into folder; returns the outcome of every entry."""
     plans = plan_downloads(load_data_config(config), sources, source)
+    if source is not None:
+        check_source(source)
     down = unreachable_hosts(plans, substitutes)
     for host, reason in down.items():
         print(f"{host} does not answer ({reason}): its files are skipped", file=sys.stderr)
-    os.makedirs(folder, exist_ok=True)
+    make_folder(folder)
     manifest = Manifest(folder)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda plan: obtain(plan, folder, manifest, down, substitutes), plans))
@@ -392,15 +444,17 @@ def main(argv=None):
     try:
         if os.path.abspath(args.data_config) == os.path.abspath(config_out):
             raise UserError(f"{config_out} is where the fetched mixture is written; give the original config")
+        earlier = load_data_config(config_out) if os.path.exists(config_out) else []  # a broken one: said first
         outcomes = download(args.data_config, args.data_folder, args.data_sources, args.source, args.substitutes,
                             args.workers)
+        mixture = mixture_on_disk(outcomes)
+        kept = write_mixture(config_out, mixture, earlier, args.data_folder) if mixture else []
     except UserError as e:
         sys.exit(f"error: {e}")
-    mixture = mixture_on_disk(outcomes)
-    if mixture:
-        with open(config_out, "w") as f:
-            json.dump(mixture, f, indent=1)
     print(summary(outcomes, config_out, args.data_folder))
+    if kept:
+        print(f"kept the entries of {config_out} for files this script did not fetch: "
+              + ", ".join(entry["name"] for entry in kept))
     problems = [problem for o in outcomes for problem in o.problems] + ["no file could be had"] * (not mixture)
     if problems:
         print(f"{len(problems)} problem(s):", *problems, sep="\n  ", file=sys.stderr)

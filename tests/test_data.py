@@ -4,12 +4,14 @@ Most tests drive the producer the way a user checks a mixture: `--dry_run N --du
 through train_script.main (in-process; tokenization in a thread with --num_workers 0 unless a
 test is about the worker processes). The published script's behaviour is the default (--mixing
 original, --data_order original); the tests of the alternatives pass PER_BATCH / SHUFFLED."""
+import hashlib
 import json
 import os
 import signal
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -30,9 +32,9 @@ SHUFFLED = ("--data_order", "shuffled")
 # helpers
 # --------------------------------------------------------------------------------------------
 
-def dry_run(tiny, tmp_path, *flags, config=None, data_folder=None, batches=20, batch_size=1):
+def dry_run(tiny, tmp_path, *flags, config=None, data_folder=None, batches=20, batch_size=1, dump=None):
     """Runs --dry_run through main() and returns the dumped batches."""
-    dump = tmp_path / f"dump-{time.monotonic_ns()}.jsonl"
+    dump = dump or tmp_path / f"dump-{time.monotonic_ns()}.jsonl"
     train_script.main(tiny_argv(tiny, tmp_path / "out", "--batch_size", batch_size, "--max_length", "16",
                                 "--num_workers", "0", "--dry_run", batches, "--dump_batches", dump, *flags,
                                 config=config, data=data_folder))
@@ -421,6 +423,42 @@ def test_truncated_gzip_stops_with_its_name(tiny, tmp_path):
     with pytest.raises(UserError, match="cut.jsonl.gz: corrupt or truncated file"):
         dry_run(tiny, tmp_path, "--datasets_per_batch", "1", config=config,
                 data_folder=tmp_path / "data", batches=1000)
+
+
+def file_hashes(folder, *files):
+    """{path: sha256} of every file under `folder` (links followed) and of `files`."""
+    return {path: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in [*sorted(folder.rglob("*")), *map(Path, files)] if path.is_file()}
+
+
+@pytest.mark.parametrize("target", ["the data config", "the data file", "--model", "this script"])
+def test_dump_batches_never_writes_over_an_input(tiny, tmp_path, target):
+    """Named directly, through a link or by a second hard link: refused in one line, every input intact."""
+    import shutil
+    shutil.copytree(tiny / "data", tmp_path / "data")
+    shutil.copytree(tiny / "model", tmp_path / "model")
+    config = write_config(tmp_path / "config.json", [{"name": GOOD, "weight": 1}])
+    path = {"the data config": config, "the data file": tmp_path / "data" / GOOD,
+            "--model": tmp_path / "model" / "config.json", "this script": train_script.__file__}[target]
+    if target == "the data file":
+        (tmp_path / "link.jsonl").symlink_to(path)
+        path = tmp_path / "link.jsonl"
+    elif target == "--model":
+        os.link(path, tmp_path / "hard_link.json")
+        path = tmp_path / "hard_link.json"
+    before = file_hashes(tmp_path, train_script.__file__)
+    with pytest.raises(UserError, match=rf"^--dump_batches {path} is {target} .*; give a new file$"):
+        train_script.main([str(config), str(tmp_path / "out"), "--model", str(tmp_path / "model"),
+                           "--data_folder", str(tmp_path / "data"), *TINY_STEP, "--dry_run", "2",
+                           "--dump_batches", str(path)])
+    assert file_hashes(tmp_path, train_script.__file__) == before
+
+
+def test_dump_batches_into_a_missing_folder_is_one_line(tiny, tmp_path):
+    missing = tmp_path / "no" / "such" / "batches.jsonl"
+    with pytest.raises(UserError, match=rf"^--dump_batches: cannot write {missing} \(No such file or directory\)$"):
+        dry_run(tiny, tmp_path, config=write_config(tmp_path / "config.json", [{"name": GOOD, "weight": 1}]),
+                batches=1, dump=missing)
 
 
 def test_command_line_error_is_one_line_and_nonzero_exit(tiny, tmp_path):

@@ -1,6 +1,7 @@
 """scripts/download_data.py and data_sources.json, offline: a loopback HTTP server plays the Hub
 (huggingface_hub's resolve endpoint) and the 2021 file server; a local folder laid out like a Hub
 parquet dataset plays the substitute; --source tests read a file:// mirror."""
+import errno
 import hashlib
 import http.server
 import json
@@ -418,3 +419,77 @@ def test_data_sources_cover_the_v1_mixture_as_the_reference_counts_it():
     assert shares["unavailable"] == (4, 9.8, 64.6)
     assert all(p.substitute for p in plans if status[p.entry["name"]]["status"] == "substitute")
     assert all(p.entry["name"].startswith("reddit/") for p in plans if not p.locations and not p.substitute)
+
+
+# --------------------------------------------------------------------------------------------
+# DATA/data_config.json kept whole; a disk, a folder or a --source that cannot serve: one line
+# --------------------------------------------------------------------------------------------
+
+def test_a_rerun_keeps_the_entries_it_did_not_write(world, tiny, tmp_path, capsys):
+    """README's Reddit step: the user adds the rebuilt file and its entry; the rerun README recommends keeps it."""
+    _, _, argv = world
+    assert run(argv, capsys)[0] == 0
+    config = tmp_path / "DATA" / "data_config.json"
+    written = json.loads(config.read_text())
+    (tmp_path / "DATA" / "reddit").mkdir()
+    shutil.copy(tiny / "data" / "reddit" / "reddit_tiny.jsonl.gz", tmp_path / "DATA" / "reddit")
+    added = [{"name": "reddit/reddit_tiny.jsonl.gz", "lines": 2000, "weight": 82},
+             {"name": "my_pairs.jsonl.gz", "lines": 5, "weight": 1}]
+    config.write_text(json.dumps(written[:1] + added + written[1:]))  # anywhere in the file
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert json.loads(config.read_text()) == written + added
+    assert f"kept the entries of {config} for files this script did not fetch: reddit/reddit_tiny.jsonl.gz, " \
+           "my_pairs.jsonl.gz" in out
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_mixture_as_it_was(mirror, tmp_path, capsys, monkeypatch):
+    import download_data
+    folder, entries = mirror
+    argv = [str(write_config(tmp_path / "config.json", entries)), str(tmp_path / "data"),
+            "--source", f"file://{folder}"]
+    assert run(argv, capsys)[0] == 0
+    config = tmp_path / "data" / "data_config.json"
+    before = config.read_bytes()
+
+    def disk_full(fd):  # the kernel's answer when the new file's blocks find no room
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(download_data.os, "fsync", disk_full)
+    code, out, err = run(argv, capsys)
+    assert (code, err) == (1, f"error: cannot write {config} (No space left on device); the earlier one is unchanged\n")
+    assert config.read_bytes() == before and not (tmp_path / "data" / "data_config.json.tmp").exists()
+    monkeypatch.undo()
+
+    (tmp_path / "data" / entries[0]["name"]).unlink()  # the disk fills while a file is fetched
+    fetch = download_data.fetch_fsspec
+
+    def fills_the_disk(url, local):
+        fetch(url, local + ".part")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), local + ".part")
+
+    monkeypatch.setattr(download_data, "fetch_fsspec", fills_the_disk)
+    code, out, err = run(argv + ["--workers", "1"], capsys)
+    assert code == 1 and "rerun to resume" not in err
+    assert err.split("\r")[-1] == (f"error: {tmp_path / 'data'}: no space left on the disk (writing "
+                                   f"{entries[0]['name']}); free some and rerun: what is fetched so far is kept\n")
+    assert config.read_bytes() == before
+
+
+def test_a_data_folder_it_cannot_create_is_one_line(mirror, tmp_path, capsys):
+    folder, entries = mirror
+    (tmp_path / "a_file").write_text("not a folder")
+    code, out, err = run([str(write_config(tmp_path / "config.json", entries)), str(tmp_path / "a_file" / "DATA"),
+                          "--source", f"file://{folder}"], capsys)
+    assert (code, out, err) == (1, "", f"error: cannot create {tmp_path / 'a_file' / 'DATA'} (Not a directory)\n")
+
+
+@pytest.mark.parametrize("source, reason", [("nosuch://bucket/data", r"ValueError: Protocol not known: nosuch"),
+                                            ("missing", r"no such folder")])
+def test_a_bogus_source_is_one_line_before_any_file(mirror, tmp_path, capsys, source, reason):
+    _, entries = mirror
+    source = str(tmp_path / source) if source == "missing" else source
+    code, out, err = run([str(write_config(tmp_path / "config.json", entries)), str(tmp_path / "data"),
+                          "--source", source], capsys)
+    assert code == 1 and re.fullmatch(rf"error: --source {re.escape(source)}: {reason}\n", err), err
+    assert not (tmp_path / "data").exists()

@@ -1,6 +1,8 @@
 """Checkpoints and resume: a run killed (-9 or SIGTERM) and resumed ends with the parameters of
 an uninterrupted run; damaged checkpoints, changed flags, NaN steps, a full disk and a crashed
-producer are each handled without losing the last good checkpoint. Signals (before the first step,
+producer are each handled without losing the last good checkpoint; a finished run is extended, a
+forced resume with another mixture recorded, and --overwrite loses no run to a replacement that
+fails or is killed before its first step. Signals (before the first step,
 twice), a frozen or killed tokenizer worker each end the run in one line, with a checkpoint where
 there is a step to save, and no worker left behind; the host never runs far ahead of the devices.
 
@@ -194,7 +196,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tiny, tmp_pa
     (["--seed", "7"], "--seed"),
     (["--nprocs", "4"], "devices"),
     (["--max_length", "32"], "--max_length"),
-    ("reweighted mixture", "data config"),
+    ("reweighted mixture", r"data config \(paraphrase_pairs.jsonl.gz's weight \(\d+ in the checkpoint, now \d+\)\)"),
 ])
 def test_resume_of_a_different_run_is_refused(tiny, tmp_path, uninterrupted, change, culprit):
     args = tiny_args(tiny, uninterrupted, "--resume")
@@ -206,6 +208,31 @@ def test_resume_of_a_different_run_is_refused(tiny, tmp_path, uninterrupted, cha
         args += change
     with pytest.raises(train_script.UserError, match=f"differs from the checkpoint .* in {culprit}.*--resume_force"):
         train_script.main(args)
+
+
+def test_a_forced_resume_with_another_mixture_records_both(tiny, tmp_path, uninterrupted, capsys):
+    """OUTPUT/data_config.json and every later export's copy show the mixture the run trains on from the
+    resume; the one before is kept beside it, and the card and the script's record say so."""
+    output, step = tmp_path / "run", STEPS - SAVE_STEPS
+    shutil.copytree(uninterrupted, output)
+    shutil.rmtree(output / "final")
+    shutil.rmtree(output / "checkpoints" / str(STEPS))
+    before = file_bytes(output)
+    entries = json.loads((tiny / "data_config_pairs.json").read_text())
+    entries[0]["weight"] += 1
+    config = write_config(tmp_path / "reweighted.json", entries)
+    train_script.main(tiny_args(tiny, output, "--resume", "--resume_force", config=config))
+    assert f"with a different data config ({entries[0]['name']}'s weight" in capsys.readouterr().err
+    earlier = f"data_config.before_step_{step}.json"
+    for folder in (output, output / "final"):
+        assert json.loads((folder / "data_config.json").read_text()) == entries
+        assert (folder / earlier).read_bytes() == before[output / "data_config.json"]
+    assert f"earlier steps drew from other mixtures: {earlier}" in (output / "final" / "README.md").read_text()
+    assert (output / "train_script.py").read_text().endswith(f"--resume_force\n# with another data config: "
+                                                             f"{earlier} holds the one before\n")
+    for path, content in before.items():  # the exports and checkpoints before the resume stay as they were
+        if path.relative_to(output).parts[0] in ("4", "8", "checkpoints"):
+            assert path.read_bytes() == content, path
 
 
 def poison(tiny, tmp_path, only_snowmen=False):
@@ -377,6 +404,33 @@ def test_resume_of_a_finished_run_exits_0_and_writes_only_a_missing_final_export
     assert file_bytes(output) == before
 
 
+def test_a_finished_run_given_more_steps_keeps_its_model_and_says_the_schedule_changes(
+        tiny, tmp_path, uninterrupted, capsys):
+    """Extending a run: --resume with a larger --steps, no --resume_force. The finished model stays, as
+    OUTPUT/<its step>; the learning rate follows the new schedule (transformers' linear warm-up and decay)."""
+    output, more = tmp_path / "run", STEPS + SAVE_STEPS
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    train_script.main(tiny_args(tiny, output, "--resume", "--steps", more))
+    out = capsys.readouterr().out
+    lr = lambda step: 1e-3 * (more - step) / (more - 2)  # noqa: E731  (--lr 1e-3, --warmup_steps 2)
+    assert f"--resume: the run now ends at step {more} (was {STEPS}) and its lr decays to 0 at step {more} (was " \
+           f"{STEPS}): step {STEPS} trains at lr {lr(STEPS):.3g} (was 0)\n" in out
+    assert f"the model of step {STEPS} moves from {output / 'final'} to {output / str(STEPS)}" in out
+    after = file_bytes(output)
+    for path, content in before.items():  # the finished model, the exports and the newest checkpoint intact
+        relative = path.relative_to(output).parts
+        if relative[0] == "final":
+            assert after[output.joinpath(str(STEPS), *relative[1:])] == content, path
+        elif relative[0] in ("4", "8") or relative[:2] == ("checkpoints", str(STEPS)):
+            assert after[path] == content, path
+    [last] = [json.loads(line) for line in open(output / "metrics.jsonl") if json.loads(line)["step"] == more]
+    assert abs(last["lr"] - lr(more - 1)) <= 1e-6 * lr(more - 1)  # the lr of the last update, step index more - 1
+    assert (output / "final").is_dir() and final_params(output).keys() == final_params(uninterrupted).keys()
+    name = "embeddings.word_embeddings.weight"  # trained on: the new final is not step 12's model
+    assert not np.array_equal(final_params(output)[name], final_params(uninterrupted)[name])
+
+
 # --------------------------------------------------------------------------------------------
 # OUTPUT: one run at a time, and --overwrite never deletes an input
 # --------------------------------------------------------------------------------------------
@@ -444,6 +498,96 @@ def test_overwrite_never_deletes_an_input_in_any_form(tiny, tmp_path, monkeypatc
         train_script.main(argv)
     assert "\n" not in str(refused.value)
     assert file_bytes(project) == before
+
+
+def fail_before_the_first_step(how, tmp_path, monkeypatch):
+    """Flags (and a patch) for a run that fails once data flows, before its first step."""
+    if how == "a tokenizer crash":
+        def crash(columns, shape):
+            raise MemoryError("the tokenizer ran out of memory")
+        monkeypatch.setattr(train_script, "tokenize_columns", crash)
+        return {}
+    # a file whose first row has 2 texts and every other row 3: it runs dry once streaming skips them
+    write_source(tmp_path / "data" / "mixed.jsonl.gz", [["a question", "an answer"]] + [
+        [f"question {i}", f"answer {i}", f"wrong answer {i}"] for i in range(100)])
+    return {"config": write_config(tmp_path / "mixed.json", [{"name": "mixed.jsonl.gz", "lines": 101, "weight": 1}]),
+            "data": tmp_path / "data"}
+
+
+ONE_STEP = ("--steps", "1", "--save_steps", "1", "--warmup_steps", "0")
+
+
+def assert_replaced_by_a_one_step_run(output):
+    assert (output / "final").is_dir() and (output / "checkpoints" / "1").is_dir()
+    assert not [p.name for p in output.iterdir() if p.name in ("4", "8", ".replaced", ".replaced.deleted")]
+
+
+@pytest.mark.parametrize("how", ["a tokenizer crash", "rows of another column count"])
+def test_overwrite_keeps_the_replaced_run_until_the_first_step(tiny, tmp_path, uninterrupted, monkeypatch, capsys,
+                                                               how):
+    output = tmp_path / "run"
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    with pytest.raises((train_script.UserError, RuntimeError)):
+        train_script.main(tiny_args(tiny, output, "--overwrite",
+                                    **fail_before_the_first_step(how, tmp_path, monkeypatch)))
+    assert file_bytes(output) == before and not (output / ".replaced").exists()
+    assert f"{output} holds the run that --overwrite was to replace again" in capsys.readouterr().err
+
+    monkeypatch.undo()  # a replacement that works: the old run goes once the new one has made a step
+    train_script.main(tiny_args(tiny, output, "--overwrite", *ONE_STEP))
+    assert_replaced_by_a_one_step_run(output)
+
+
+def kill_during_the_replacement(tiny, output, log_path):
+    """An --overwrite of OUTPUT killed (-9) as soon as it has moved the old run aside."""
+    with open(log_path, "w") as log:
+        process = start_script(tiny_args(tiny, output, "--overwrite"), log)
+        try:
+            while not (output / ".replaced").is_dir():
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.01)
+        finally:
+            process.kill()
+            process.wait()
+    assert not (output / ".replaced.deleted").exists(), "the run made its first step before the kill: nothing tested"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("then", ["--overwrite", "--resume"])
+def test_a_replacement_killed_before_its_first_step_loses_nothing(tiny, tmp_path, uninterrupted, monkeypatch,
+                                                                  capsys, then):
+    """kill -9 while the replaced run is aside: the next --overwrite or --resume keeps it aside the same way,
+    puts it back if it fails before its first step, and deletes it once it has made one."""
+    output, aside = tmp_path / "run", tmp_path / "run" / ".replaced"
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    kill_during_the_replacement(tiny, output, tmp_path / "log")
+    assert {p.relative_to(aside): c for p, c in file_bytes(aside).items()} == {
+        p.relative_to(output): c for p, c in before.items()}
+    with pytest.raises(RuntimeError, match="the tokenizer ran out of memory"):
+        train_script.main(tiny_args(tiny, output, then,
+                                    **fail_before_the_first_step("a tokenizer crash", tmp_path, monkeypatch)))
+    assert f"{aside} holds the run that --overwrite replaces until this run's first step" in capsys.readouterr().out
+    assert file_bytes(output) == before and not aside.exists()
+
+    monkeypatch.undo()
+    kill_during_the_replacement(tiny, output, tmp_path / "log")
+    train_script.main(tiny_args(tiny, output, then, *ONE_STEP))
+    assert_replaced_by_a_one_step_run(output)
+
+
+def test_a_put_back_cut_short_by_a_kill_is_finished_by_the_next_run(tiny, tmp_path, uninterrupted, capsys):
+    output, aside = tmp_path / "run", tmp_path / "run" / ".replaced"
+    shutil.copytree(uninterrupted, output)
+    before = file_bytes(output)
+    aside.mkdir()  # what a kill leaves while a failed replacement puts the old run back: some of it still aside
+    for name in ("checkpoints", "final"):
+        (output / name).rename(aside / name)
+    (aside / ".putting_back").touch()
+    train_script.main(tiny_args(tiny, output, "--resume"))
+    assert "the run is complete" in capsys.readouterr().out
+    assert file_bytes(output) == before and not aside.exists()
 
 
 def test_overwrite_of_a_linked_output_is_one_line(tiny, tmp_path):
