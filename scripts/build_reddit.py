@@ -305,23 +305,28 @@ def beam_options(beam_args):
 
 
 def assemble(folder, data):
-    """Each year's shards, in order, into DATA/reddit/reddit_YYYY.jsonl.gz (written under a
-    temporary name, renamed when whole). Returns {year: lines}."""
+    """Each year's shards, in order, into DATA/reddit/reddit_YYYY.jsonl.gz: every year written under
+    a temporary name, then all renamed, so that a failure leaves none under its name. Returns
+    {year: lines}."""
     shards = {}
-    for m in FileSystems.match([FileSystems.join(folder, "*.gz")])[0].metadata_list:
+    for m in matching(FileSystems.join(folder, "*.gz")):
         year, index, lines = map(int, os.path.basename(m.path)[:-3].split("-"))
         shards.setdefault(year, []).append((index, lines, m.path))
-    written = {}
-    for year, parts in sorted(shards.items()):
-        final = FileSystems.join(data, NAME.format(year))
-        with FileSystems.create(final + ".partial", compression_type="uncompressed") as out:
-            for _, _, path in sorted(parts):
-                with FileSystems.open(path, compression_type="uncompressed") as f:
-                    for chunk in stream_chunks(f):
-                        out.write(chunk)
-        FileSystems.rename([final + ".partial"], [final])
-        written[year] = sum(lines for _, lines, _ in parts)
-    return written
+    finals = {year: FileSystems.join(data, NAME.format(year)) for year in sorted(shards)}
+    written = []
+    try:
+        for year, final in finals.items():
+            with FileSystems.create(final + ".partial", compression_type="uncompressed") as out:
+                written.append(final + ".partial")
+                for _, _, path in sorted(shards[year]):
+                    with FileSystems.open(path, compression_type="uncompressed") as f:
+                        for chunk in stream_chunks(f):
+                            out.write(chunk)
+    except BaseException:
+        FileSystems.delete(written)
+        raise
+    FileSystems.rename(written, [final for final in finals.values()])
+    return {year: sum(lines for _, lines, _ in parts) for year, parts in shards.items()}
 
 
 def read_json(path):
@@ -416,9 +421,10 @@ def main(argv=None):
     try:
         written, damaged = build(args.dumps, args.data, args.years, beam_args)
     except UserError as e:
-        sys.exit(f"error: {e}")
-    except Exception as e:  # the runner's failure, whatever its kind: its first line, no file written
-        sys.exit(f"error: the pipeline failed, no file written: {str(e).strip().splitlines()[0]}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # the runner's failure, or the files', whatever its kind: its first line
+        sys.exit(f"error: the run failed, no file written: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
     if not written:
         sys.exit(f"error: {args.dumps}: no pairs for {args.years[0]}-{args.years[-1]}")
     if damaged:

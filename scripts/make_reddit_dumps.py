@@ -29,11 +29,14 @@ WORDS = ("reply", "thread", "comment", "karma", "upvote", "subreddit", "post", "
          "café", "naïve", "日本語", "한국어", "🙂", "🚀", "ok", "lol", "this", "is", "the", "way")
 
 
-def text(rng, length, word=None):
-    """A text of exactly `length` characters (code points)."""
-    out = ""
+def text(rng, length, word=None, head=""):
+    """A text of exactly `length` characters (code points): `head` then random words, or `word`
+    repeated."""
+    if word:
+        return (word * length)[:length]
+    out = head
     while len(out) < length:
-        out += (word or rng.choice(WORDS)) + " "
+        out += rng.choice(WORDS) + " "
     return out[:length]
 
 
@@ -53,43 +56,44 @@ def comment(cid, link, parent, body, created, **extra):
 def case_comments(rng):
     out = []
 
-    def add(cid, link, parent, body, day, hour=12, **extra):
-        out.append(comment(cid, link, parent if parent.startswith("t3_") else f"t1_{parent}", body,
-                           at(day, hour), **extra))
+    def add(cid, link, parent, body, day, hour=12, word=None):
+        """A comment; a body given as a length is a text of that length, unique to the comment."""
+        body = body if isinstance(body, str) else text(rng, body, word, head=f"{cid} ")
+        out.append(comment(cid, link, parent if parent.startswith("t3_") else f"t1_{parent}", body, at(day, hour)))
 
     for i in range(15):  # a chain: each reply has up to 14 parents
-        add(f"ch{i}", "chain", "t3_chain" if i == 0 else f"ch{i - 1}", text(rng, 40), "2015-11-10", i / 10)
-    add("br0", "branch", "t3_branch", text(rng, 50), "2015-11-11")
+        add(f"ch{i}", "chain", "t3_chain" if i == 0 else f"ch{i - 1}", 40, "2015-11-10", i / 10)
+    add("br0", "branch", "t3_branch", 50, "2015-11-11")
     for i in range(3):
-        add(f"br{i + 1}", "branch", "br0", text(rng, 60), "2015-11-11", 13)
+        add(f"br{i + 1}", "branch", "br0", 60, "2015-11-11", 13)
         for j in range(2):
-            add(f"br{i + 1}{j}", "branch", f"br{i + 1}", text(rng, 70), "2015-11-11", 14)
-    add("gone0", "gone", "t3_gone", text(rng, 30), "2015-11-12")
+            add(f"br{i + 1}{j}", "branch", f"br{i + 1}", 70, "2015-11-11", 14)
+    add("gone0", "gone", "t3_gone", 30, "2015-11-12")
     for i, body in enumerate(("[deleted]", "[removed]")):
         add(f"gone{i + 1}", "gone", "gone0", body, "2015-11-12", 13)
-        add(f"gone{i + 1}a", "gone", f"gone{i + 1}", text(rng, 30), "2015-11-12", 14)
-        add(f"gone{i + 1}b", "gone", f"gone{i + 1}a", text(rng, 30), "2015-11-12", 15)
+        add(f"gone{i + 1}a", "gone", f"gone{i + 1}", 30, "2015-11-12", 14)
+        add(f"gone{i + 1}b", "gone", f"gone{i + 1}a", 30, "2015-11-12", 15)
     for k, word in enumerate(("ab", "é", "日本", "🙂")):  # lengths at the limits
-        add(f"len{k}c", f"len{k}", f"t3_len{k}", text(rng, 9, word), "2015-12-02")
-        for n in (8, 9, 127, 128):
-            add(f"len{k}_{n}", f"len{k}", f"len{k}c", text(rng, n, word), "2015-12-02", 13)
-            add(f"len{k}_{n}r", f"len{k}", f"len{k}_{n}", text(rng, 20, word), "2015-12-02", 14)
-    add("orphan1", "orphan", "orphan0", text(rng, 40), "2016-01-05")  # orphan0 is not in the dumps
-    add("orphan2", "orphan", "orphan1", text(rng, 40), "2016-01-05", 13)
-    add("mon0", "months", "t3_months", text(rng, 40), "2015-11-30", 23.9)
-    add("mon1", "months", "mon0", text(rng, 40), "2015-12-01", 0.1)
-    add("mon2", "months", "mon1", text(rng, 40), "2016-01-01", 0.2)
-    add("ny0", "newyear", "t3_newyear", text(rng, 40), "2015-12-31", 23.9)
-    add("ny1", "newyear", "ny0", text(rng, 40), "2016-01-01", 0.1)
-    add("ny2", "newyear", "ny1", text(rng, 40), "2016-01-01", 0.2)
-    add("cy0", "cycle", "t3_cycle", text(rng, 40), "2016-02-03")
-    add("cy1", "cycle", "cy0", text(rng, 40), "2016-02-03", 13)
-    add("cyA", "cycle", "cyB", text(rng, 40), "2016-02-03", 14)
-    add("cyB", "cycle", "cyA", text(rng, 40), "2016-02-03", 15)
-    add("cyC", "cycle", "cyA", text(rng, 40), "2016-02-03", 16)
-    add("cyS", "cycle", "cyS", text(rng, 40), "2016-02-03", 17)
-    add("str0", "strings", "t3_strings", text(rng, 40), "2016-02-04")
-    add("str1", "strings", "str0", text(rng, 40), "2016-02-04", 13)
+        add(f"len{k}c", f"len{k}", f"t3_len{k}", 10, "2015-12-02", word=word)
+        for i, n in enumerate((8, 9, 127, 128)):
+            add(f"len{k}_{n}", f"len{k}", f"len{k}c", n, "2015-12-02", 13, word)
+            add(f"len{k}_{n}r", f"len{k}", f"len{k}_{n}", 11 + i, "2015-12-02", 14, word)
+    add("orphan1", "orphan", "orphan0", 40, "2016-01-05")  # orphan0 is not in the dumps
+    add("orphan2", "orphan", "orphan1", 40, "2016-01-05", 13)
+    add("mon0", "months", "t3_months", 40, "2015-11-30", 23.9)
+    add("mon1", "months", "mon0", 40, "2015-12-01", 0.1)
+    add("mon2", "months", "mon1", 40, "2016-01-01", 0.2)
+    add("ny0", "newyear", "t3_newyear", 40, "2015-12-31", 23.9)
+    add("ny1", "newyear", "ny0", 40, "2016-01-01", 0.1)
+    add("ny2", "newyear", "ny1", 40, "2016-01-01", 0.2)
+    add("cy0", "cycle", "t3_cycle", 40, "2016-02-03")
+    add("cy1", "cycle", "cy0", 40, "2016-02-03", 13)
+    add("cyA", "cycle", "cyB", 40, "2016-02-03", 14)
+    add("cyB", "cycle", "cyA", 40, "2016-02-03", 15)
+    add("cyC", "cycle", "cyA", 40, "2016-02-03", 16)
+    add("cyS", "cycle", "cyS", 40, "2016-02-03", 17)
+    add("str0", "strings", "t3_strings", 40, "2016-02-04")
+    add("str1", "strings", "str0", 40, "2016-02-04", 13)
     for c in out[-2:]:
         c["created_utc"] = str(c["created_utc"])
     out.append(dict(out[-1]))  # the same comment twice
