@@ -46,6 +46,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V1_CONFIG = os.path.join(ROOT, "data_config.json")
 NAME = "reddit/reddit_{}.jsonl.gz"
+V1_YEARS = {2015, 2016, 2017, 2018}
 METRICS = "build_reddit"
 CHUNK = 1 << 20
 SHARDS = 256  # per year; a shard is sorted in one worker's memory (~1M pairs in a four-year run)
@@ -62,12 +63,12 @@ class UserError(Exception):
 
 MIN_CHARS, MAX_CHARS = 9, 127
 GONE = ("[deleted]", "[removed]")
-FIELDS = ("id", "link_id", "parent_id", "body", "created_utc")
+SHORT, LONG = f"shorter than {MIN_CHARS}", f"longer than {MAX_CHARS}"
 
 
 def bare_id(raw):
     """Reddit's ids carry their kind (t1_ a comment, t3_ a submission) in parent_id and link_id."""
-    return re.sub(r"^t\d_", "", raw)
+    return raw[3:] if raw[2:3] == "_" and raw[:1] == "t" and raw[1:2].isdigit() else raw
 
 
 def text_problem(body):
@@ -75,9 +76,9 @@ def text_problem(body):
     if body in GONE:
         return body
     if len(body) < MIN_CHARS:
-        return f"shorter than {MIN_CHARS}"
+        return SHORT
     if len(body) > MAX_CHARS:
-        return f"longer than {MAX_CHARS}"
+        return LONG
     return None
 
 
@@ -88,18 +89,15 @@ def comment_of(line):
         record = json.loads(line)
     except ValueError:
         return "not JSON"
-    if not isinstance(record, dict) or any(record.get(key) is None for key in FIELDS):
-        return "missing a field"
     try:
+        link, cid, parent, body = record["link_id"], record["id"], record["parent_id"], record["body"]
         year = time.gmtime(int(record["created_utc"])).tm_year  # some dumps write it as a string
-        ids = [bare_id(record[key]) for key in ("link_id", "id", "parent_id")]
-    except (TypeError, ValueError, OverflowError):
+        if not isinstance(body, str):
+            return "missing a field"
+        key, comment, problem = (year, bare_id(link)), (bare_id(cid), bare_id(parent)), text_problem(body)
+    except (KeyError, TypeError, ValueError, OverflowError):  # absent, null, or not of its kind
         return "missing a field"
-    body = record["body"]
-    if not isinstance(body, str):
-        return "missing a field"
-    problem = text_problem(body)
-    return (year, ids[0]), (ids[1], ids[2], "" if problem else body), problem
+    return key, comment + ("" if problem else body,), problem
 
 
 def thread_pairs(comments):
@@ -285,10 +283,12 @@ def is_dump(path):
 
 
 def parse_years(text):
+    """A year or a range of v1's Reddit years (each file gets its v1 weight)."""
     match = re.fullmatch(r"(\d{4})(?:-(\d{4}))?", text)
-    if not match or int(match[2] or match[1]) < int(match[1]):
-        raise argparse.ArgumentTypeError(f"expected YYYY or YYYY-YYYY, got {text!r}")
-    return range(int(match[1]), int(match[2] or match[1]) + 1)
+    years = range(int(match[1]), int(match[2] or match[1]) + 1) if match else range(0)
+    if not years or not set(years) <= V1_YEARS:
+        raise argparse.ArgumentTypeError(f"expected a year or a range of years within 2015-2018, got {text!r}")
+    return years
 
 
 def beam_options(beam_args):

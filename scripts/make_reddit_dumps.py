@@ -2,7 +2,7 @@
 time it.
 
     python scripts/make_reddit_dumps.py OUT                    # the cases below and random threads
-    python scripts/make_reddit_dumps.py OUT --comments 500000  # random threads only, RC_2015-01.zst
+    python scripts/make_reddit_dumps.py OUT --comments 500000 --months 2  # random threads only, RC_2015-0M.zst
 
 or, from tests (with scripts/ on sys.path): `from make_reddit_dumps import write_cases`.
 
@@ -141,11 +141,16 @@ def write_cases(out, seed=0, random_count=3000):
     """The cases and `random_count` random comments, in MONTH_FILES under out. Returns the paths."""
     rng = random.Random(seed)
     comments = case_comments(rng) + random_comments(rng, random_count, at("2015-11-01"), at("2016-02-28"))
+    return write_months(out, comments, MONTH_FILES)
+
+
+def write_months(out, comments, names):
+    """The comments in one dump per month, named by `names` {"YYYY-MM": file name}."""
     by_month = {}
     for c in sorted(comments, key=lambda c: int(c["created_utc"])):
         by_month.setdefault(month_of(c), []).append(c)
     os.makedirs(out, exist_ok=True)
-    return [write_dump(os.path.join(out, MONTH_FILES[month]), cs) for month, cs in sorted(by_month.items())]
+    return [write_dump(os.path.join(out, names[month]), cs) for month, cs in sorted(by_month.items())]
 
 
 def month_of(c):
@@ -155,13 +160,15 @@ def month_of(c):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the folder to write the dumps in")
-    p.add_argument("--comments", type=int, help="random threads only, this many comments, in RC_2015-01.zst")
+    p.add_argument("--comments", type=int, help="random threads only, this many comments, from January 2015 on")
+    p.add_argument("--months", type=int, default=1, help="with --comments: over this many monthly files (1-12)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.comments:
-        os.makedirs(args.out, exist_ok=True)
-        comments = random_comments(random.Random(args.seed), args.comments, at("2015-01-01"), at("2015-01-31"))
-        print(write_dump(os.path.join(args.out, "RC_2015-01.zst"), comments))
+        names = {f"2015-{m:02d}": f"RC_2015-{m:02d}.zst" for m in range(1, 13)}
+        end = at(f"2015-{args.months + 1:02d}-01") if args.months < 12 else at("2016-01-01")
+        comments = random_comments(random.Random(args.seed), args.comments, at("2015-01-01"), end)
+        print(*write_months(args.out, [c for c in comments if c["created_utc"] < end], names), sep="\n")
     else:
         print(*write_cases(args.out, args.seed), sep="\n")
 
