@@ -292,8 +292,12 @@ def parse_years(text):
 
 
 def beam_options(beam_args):
-    """Beam's options as given; with no --runner, the local runner on every core."""
+    """Beam's options as given; with no --runner, the local runner on every core. An option neither
+    this script's nor Beam's is refused (Beam would drop it with a warning)."""
     options = PipelineOptions(beam_args)
+    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    if unknown:
+        raise UserError(f"unknown option --{min(unknown)} (see --help for this script's, Beam's documentation for its own)")
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = "DirectRunner"
         direct = options.view_as(DirectOptions)
@@ -416,7 +420,7 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dumps", help="the comment dumps: a folder, a glob or a file (local, gs://, ...)")
     p.add_argument("data", help="the data folder: DATA/reddit/reddit_YYYY.jsonl.gz and DATA/data_config.json")
-    p.add_argument("--years", type=parse_years, default=parse_years("2015-2018"), help="YYYY or YYYY-YYYY")
+    p.add_argument("--years", type=parse_years, default="2015-2018", help="YYYY or YYYY-YYYY")
     args, beam_args = p.parse_known_args(argv)
     try:
         written, damaged = build(args.dumps, args.data, args.years, beam_args)

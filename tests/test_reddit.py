@@ -211,17 +211,21 @@ def test_damaged_dumps_are_counted_per_file(dumps, tmp_path):
     assert built_pairs(tmp_path / "data", 2015) == expected[2015]  # the lines before the damage
 
 
-@pytest.mark.parametrize("what", ["missing", "empty folder", "empty file"])
-def test_no_dumps_is_one_line(tmp_path, what):
-    dumps = tmp_path / "dumps"
-    if what != "missing":
-        dumps.mkdir()
+NO_DUMPS = "no dumps there (RC_*.zst, *.jsonl or *.json, plain, .gz or .bz2), or only empty files"
+
+
+@pytest.mark.parametrize("what, flags, error", [
+    ("missing", (), NO_DUMPS), ("empty folder", (), NO_DUMPS), ("empty file", (), NO_DUMPS),
+    ("dumps", ("--yeras", 2015), "unknown option --yeras"), ("dumps", ("--years", 2019), "--years: expected a year")],
+    ids=["missing", "empty folder", "empty file", "unknown option", "a year not v1's"])
+def test_bad_command_lines_are_one_line(dumps, tmp_path, what, flags, error):
+    folder = {"missing": tmp_path / "none", "empty folder": tmp_path, "dumps": dumps[0]}.get(what, tmp_path)
     if what == "empty file":
-        (dumps / "RC_2015-01.zst").write_bytes(b"")
-    result = build_reddit(dumps, tmp_path / "data")
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
-        f"error: {dumps}: no dumps there (RC_*.zst, *.jsonl or *.json, plain, .gz or .bz2), or only empty files")
-    assert "Traceback" not in result.stderr and not (tmp_path / "data" / "reddit").exists()
+        (tmp_path / "RC_2015-01.zst").write_bytes(b"")
+    result = build_reddit(folder, tmp_path / "data", *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert error in result.stderr.strip().splitlines()[-1] and "error: " in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_failed_run_leaves_no_file_under_its_name(dumps, tmp_path):
