@@ -374,7 +374,8 @@ def report(paths, counts, written, years):
         for what, n in mine.items():
             totals[what] = totals.get(what, 0) + n
         damaged += [path for what in mine if what.startswith("damaged")]
-        out.append(f"{path}: {mine.pop('read', 0):,} lines" + "".join(f", {n:,} {w}" for w, n in sorted(mine.items())))
+        out.append(f"{path}: {mine.pop('read', 0):,} lines" + "".join(
+            f", {w}" if w.startswith("damaged") else f", {n:,} {w}" for w, n in sorted(mine.items())))
     dropped = [f"{n:,} {w}" for w, n in sorted(totals.items()) if w != "read" and not w.startswith("damaged")]
     cycles = counts.get(("replies in a cycle", ""), 0)
     out.append(f"comments read: {totals.get('read', 0):,}; dropped: {', '.join(dropped) or 'none'}; "

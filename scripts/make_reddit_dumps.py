@@ -123,13 +123,13 @@ def random_comments(rng, count, start, end, prefix="r"):
 def write_dump(path, comments):
     """One dump file, compressed as its name says (.zst with a 2 GiB window, .gz, or plain)."""
     data = "".join(json.dumps(c) + "\n" for c in comments).encode()
-    if path.endswith(".zst"):
-        params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31)
-        data = zstandard.ZstdCompressor(compression_params=params).compress(data)
-    elif path.endswith(".gz"):
-        data = gzip.compress(data, mtime=0)
     with open(path, "wb") as f:
-        f.write(data)
+        if path.endswith(".zst"):  # streamed, size unknown, as `zstd --long=31` writes: the frame asks a 2 GiB window
+            params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, write_content_size=False)
+            with zstandard.ZstdCompressor(compression_params=params).stream_writer(f, closefd=False) as z:
+                z.write(data)
+        else:
+            f.write(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
     return path
 
 
