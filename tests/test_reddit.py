@@ -173,7 +173,7 @@ def test_the_config_and_the_report(dumps, built):
 
 
 def test_one_worker_writes_the_same_files(dumps, built, tmp_path):
-    result = build_reddit(dumps[0], tmp_path, "--direct_num_workers", 1)
+    result = build_reddit(dumps[0] / "RC_*", tmp_path, "--direct_num_workers", 1)  # the folder's files by a glob
     assert result.returncode == 0, result.stderr
     for year in YEARS:
         name = f"reddit/reddit_{year}.jsonl.gz"
