@@ -20,7 +20,7 @@ each under a temporary name until whole, adds the years written to DATA/data_con
 weight, the true lines; the other entries kept) and prints the comments read, what was dropped and
 why, and each year's pairs against v1's. Beam's own options choose where it runs: by default the
 local runner on every core (--direct_num_workers N for fewer); --runner DataflowRunner --project P
---region R --temp_location gs://... for Dataflow (or Flink, Spark). Exit status 2 for a bad command
+--region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). Exit status 2 for a bad command
 line or no dumps, 1 when a dump was damaged (its lines before the damage are used, the file named).
 """
 
@@ -298,8 +298,8 @@ def beam_options(beam_args):
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     if unknown:
         raise UserError(f"unknown option --{min(unknown)} (see --help for this script's, Beam's documentation for its own)")
-    if options.view_as(StandardOptions).runner is None:
-        options.view_as(StandardOptions).runner = "DirectRunner"
+    if options.view_as(StandardOptions).runner is None:  # the DirectRunner's engine, without its try of Prism
+        options.view_as(StandardOptions).runner = "FnApiRunner"  # (a download, and another parallelism)
         direct = options.view_as(DirectOptions)
         direct.direct_running_mode = "multi_processing"
         options.view_as(WorkerOptions).default_sdk_harness_log_level = "ERROR"  # not lines per worker
@@ -330,7 +330,7 @@ def assemble(folder, data):
         FileSystems.delete(written)
         raise
     FileSystems.rename(written, [final for final in finals.values()])
-    return {year: sum(lines for _, lines, _ in parts) for year, parts in shards.items()}
+    return {year: sum(lines for _, lines, _ in parts) for year, parts in sorted(shards.items())}
 
 
 def read_json(path):
