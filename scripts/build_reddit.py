@@ -269,7 +269,8 @@ def find_dumps(dumps):
     except ValueError as e:  # a filesystem Beam does not have (gs:// wants apache-beam[gcp])
         raise UserError(f"{dumps}: {e}") from None
     if not any(m.size_in_bytes for m in found):
-        raise UserError(f"{dumps}: no dumps there (RC_*.zst, *.jsonl or *.json, plain, .gz or .bz2), or only empty files")
+        raise UserError(f"{dumps}: no dumps there (RC_*.zst, *.jsonl or *.json, plain, .gz or .bz2), "
+                        "or only empty files")
     return sorted(m.path for m in found)
 
 
@@ -297,7 +298,8 @@ def beam_options(beam_args):
     options = PipelineOptions(beam_args)
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     if unknown:
-        raise UserError(f"unknown option --{min(unknown)} (see --help for this script's, Beam's documentation for its own)")
+        raise UserError(f"unknown option --{min(unknown)} (see --help for this script's, "
+                        "Beam's documentation for its own)")
     if options.view_as(StandardOptions).runner is None:  # the DirectRunner's engine, without its try of Prism
         options.view_as(StandardOptions).runner = "FnApiRunner"  # (a download, and another parallelism)
         direct = options.view_as(DirectOptions)

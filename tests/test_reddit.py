@@ -156,7 +156,8 @@ def test_the_config_and_the_report(dumps, built):
     entries = json.loads((data / "data_config.json").read_text())
     lines = {year: len(read_source(data / f"reddit/reddit_{year}.jsonl.gz")) for year in YEARS}
     assert entries == [{"name": "other.jsonl.gz", "lines": 64, "weight": 3}] + [
-        {"name": f"reddit/reddit_{y}.jsonl.gz", "lines": lines[y], "weight": V1[f"reddit/reddit_{y}.jsonl.gz"]["weight"]}
+        {"name": f"reddit/reddit_{y}.jsonl.gz", "lines": lines[y],
+         "weight": V1[f"reddit/reddit_{y}.jsonl.gz"]["weight"]}
         for y in YEARS]
     assert sorted(os.listdir(data / "reddit")) == [f"reddit_{y}.jsonl.gz" for y in YEARS]  # no temporary left
     comments = [json.loads(line) for path in dumps[1] for line in dump_text(path)]
@@ -164,7 +165,8 @@ def test_the_config_and_the_report(dumps, built):
                                   else "shorter than 9" if len(c["body"]) < 9 else "longer than 127"
                                   for c in comments if not keepable(c["body"]))
     out = result.stdout
-    assert f"comments read: {len(comments):,}; dropped: " + ", ".join(f"{reasons[r]:,} {r}" for r in sorted(reasons)) in out
+    dropped = ", ".join(f"{reasons[r]:,} {r}" for r in sorted(reasons))
+    assert f"comments read: {len(comments):,}; dropped: {dropped}" in out
     assert "replies in a cycle: 4" in out  # cyA, cyB, cyC below them, cyS its own parent
     for y in (2015, 2016):
         assert f"reddit/reddit_{y}.jsonl.gz: {lines[y]:,} pairs" in out
@@ -203,7 +205,8 @@ def test_damaged_dumps_are_counted_per_file(dumps, tmp_path):
     lines = (dumps[0] / "RC_2016-02.jsonl").read_text().splitlines()
     broken = json.loads(lines[0])
     del broken["body"]
-    (folder / "RC_2016-02.jsonl").write_text("\n".join(lines[1:50] + ["{not json", json.dumps(broken), "[1, 2]"]) + "\n")
+    bad = ["{not json", json.dumps(broken), "[1, 2]"]
+    (folder / "RC_2016-02.jsonl").write_text("\n".join(lines[1:50] + bad) + "\n")
     shutil.copy(dumps[0] / "RC_2015-12.zst", folder)
     (folder / "RC_2015-10.zst").write_bytes(b"not zstandard at all")
     result = build_reddit(folder, tmp_path / "data", "--direct_num_workers", 2, "--years", 2015)
