@@ -42,6 +42,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions, WorkerOptions
+from apache_beam.portability.api import beam_provision_api_pb2
+from apache_beam.runners.portability.fn_api_runner import fn_runner
+from apache_beam.runners.portability.portable_runner import JobServiceHandle
+from apache_beam.runners.runner import PipelineState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V1_CONFIG = os.path.join(ROOT, "data_config.json")
@@ -242,7 +246,8 @@ class WriteShard(beam.DoFn):
 
 def run_pipeline(paths, years, folder, options):
     """Runs the pipeline to its end; returns its result (the counters)."""
-    pipeline = beam.Pipeline(options=options)
+    local = options.view_as(StandardOptions).runner is None
+    pipeline = beam.Pipeline(runner=local_runner(options) if local else None, options=options)
     (pipeline
      | "dumps" >> beam.Create(paths)
      | "spread" >> beam.Reshuffle()
@@ -252,7 +257,8 @@ def run_pipeline(paths, years, folder, options):
      | "shards" >> beam.GroupByKey()
      | "write" >> beam.ParDo(WriteShard(folder)))
     result = pipeline.run()
-    result.wait_until_finish()
+    if result.wait_until_finish() != PipelineState.DONE:  # a cancelled cluster job, say
+        raise RuntimeError(f"the pipeline ended {result.state}")
     return result
 
 
@@ -300,14 +306,21 @@ def beam_options(beam_args):
     if unknown:
         raise UserError(f"unknown option --{min(unknown)} (see --help for this script's, "
                         "Beam's documentation for its own)")
-    if options.view_as(StandardOptions).runner is None:  # the DirectRunner's engine, without its try of Prism
-        options.view_as(StandardOptions).runner = "FnApiRunner"  # (a download, and another parallelism)
+    if options.view_as(StandardOptions).runner is None:
         direct = options.view_as(DirectOptions)
         direct.direct_running_mode = "multi_processing"
         options.view_as(WorkerOptions).default_sdk_harness_log_level = "ERROR"  # not lines per worker
         if "--direct_num_workers" not in " ".join(beam_args):
             direct.direct_num_workers = os.cpu_count()
     return options
+
+
+def local_runner(options):
+    """The DirectRunner's engine, set up as the DirectRunner does (its workers get the options),
+    without the DirectRunner's first try of Prism: a download, and another parallelism."""
+    info = beam_provision_api_pb2.ProvisionInfo(
+        pipeline_options=JobServiceHandle.encode_pipeline_options(options.get_all_options()))
+    return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(info))
 
 
 def assemble(folder, data):
@@ -430,6 +443,8 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit("stopped: interrupted, no file written")
     except Exception as e:  # the runner's failure, or the files', whatever its kind: its first line
         sys.exit(f"error: the run failed, no file written: {(str(e).strip() or type(e).__name__).splitlines()[0]}")
     if not written:
