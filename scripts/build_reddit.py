@@ -20,8 +20,9 @@ each under a temporary name until whole, adds the years written to DATA/data_con
 weight, the true lines; the other entries kept) and prints the comments read, what was dropped and
 why, and each year's pairs against v1's. Beam's own options choose where it runs: by default the
 local runner on every core (--direct_num_workers N for fewer); --runner DataflowRunner --project P
---region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). Exit status 2 for a bad command
-line or no dumps, 1 when a dump was damaged (its lines before the damage are used, the file named).
+--region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). Exit status 2 for a bad
+command line or no dumps; 1 for a failed run (no file written) or a damaged dump (its lines before
+the damage are used, the file named).
 """
 
 import argparse
@@ -244,10 +245,9 @@ class WriteShard(beam.DoFn):
             f.write(data)
 
 
-def run_pipeline(paths, years, folder, options):
+def run_pipeline(paths, years, folder, options, runner):
     """Runs the pipeline to its end; returns its result (the counters)."""
-    local = options.view_as(StandardOptions).runner is None
-    pipeline = beam.Pipeline(runner=local_runner(options) if local else None, options=options)
+    pipeline = beam.Pipeline(runner=runner, options=options)
     (pipeline
      | "dumps" >> beam.Create(paths)
      | "spread" >> beam.Reshuffle()
@@ -299,8 +299,9 @@ def parse_years(text):
 
 
 def beam_options(beam_args):
-    """Beam's options as given; with no --runner, the local runner on every core. An option neither
-    this script's nor Beam's is refused (Beam would drop it with a warning)."""
+    """Beam's options as given and the runner they name (None: Beam makes it); with no --runner, the
+    local runner on every core. An option neither this script's nor Beam's is refused (Beam would
+    drop it with a warning)."""
     options = PipelineOptions(beam_args)
     unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
     if unknown:
@@ -312,7 +313,8 @@ def beam_options(beam_args):
         options.view_as(WorkerOptions).default_sdk_harness_log_level = "ERROR"  # not lines per worker
         if "--direct_num_workers" not in " ".join(beam_args):
             direct.direct_num_workers = os.cpu_count()
-    return options
+        return options, local_runner(options)
+    return options, None
 
 
 def local_runner(options):
@@ -414,12 +416,12 @@ def build(dumps, data, years, beam_args):
     """The whole job: the pipeline into shards, the shards into each year's file, the config, the
     report. Returns the years written and the damaged dumps."""
     paths = find_dumps(dumps)
-    options = beam_options(beam_args)
+    options, runner = beam_options(beam_args)
     folder = FileSystems.join(data, "reddit", ".shards")
     remove_folder(folder)  # a failed run's
     FileSystems.mkdirs(folder)
     try:
-        result = run_pipeline(paths, set(years), folder, options)
+        result = run_pipeline(paths, set(years), folder, options, runner)
         written = assemble(folder, data)
     finally:
         remove_folder(folder)
