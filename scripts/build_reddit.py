@@ -106,7 +106,7 @@ def comment_of(line):
 
 
 def thread_pairs(comments):
-    """The (context, response) texts of one thread's comments, and the replies that give none
+    """The pairs of one thread's comments, (reply id, context, response), and the replies that give none
     because they are not reached from the thread's top (a cycle, or below one). A comment whose
     parent is not in the thread (a top-level comment, or a reply to one missing from the dumps)
     starts a path; each comment is reached once."""
