@@ -14,7 +14,7 @@ $(VENV)/.train-installed: requirements.txt
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.test-installed: $(VENV)/.train-installed requirements-test.txt
+$(VENV)/.test-installed: $(VENV)/.train-installed requirements-test.txt requirements-reddit.txt
 	$(VENV)/bin/pip install -q -r requirements-test.txt
 	touch $@
 
