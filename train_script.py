@@ -562,7 +562,7 @@ def new_rows(source, count, seen, args, stride):
             if source.position[0] > rejecting_since + 1:  # every line of a whole pass rejected
                 unit = "round" if args.mixing == "original" else "batch"
                 if source.widths:  # the file's first usable row set its columns; most of it has others
-                    counts = ", ".join(f"{n} of {width}" for width, n in source.widths.items())
+                    counts = ", ".join(f"{n} with {width}" for width, n in source.widths.items())
                     raise UserError(f"{source.url}: its first usable row has {source.columns} texts, but rows "
                                     f"skipped for another number ({counts}) leave too few to fill a {unit}: a "
                                     "file must hold one number of texts per row")
