@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import platform
 import posixpath
@@ -1639,6 +1640,13 @@ def handle_stop_signals():
     # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
     # tracker, which removes them and would warn about each; it takes its warning filters from here.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    # That tracker, a child in this process group, ignores SIGINT and SIGTERM but dies of SIGHUP (and
+    # relaunched, prints a traceback per semaphore): started now with SIGHUP blocked, it keeps it blocked.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
 
