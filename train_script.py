@@ -1958,7 +1958,8 @@ def who_is_missing(address, count, me):
     if not address:
         return "not every process found by jax.distributed.initialize joined"
     if me == 0:
-        return f"not all of processes 1 .. {count - 1} joined the coordinator at {address} (this host)"
+        others = "process 1" if count == 2 else f"some of processes 1 .. {count - 1}"
+        return f"{others} did not join the coordinator at {address} (this process)"
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
