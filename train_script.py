@@ -137,10 +137,10 @@ def parse_args(argv=None):
                      help="pad each column to the smallest of these lengths that fits its longest text "
                           "(--max_length is the last); None: always to --max_length")
     run.add_argument("--mixing", choices=["original", "per_batch"], default="original",
-                     help="original (the published script): each global batch from one source; a round of as many "
-                          "steps as devices draws --datasets_per_batch sources of one column count, each filling "
-                          "devices / --datasets_per_batch steps, no text twice in a round. per_batch: each batch in "
-                          "--datasets_per_batch equal shares drawn anew, no text twice in a batch")
+                     help="original (the published script): each global batch from one source; a round draws "
+                          "--datasets_per_batch sources of one column count, each filling devices / "
+                          "--datasets_per_batch steps (rounded down, at least 1), no text twice in a round. per_batch: "
+                          "each batch in --datasets_per_batch equal shares drawn anew, no text twice in a batch")
     run.add_argument("--datasets_per_batch", type=COUNT, default=2, help="sources drawn per round (or per batch)")
     run.add_argument("--data_order", choices=["original", "shuffled"], default="original",
                      help="original (the published script): every file's first pass in file order, later passes "
@@ -297,7 +297,6 @@ def load_data_config(path):
         raise UserError(f"data config {path}: cannot read it as JSON ({e})")
     if not isinstance(entries, list) or not entries:
         raise UserError(f"data config {path}: expected a non-empty JSON list of sources")
-    first = {}  # {the file a name points to: the entry that named it first}
     for i, entry in enumerate(entries):
         where = f"data config {path}, entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
@@ -311,9 +310,6 @@ def load_data_config(path):
             raise UserError(f"{where}: \"weight\" must be a positive integer up to 2**53, got {weight!r}")
         if type(lines) is not int or lines < 0:
             raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {lines!r}")
-        j = first.setdefault(posixpath.normpath(entry["name"]), i)  # x, ./x and a//x are one file
-        if j != i:
-            raise UserError(f"{where}: the name appears twice (entry {j} is {entries[j]['name']})")
     return entries
 
 
@@ -480,12 +476,11 @@ def open_sources(entries, args):
     refuses files kept in RAM (--cache_small_sources) beyond the machine's, estimated from the
     config's lines and the size of their first lines (each process keeps its own share)."""
     urls = [source_url(args.data_folder, e["name"]) for e in entries]
-    first = {}  # {a local file, every link resolved: the entry that names it first}
-    for i, url in enumerate(urls):
-        j = first.setdefault(os.path.realpath(path), i) if (path := local_path(url)) else i
-        if j != i:  # one file drawn twice as often as its weight says
-            raise UserError(f"entry {i} ({entries[i]['name']}) is the file of entry {j} ({entries[j]['name']}) under "
-                            "another name (a link): list it once")
+    first = {}  # {a file, every link resolved: the entry that names it first}; one file twice weighs double
+    for i, url in enumerate(urls):  # x, ./x, a/../x and a link to x are one file
+        if (j := first.setdefault(os.path.realpath(p) if (p := local_path(url)) else posixpath.normpath(url), i)) != i:
+            raise UserError(f"data config entry {i} ({entries[i]['name']}) names the file of entry {j} "
+                            f"({entries[j]['name']}): list it once")
     if args.cache_small_sources and (unsized := [e["name"] for e in entries if "lines" not in e]):
         print(f"warning: no \"lines\" in the data config for {', '.join(unsized)}: streamed, never kept in RAM "
               "(--cache_small_sources), so its later passes are not reshuffled", file=sys.stderr)
@@ -521,21 +516,19 @@ class TextBatch:
 
 
 def check_batch_split(args, devices):
-    """Refuses a global batch that --mixing cannot fill or that has no negatives; `devices` counts
-    every process's."""
+    """Refuses a global batch without negatives or that --mixing cannot fill; `devices`: every process's."""
     global_batch = args.batch_size * devices
-    if global_batch < 2:
+    if global_batch < 2:  # its loss and gradient would be 0
         raise UserError(f"a global batch of 1 pair (--batch_size {args.batch_size} x {devices} device) has no "
-                        "in-batch negatives, so its loss and gradient are 0: pass --batch_size 2 or more")
+                        "in-batch negatives: pass --batch_size 2 or more")
     if args.mixing == "per_batch" and global_batch % args.datasets_per_batch:
         raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x {devices} devices) "
                         f"cannot be split into --datasets_per_batch {args.datasets_per_batch} equal shares")
 
 
 def steps_per_draw(args, devices):
-    """--mixing original: the consecutive steps each drawn source fills, devices / --datasets_per_batch
-    rounded down as the original did, but at least 1 (where the original emitted nothing and hung);
-    a round is --datasets_per_batch times this."""
+    """--mixing original: the steps each drawn source fills (a round: --datasets_per_batch times this),
+    devices / --datasets_per_batch rounded down as the original, at least 1 (where it hung)."""
     return max(1, devices // args.datasets_per_batch)
 
 
@@ -1595,9 +1588,9 @@ def check_same_run(args, recorded, identity, folder):
 
 @dataclasses.dataclass
 class StopRequests:
-    """What SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) asked. While the train loop runs, the
-    first signal asks it to finish its step, checkpoint and stop (the loop reads `first`); any other
-    signal, or one outside the loop, stops at once."""
+    """What SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) asked.
+    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop (the
+    loop reads `first`); any other signal, or one outside the loop, stops at once."""
     first: signal.Signals = None   # the signal the loop was asked to stop for
     in_loop: bool = False          # the loop runs: there is a step to checkpoint
     resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
@@ -1617,17 +1610,12 @@ class StopRequests:
 
 
 def leave_the_terminal():
-    """After SIGHUP, output to a terminal or a pipe (`| tee`) fails, the reader gone with the session:
-    it goes to /dev/null instead, so that the step, its checkpoint and the exit status still come;
-    output to files goes on."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                with contextlib.suppress(OSError):
-                    stream.flush()
-                os.dup2(devnull, stream.fileno())
-    os.close(devnull)
+    """After SIGHUP, writes to the terminal or pipe (`| tee`) gone with the session fail: they go to
+    /dev/null, so that the step, its checkpoint and the exit status still come. Files go on."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 def handle_stop_signals():
@@ -1643,10 +1631,8 @@ def handle_stop_signals():
     # That tracker, a child in this process group, ignores SIGINT and SIGTERM but dies of SIGHUP (and
     # relaunched, prints a traceback per semaphore): started now with SIGHUP blocked, it keeps it blocked.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        multiprocessing.resource_tracker.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    multiprocessing.resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
 
@@ -1954,18 +1940,14 @@ def join_processes(args):
 
 
 def who_is_missing(address, count, me):
-    """Who the processes that did not join are, as far as this one can tell."""
-    if not address:
-        return "not every process found by jax.distributed.initialize joined"
-    if me == 0:
-        others = "process 1" if count == 2 else f"some of processes 1 .. {count - 1}"
-        return f"{others} did not join the coordinator at {address} (this process)"
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except (OSError, ValueError):
-        return f"process 0, the coordinator at {address}, does not answer"
-    return f"the coordinator at {address} answers, but not all of the {count} processes joined it"
+    """The processes that did not join, as far as this one can tell."""
+    if not address or me == 0:
+        others = "process 1" if count == 2 else f"some of processes 1 .. {count - 1}" if count else "a process"
+        return f"{others} did not join" + (f" the coordinator at {address} (this process)" if address else "")
+    with contextlib.suppress(OSError, ValueError), socket.create_connection(
+            (address.rpartition(":")[0].strip("[]"), int(address.rpartition(":")[2])), timeout=5):
+        return f"the coordinator at {address} answers, but not all of the {count} processes joined it"
+    return f"process 0, the coordinator at {address}, does not answer"
 
 
 # OUTPUT belongs to one run at a time. Process 0 holds an exclusive lock (flock) on OUTPUT/.lock

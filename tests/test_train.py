@@ -719,8 +719,8 @@ def test_readmes_one_gpu_command_trains_on_one_device(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("second, message", [
-    ("./paraphrase_pairs.jsonl.gz", r"entry 1 \(./paraphrase_pairs.jsonl.gz\): the name appears twice \(entry 0 is "),
-    ("reddit//../paraphrase_pairs.jsonl.gz", r"entry 1 \(reddit//../paraphrase_pairs.jsonl.gz\): the name appears twice"),
+    ("./paraphrase_pairs.jsonl.gz", r"entry 1 \(./paraphrase_pairs.jsonl.gz\) names the file of entry 0 \(para"),
+    ("reddit//../paraphrase_pairs.jsonl.gz", r"entry 1 \(reddit//../paraphrase_pairs.jsonl.gz\) names the file of"),
     ("reddit", r"data/reddit: is a folder, not a data file"),
 ], ids=["dot-slash", "dot-dot", "folder"])
 def test_a_data_config_naming_one_file_twice_or_a_folder_is_one_line(tiny, tmp_path, second, message):
