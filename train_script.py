@@ -1921,8 +1921,8 @@ def join_processes(args):
     jax.config.update("jax_enable_preemption_service", False)
     address, count, me = args.coordinator_address, args.num_processes, args.process_id
     if address:
-        print(f"joining {count or 'all'} processes at {address} as process {me}; waiting up to "
-              f"{args.join_timeout:g}s (--join_timeout)", flush=True)
+        print(f"joining {count or 'all'} processes at {address}" + ("" if me is None else f" as process {me}") +
+              f"; waiting up to {args.join_timeout:g}s (--join_timeout)", flush=True)
 
     def give_up():  # jax's own timeout aborts with a C++ stack trace: this one comes first, in one line
         print(f"error: --join_timeout {args.join_timeout:g}: {who_is_missing(address, count, me)}; start the "
