@@ -555,7 +555,7 @@ def new_rows(source, count, seen, args, stride):
                 rejecting_since = source.position[0]
             if source.position[0] > rejecting_since + 1:  # every line of a whole pass rejected
                 unit = "round" if args.mixing == "original" else "batch"
-                if source.widths:  # the file's first usable row set its columns; most of it has others
+                if source.widths:  # its first usable row set its columns; rows of other counts were skipped
                     counts = ", ".join(f"{n} with {width}" for width, n in source.widths.items())
                     raise UserError(f"{source.url}: its first usable row has {source.columns} texts, but rows "
                                     f"skipped for another number ({counts}) leave too few to fill a {unit}: a "
