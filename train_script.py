@@ -22,12 +22,14 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import gzip
 import importlib
 import itertools
 import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import platform
 import posixpath
@@ -36,6 +38,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -89,9 +92,10 @@ def checked(kind, condition, requirement):
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not condition(value):
+            fine = math.isfinite(value) and condition(value)
+        except (ValueError, OverflowError):  # not a number; an integer past float's range
+            fine = False
+        if not fine:
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
     return parse
@@ -134,10 +138,10 @@ def parse_args(argv=None):
                      help="pad each column to the smallest of these lengths that fits its longest text "
                           "(--max_length is the last); None: always to --max_length")
     run.add_argument("--mixing", choices=["original", "per_batch"], default="original",
-                     help="original (the published script): each global batch from one source; a round of as many "
-                          "steps as devices draws --datasets_per_batch sources of one column count, each filling "
-                          "devices / --datasets_per_batch steps, no text twice in a round. per_batch: each batch in "
-                          "--datasets_per_batch equal shares drawn anew, no text twice in a batch")
+                     help="original (the published script): each global batch from one source; a round draws "
+                          "--datasets_per_batch sources of one column count, each filling devices / "
+                          "--datasets_per_batch steps (rounded down, at least 1), no text twice in a round. per_batch: "
+                          "each batch in --datasets_per_batch equal shares drawn anew, no text twice in a batch")
     run.add_argument("--datasets_per_batch", type=COUNT, default=2, help="sources drawn per round (or per batch)")
     run.add_argument("--data_order", choices=["original", "shuffled"], default="original",
                      help="original (the published script): every file's first pass in file order, later passes "
@@ -168,7 +172,8 @@ def parse_args(argv=None):
                           "shared: transformers' Flax default, one mask per layer for a device's examples and heads")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="activations and matmuls; parameters, optimizer and loss stay float32")
-    run.add_argument("--seed", type=int, default=42, help="seeds data order, dropout and source choice")
+    run.add_argument("--seed", type=checked(int, lambda n: 0 <= n < 2**63, "a whole number from 0 to 2**63 - 1"),
+                     default=42, help="seeds data order, dropout and source choice")
 
     p.add_argument("--data_folder", default="data",
                    help="folder or fsspec URL (gs://..., hf://datasets/...) the config's names are relative to")
@@ -217,6 +222,8 @@ def parse_args(argv=None):
                    help="multi-host: process 0's address, the same on every host (implies --multihost)")
     p.add_argument("--num_processes", type=COUNT, default=None, help="multi-host: how many processes join")
     p.add_argument("--process_id", type=NATURAL, default=None, help="multi-host: this process's index, 0 .. N-1")
+    p.add_argument("--join_timeout", type=POSITIVE, default=300,
+                   help="multi-host: seconds to wait for every process to join, then stop naming who is missing")
     try:
         args = p.parse_args(argv)
     except argparse.ArgumentError as e:  # a bad value: one line, as every other UserError
@@ -241,6 +248,9 @@ def check_combinations(args):
                         "from there on")
     if args.mini_batch_size is not None and (args.mini_batch_size < 1 or args.batch_size % args.mini_batch_size):
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
+    if args.max_length < 3:
+        raise UserError(f"--max_length {args.max_length} leaves no room for a word piece after [CLS] and [SEP]: "
+                        "pass at least 3")
     args.pad_to_buckets = bucket_lengths(args.pad_to_buckets, args.max_length)
     if args.dump_batches and args.dry_run is None:
         raise UserError("--dump_batches only works with --dry_run N")
@@ -290,25 +300,31 @@ def load_data_config(path):
         raise UserError(f"data config {path}: cannot read it as JSON ({e})")
     if not isinstance(entries, list) or not entries:
         raise UserError(f"data config {path}: expected a non-empty JSON list of sources")
-    first = {}  # {the file a name points to: the entry that named it first}
     for i, entry in enumerate(entries):
         where = f"data config {path}, entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise UserError(f"{where}: needs a \"name\" (a file relative to --data_folder)")
         where += f" ({entry['name']})"
+        unknown = sorted(set(entry) - {"name", "weight", "lines"})
+        if unknown:  # a misspelt "lines" would silently leave the file out of RAM
+            raise UserError(f"{where}: unknown key {', '.join(map(repr, unknown))} (the keys are name, weight, lines)")
         weight, lines = entry.get("weight"), entry.get("lines", 0)
-        if type(weight) is not int or weight < 1:
-            raise UserError(f"{where}: \"weight\" must be a positive integer, got {weight!r}")
+        if type(weight) is not int or not 1 <= weight <= 2**53:  # above, float64 probabilities lose it
+            raise UserError(f"{where}: \"weight\" must be a positive integer up to 2**53, got {weight!r}")
         if type(lines) is not int or lines < 0:
             raise UserError(f"{where}: \"lines\" must be a non-negative integer, got {lines!r}")
-        j = first.setdefault(posixpath.normpath(entry["name"]), i)  # x, ./x and a//x are one file
-        if j != i:
-            raise UserError(f"{where}: the name appears twice (entry {j} is {entries[j]['name']})")
     return entries
 
 
 def source_url(data_folder, name):
     return data_folder.rstrip("/") + "/" + name
+
+
+def local_path(url):
+    """The local file a URL reads, None for gs://, hf://...; a chained URL (simplecache::gs://...) ends
+    with where the data lives."""
+    protocol, path = fsspec.core.split_protocol(url.split("::")[-1])
+    return os.path.abspath(path) if protocol in (None, "file", "local") else None
 
 
 def parse_row(record, draws):
@@ -345,7 +361,7 @@ def usable_row(line, draws, columns=None):
     """parse_row of one JSON line; None if the line is not JSON, not a usable row or not of `columns` texts."""
     try:
         row = parse_row(json.loads(line), draws)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the JSON decoder goes
         return None
     return row if row is None or columns is None or len(row) == columns else None
 
@@ -372,8 +388,14 @@ def read_lines(url, stride, skip=0):
         raise UserError(f"{url}: no such file (check --data_folder)") from None
     except IsADirectoryError:
         raise UserError(f"{url}: is a folder, not a data file (check its name in the data config)") from None
-    except (EOFError, OSError, zlib.error) as e:
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise UserError(f"{url}: corrupt or truncated file ({e}); re-download it") from e
+    except ImportError as e:  # fsspec knows the protocol; the package that implements it is missing
+        raise UserError(f"{url}: {e} (pip install it)") from None
+    except ValueError as e:  # fsspec knows no such protocol
+        raise UserError(f"{url}: {e} (check --data_folder)") from None
+    except OSError as e:  # permission denied, a Hub or bucket out of reach, ...: not the file's fault
+        raise UserError(f"{url}: cannot read it ({first_line(e)})") from e
 
 
 def head_of(url, count=1000):
@@ -401,6 +423,7 @@ class Source:
     held_out: int = 0               # first lines of the file, kept out of training for evaluation
     position: tuple = (0, 0)        # (pass over the file, lines consumed in this pass)
     invalid: int = 0                # lines skipped: not JSON, wrong shape, wrong column count
+    widths: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # of those of wrong count
     duplicate: int = 0              # rows skipped: a text already in the batch (or round)
     rows: object = None             # the live iterator, opened on first use
     keep_lines: bool = False        # --cache_small_sources: keep the file's lines in RAM from the first pass on
@@ -411,10 +434,12 @@ class Source:
         self.rows = self.rows or self._stream(seed, stride)
         for position, line, draws in self.rows:
             self.position = position
-            row = usable_row(line, draws, self.columns)
-            if row is not None:
+            row = usable_row(line, draws)
+            if row is not None and len(row) == self.columns:
                 return row
             self.invalid += 1
+            if row is not None:
+                self.widths[len(row)] += 1
 
     def _lines(self, stride):
         """This process's lines of the file in file order; from RAM once kept."""
@@ -454,6 +479,14 @@ def open_sources(entries, args):
     refuses files kept in RAM (--cache_small_sources) beyond the machine's, estimated from the
     config's lines and the size of their first lines (each process keeps its own share)."""
     urls = [source_url(args.data_folder, e["name"]) for e in entries]
+    first = {}  # {a file, every link resolved: the entry that names it first}; one file twice weighs double
+    for i, url in enumerate(urls):  # x, ./x, a/../x and a link to x are one file
+        if (j := first.setdefault(os.path.realpath(p) if (p := local_path(url)) else posixpath.normpath(url), i)) != i:
+            raise UserError(f"data config entry {i} ({entries[i]['name']}) names the file of entry {j} "
+                            f"({entries[j]['name']}): list it once")
+    if args.cache_small_sources and (unsized := [e["name"] for e in entries if "lines" not in e]):
+        print(f"warning: no \"lines\" in the data config for {', '.join(unsized)}: streamed, never kept in RAM "
+              "(--cache_small_sources), so its later passes are not reshuffled", file=sys.stderr)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         heads = list(pool.map(head_of, urls))
     sources = [Source(entry["name"], url, entry["weight"], len(row), block=args.shuffle_buffer,
@@ -486,16 +519,20 @@ class TextBatch:
 
 
 def check_batch_split(args, devices):
-    """Refuses a global batch that --mixing cannot fill; `devices` counts every process's."""
-    if args.mixing == "original" and devices % args.datasets_per_batch:
-        # the original rounds the steps per source down, and hangs where that gives 0
-        raise UserError(f"--mixing original fills {devices} devices / --datasets_per_batch {args.datasets_per_batch} "
-                        f"steps from each drawn source, which must be a whole number: pass a --datasets_per_batch "
-                        f"that divides {devices}, or --mixing per_batch")
+    """Refuses a global batch without negatives or that --mixing cannot fill; `devices`: every process's."""
     global_batch = args.batch_size * devices
+    if global_batch < 2:  # its loss and gradient would be 0
+        raise UserError(f"a global batch of 1 pair (--batch_size {args.batch_size} x {devices} device) has no "
+                        "in-batch negatives: pass --batch_size 2 or more")
     if args.mixing == "per_batch" and global_batch % args.datasets_per_batch:
         raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x {devices} devices) "
                         f"cannot be split into --datasets_per_batch {args.datasets_per_batch} equal shares")
+
+
+def steps_per_draw(args, devices):
+    """--mixing original: the steps each drawn source fills (a round: --datasets_per_batch times this),
+    devices / --datasets_per_batch rounded down as the original, at least 1 (where it hung)."""
+    return max(1, devices // args.datasets_per_batch)
 
 
 def choose_sources(rng, sources, count):
@@ -521,6 +558,11 @@ def new_rows(source, count, seen, args, stride):
                 rejecting_since = source.position[0]
             if source.position[0] > rejecting_since + 1:  # every line of a whole pass rejected
                 unit = "round" if args.mixing == "original" else "batch"
+                if source.widths:  # its first usable row set its columns; rows of other counts were skipped
+                    counts = ", ".join(f"{n} with {width}" for width, n in source.widths.items())
+                    raise UserError(f"{source.url}: its first usable row has {source.columns} texts, but rows "
+                                    f"skipped for another number ({counts}) leave too few to fill a {unit}: a "
+                                    "file must hold one number of texts per row")
                 raise UserError(f"{source.url}: too few distinct texts to fill its rows of a {unit} "
                                 f"(a whole pass gave no row new to the {unit})")
             continue
@@ -534,19 +576,20 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
     """The text of every step's batch (this process's rows of it), forever. A step's sources are a
     pure function of (seed, step): every process of a multi-host run picks the same ones, and a
     resumed run continues the sequence. per_batch: --datasets_per_batch shares drawn anew every step,
-    a text once per batch. original: one source a step; a round of `devices` steps draws
-    --datasets_per_batch, each filling its share of the steps, a text once per round. A round that a
-    checkpoint cut is replayed from its first step on resume, so that the same rows are skipped:
-    mid-round, a batch's stream_state is the positions at the start of its round."""
-    devices = global_batch // args.batch_size
-    period = devices if args.mixing == "original" else 1  # steps that share the draw and the seen texts
+    a text once per batch. original: one source a step; a round draws --datasets_per_batch, each
+    filling steps_per_draw steps, a text once per round. A round that a checkpoint cut is replayed
+    from its first step on resume, so that the same rows are skipped: mid-round, a batch's
+    stream_state is the positions at the start of its round."""
+    # period: the steps that share the draw and the seen texts
+    per_draw = steps_per_draw(args, global_batch // args.batch_size) if args.mixing == "original" else 1
+    period = per_draw * args.datasets_per_batch if args.mixing == "original" else 1
     local_start, local_stop = local_range
     for step in itertools.count(start_step - start_step % period):
         if step % period == 0:
             rng = np.random.default_rng([args.seed, step // period])
             drawn, seen = choose_sources(rng, sources, args.datasets_per_batch), set()
             round_start = {s.name: s.position for s in sources}
-        chosen = drawn if args.mixing == "per_batch" else [drawn[step % period * args.datasets_per_batch // devices]]
+        chosen = drawn if args.mixing == "per_batch" else [drawn[step % period // per_draw]]
         share, rows = global_batch // len(chosen), []
         for slot, source in enumerate(chosen):
             count = min(local_stop, (slot + 1) * share) - max(local_start, slot * share)
@@ -614,7 +657,7 @@ class PipelineError(RuntimeError):
     seconds; the trainer checkpoints its last finished step and stops with this one line."""
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the ssh session to the host dropped
 
 
 @contextlib.contextmanager
@@ -631,7 +674,7 @@ def tokenizer_pool(tokenizer, args):
     else:
         pool = concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=spawn,
                                                       initializer=_init_tokenizer, initargs=(*init, os.getpid()))
-        # Every worker starts now, with SIGINT and SIGTERM blocked (a process inherits its creator's
+        # Every worker starts now, with STOP_SIGNALS blocked (a process inherits its creator's
         # signal mask): a Ctrl-C sent to the whole process group (a terminal, a container's stop) never
         # reaches a worker, even while it starts; the trainer alone decides what it means. Blocked in
         # this thread only, such a signal still reaches the trainer, through its signal thread.
@@ -1332,9 +1375,9 @@ def model_card(folder, config, args, run):
     batches = (f"{args.datasets_per_batch} equal shares per batch, each from a file drawn anew by weight (after "
                "the first, among files with as many columns); no text repeats within a batch"
                if args.mixing == "per_batch" else
-               f"one file per batch: a round of {devices} steps draws {args.datasets_per_batch} files by weight (all "
-               f"with as many columns), each for {devices // args.datasets_per_batch} consecutive steps; no text "
-               "repeats within a round")
+               f"one file per batch: a round of {steps_per_draw(args, devices) * args.datasets_per_batch} steps draws "
+               f"{args.datasets_per_batch} files by weight (all with as many columns), each for "
+               f"{steps_per_draw(args, devices)} consecutive steps; no text repeats within a round")
     clipping = ("each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device"
                 else "of the gradient averaged over the devices")
     loss = ("in-batch cross-entropy of each anchor against all positives and hard negatives "
@@ -1612,14 +1655,16 @@ def config_changes(recorded, now):
 
 @dataclasses.dataclass
 class StopRequests:
-    """What SIGTERM (a preemption notice) and SIGINT (Ctrl-C) asked. While the train loop runs, the
-    first signal asks it to finish its step, checkpoint and stop (the loop reads `first`); any other
-    signal, or one outside the loop, stops at once."""
+    """What SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) asked.
+    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop (the
+    loop reads `first`); any other signal, or one outside the loop, stops at once."""
     first: signal.Signals = None   # the signal the loop was asked to stop for
     in_loop: bool = False          # the loop runs: there is a step to checkpoint
     resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
 
     def receive(self, signum):
+        if signum == signal.SIGHUP:
+            leave_the_terminal()
         if self.in_loop and self.first is None:
             self.first = signum
             print(f"\n{signum.name}: finishing the step, then writing a checkpoint (again to stop at once)",
@@ -1631,8 +1676,17 @@ class StopRequests:
         os._exit(128 + signum)
 
 
+def leave_the_terminal():
+    """After SIGHUP, writes to the terminal or pipe (`| tee`) gone with the session fail: they go to
+    /dev/null, so that the step, its checkpoint and the exit status still come. Files go on."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+
+
 def handle_stop_signals():
-    """Takes SIGTERM and SIGINT for the rest of the process; returns the StopRequests they feed.
+    """Takes SIGTERM, SIGINT and SIGHUP for the rest of the process; returns the StopRequests they feed.
 
     A thread answers them, woken through signal.set_wakeup_fd: a Python signal handler runs only
     in the main thread and between two bytecodes, so it would wait for an XLA compilation, a step
@@ -1641,6 +1695,11 @@ def handle_stop_signals():
     # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
     # tracker, which removes them and would warn about each; it takes its warning filters from here.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    # That tracker, a child in this process group, ignores SIGINT and SIGTERM but dies of SIGHUP (and
+    # relaunched, prints a traceback per semaphore): started now with SIGHUP blocked, it keeps it blocked.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    multiprocessing.resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
 
@@ -1650,7 +1709,8 @@ def handle_stop_signals():
                 requests.receive(signal.Signals(byte[0]))
 
     for s in STOP_SIGNALS:  # a handler that does nothing: having one makes Python write to the pipe
-        signal.signal(s, lambda signum, frame: None)
+        if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN):  # under nohup, stays ignored
+            signal.signal(s, lambda signum, frame: None)
     signal.set_wakeup_fd(wake_write)
     threading.Thread(target=watch, name="signals", daemon=True).start()
     return requests
@@ -1930,10 +1990,35 @@ def join_processes(args):
     # jax's preemption service would take SIGTERM from this script's handler (handle_stop_signals),
     # which serves SIGINT too and lets the processes agree on the step to stop after (agreed_stop)
     jax.config.update("jax_enable_preemption_service", False)
+    address, count, me = args.coordinator_address, args.num_processes, args.process_id
+    if address:
+        print(f"joining {count or 'all'} processes at {address}" + ("" if me is None else f" as process {me}") +
+              f"; waiting up to {args.join_timeout:g}s (--join_timeout)", flush=True)
+
+    def give_up():  # jax's own timeout aborts with a C++ stack trace: this one comes first, in one line
+        print(f"error: --join_timeout {args.join_timeout:g}: {who_is_missing(address, count, me)}; start the "
+              "same command on every host, each with its --process_id", file=sys.stderr, flush=True)
+        os._exit(2)
+    timer = threading.Timer(args.join_timeout, give_up)
+    timer.daemon = True
+    timer.start()
     try:
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        jax.distributed.initialize(address, count, me, initialization_timeout=math.ceil(args.join_timeout) + 60)
     except (ValueError, RuntimeError) as e:
         raise UserError(f"--multihost: cannot join the other processes ({first_line(e)})")
+    finally:
+        timer.cancel()
+
+
+def who_is_missing(address, count, me):
+    """The processes that did not join, as far as this one can tell."""
+    if not address or me == 0:
+        others = "process 1" if count == 2 else f"some of processes 1 .. {count - 1}" if count else "a process"
+        return f"{others} did not join" + (f" the coordinator at {address} (this process)" if address else "")
+    with contextlib.suppress(OSError, ValueError), socket.create_connection(
+            (address.rpartition(":")[0].strip("[]"), int(address.rpartition(":")[2])), timeout=5):
+        return f"the coordinator at {address} answers, but not all of the {count} processes joined it"
+    return f"process 0, the coordinator at {address}, does not answer"
 
 
 # OUTPUT belongs to one run at a time. Process 0 holds an exclusive lock (flock) on OUTPUT/.lock
@@ -1947,10 +2032,9 @@ def run_inputs(args, sources):
     if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
         files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
         inputs += [("--model", path) for path in [args.model, *files]]
-    for source in sources:  # a chained URL (simplecache::gs://...) ends with where the data lives
-        protocol, path = fsspec.core.split_protocol(source.url.split("::")[-1])
-        if protocol in (None, "file", "local"):  # gs://, hf://... are nowhere in OUTPUT
-            inputs.append(("the data file", os.path.abspath(path)))
+    for source in sources:
+        if path := local_path(source.url):  # gs://, hf://... are nowhere in OUTPUT
+            inputs.append(("the data file", path))
     return inputs
 
 

@@ -43,8 +43,9 @@ def load_sts(name, split):
         builder, files = name, None
     try:
         rows = list(datasets.load_dataset(builder, data_files=files, split=split, streaming=True))
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise UserError(f"--sts {name}: cannot load split {split!r} ({str(e).splitlines()[0]})")
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:  # OSError: no file, no network
+        raise UserError(f"--sts {name}: cannot load split {split!r} ({str(e).splitlines()[0]}); "
+                        "--sts '' skips STS")
     if len(rows) < 2 or not all(column in rows[0] for column in STS_COLUMNS):
         raise UserError(f"--sts {name}: needs at least 2 rows with the columns {', '.join(STS_COLUMNS)}")
     return [r["sentence1"] for r in rows], [r["sentence2"] for r in rows], np.array([float(r["score"]) for r in rows])

@@ -5,6 +5,7 @@ through train_script.main (in-process; tokenization in a thread with --num_worke
 test is about the worker processes). The published script's behaviour is the default (--mixing
 original, --data_order original); the tests of the alternatives pass PER_BATCH / SHUFFLED."""
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -108,16 +109,39 @@ def original_batches(tiny, tmp_path_factory):
     return dry_run(tiny, tmp_path_factory.mktemp("original"), batches=2400)
 
 
-@pytest.mark.parametrize("per_round", [1, 2, 4, 8])
+@pytest.mark.parametrize("per_round", [1, 2, 3, 4, 8, 16])
 def test_original_mixing_fills_each_global_batch_from_one_source_for_p_over_d_steps(tiny, tmp_path, per_round):
+    """P / D rounded down, as the original; 1 where that is 0 (the original emitted nothing and hung)."""
     batches = dry_run(tiny, tmp_path, "--datasets_per_batch", str(per_round), batches=96)
-    steps = DEVICES // per_round
+    steps = max(1, DEVICES // per_round)
     for batch in batches:
         assert len(batch["sources"]) == 1 and len(batch["rows"]) == DEVICES
         assert {row["source"] for row in batch["rows"]} == set(batch["sources"])
     runs = rounds(batches, steps)
     assert all(len({b["sources"][0] for b in run}) == 1 for run in runs)
     assert len({run[0]["sources"][0] for run in runs}) > 1  # draws do change
+    check_rounds(batches, steps * per_round)
+
+
+def check_rounds(batches, steps):
+    """Every round of `steps` batches has one column count and no text twice (the fixture's rows
+    never repeat a text within themselves)."""
+    for r in rounds(batches, steps):
+        assert len({len(row["texts"]) for batch in r for row in batch["rows"]}) == 1
+        texts = [t for batch in r for row in batch["rows"] for t in row["texts"]]
+        assert len(texts) == len(set(texts))
+
+
+def test_one_device_takes_a_step_from_each_drawn_file(tiny, tmp_path):
+    """README's one-GPU command (--nprocs 1, every other flag its default: --datasets_per_batch 2),
+    scaled down: each global batch from one file, a round of 2 steps drawing 2 files of one column
+    count, no text twice in it; where the original hung."""
+    batches = dry_run(tiny, tmp_path, "--nprocs", "1", batch_size=8, batches=200)
+    for batch in batches:
+        assert len(batch["rows"]) == 8 and {row["source"] for row in batch["rows"]} == set(batch["sources"])
+    check_rounds(batches, 2)
+    assert any(r[0]["sources"] != r[1]["sources"] for r in rounds(batches, 2))  # two draws, not one
+    assert {len(r[0]["rows"][0]["texts"]) for r in rounds(batches, 2)} == {2, 3}
 
 
 def test_original_rounds_draw_sources_of_one_column_count(original_batches):
@@ -379,27 +403,33 @@ GOOD = "paraphrase_pairs.jsonl.gz"
     ("[{", "cannot read it as JSON"),
     ([{"weight": 1}], r"entry 0: needs a \"name\""),
     ([{"name": GOOD, "weight": 1}, {"name": "", "weight": 1}], r"entry 1: needs a \"name\""),
-    ([{"name": GOOD}], rf"entry 0 \({GOOD}\): \"weight\" must be a positive integer, got None"),
-    ([{"name": GOOD, "weight": 0}], rf"\({GOOD}\): \"weight\" must be a positive integer, got 0"),
-    ([{"name": GOOD, "weight": -3}], rf"\({GOOD}\): \"weight\" must be a positive integer, got -3"),
-    ([{"name": GOOD, "weight": 1.5}], rf"\({GOOD}\): \"weight\" must be a positive integer, got 1.5"),
-    ([{"name": GOOD, "weight": "2"}], rf"\({GOOD}\): \"weight\" must be a positive integer, got '2'"),
-    ([{"name": GOOD, "weight": True}], rf"\({GOOD}\): \"weight\" must be a positive integer, got True"),
-    ([{"name": GOOD, "weight": 1}, {"name": GOOD, "weight": 2}], rf"entry 1 \({GOOD}\): the name appears twice"),
+    ([{"name": GOOD}], rf"entry 0 \({GOOD}\): \"weight\" must be a positive integer up to 2\*\*53, got None"),
+    ([{"name": GOOD, "weight": 0}], rf"\({GOOD}\): \"weight\" must be a positive integer up to 2\*\*53, got 0"),
+    ([{"name": GOOD, "weight": -3}], rf"\({GOOD}\): \"weight\" must be a positive integer up to 2\*\*53, got -3"),
+    ([{"name": GOOD, "weight": 1.5}], rf"\({GOOD}\): \"weight\" must be a positive integer up to 2\*\*53, got 1.5"),
+    ([{"name": GOOD, "weight": "2"}], rf"\({GOOD}\): \"weight\" must be a positive integer up to 2\*\*53, got '2'"),
+    ([{"name": GOOD, "weight": True}], rf"\({GOOD}\): \"weight\" must be a positive integer up to 2\*\*53, got True"),
+    ([{"name": GOOD, "weight": 1}, {"name": GOOD, "weight": 2}], rf"entry 1 \({GOOD}\) names the file of entry 0"),
     ([{"name": GOOD, "weight": 1}, {"name": "nowhere.jsonl.gz", "weight": 1}],
      "nowhere.jsonl.gz: no such file"),
+    (f'[{{"name": "{GOOD}", "weight": 1e400}}]', r"\"weight\" must be a positive integer up to 2\*\*53, got inf"),
+    ([{"name": GOOD, "weight": 10**400}], r"\"weight\" must be a positive integer up to 2\*\*53, got 1000"),
+    ([{"name": GOOD, "weight": 1, "line": 5}], rf"entry 0 \({GOOD}\): unknown key 'line' \(the keys are name, "),
 ])
 def test_bad_config_is_one_line_naming_the_culprit(tiny, tmp_path, entries, match):
     check_refused_in_one_line(tmp_path, tiny, entries, match)
 
 
-@pytest.mark.parametrize("per_batch", [3, 16])
-def test_sources_per_round_that_do_not_divide_the_devices_are_refused(tiny, tmp_path, per_batch):
-    # the original computes 0 or a fraction of steps per source here, and hangs
-    message = check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1}],
-                                        rf"--mixing original fills 8 devices / --datasets_per_batch {per_batch}",
-                                        "--datasets_per_batch", str(per_batch))
-    assert "a --datasets_per_batch that divides 8, or --mixing per_batch" in message
+@pytest.mark.parametrize("flags, match", [
+    (["--nprocs", "1"], r"a global batch of 1 pair \(--batch_size 1 x 1 device\) has no in-batch negatives"),
+    (["--max_length", "1"], r"--max_length 1 leaves no room for a word piece after \[CLS\] and \[SEP\]"),
+    (["--max_length", "2"], r"--max_length 2 leaves no room for a word piece"),
+    (["--seed", "-1"], r"--seed must be a whole number from 0 to 2\*\*63 - 1, got -1"),
+    (["--seed", str(2**63)], r"--seed must be a whole number from 0 to 2\*\*63 - 1, got 9223372036854775808"),
+    (["--steps", "1" + "0" * 400], r"--steps must be at least 1 \(a whole number\), got 10000"),
+], ids=["one-pair", "max-length-1", "max-length-2", "negative-seed", "seed-past-int64", "steps-past-float"])
+def test_a_run_that_cannot_train_is_refused_by_the_dry_run_too(tiny, tmp_path, flags, match):
+    check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1}], match, *flags)
 
 
 def test_indivisible_global_batch_is_refused(tiny, tmp_path):
@@ -486,6 +516,68 @@ def test_unusable_lines_are_skipped_and_counted(tiny, tmp_path, capsys):
     dry_run(tiny, tmp_path, *PER_BATCH, "--datasets_per_batch", "1", config=config, data_folder=tmp_path / "data",
             batches=2)
     assert int(capsys.readouterr().out.split("mixed.jsonl.gz")[1].split()[1]) >= len(bad)  # invalid column
+
+
+def test_a_line_nested_deeper_than_json_decodes_is_skipped_and_counted(tiny, tmp_path, capsys):
+    deep = "[" * 100_000 + "]" * 100_000  # past the decoder's recursion limit
+    write_source(tmp_path / "data" / "deep.jsonl.gz", [deep] + pairs("d", 10) + [deep] + pairs("e", 10))
+    config = write_config(tmp_path / "config.json", [{"name": "deep.jsonl.gz", "weight": 1}])
+    dry_run(tiny, tmp_path, *PER_BATCH, "--datasets_per_batch", "1", config=config, data_folder=tmp_path / "data",
+            batches=3)  # 24 rows: the whole file once
+    assert int(capsys.readouterr().out.split("deep.jsonl.gz")[1].split()[1]) >= 2  # invalid column
+
+
+def test_a_file_of_two_column_counts_names_them(tiny, tmp_path):
+    """The first usable row sets a file's columns; the rest of it having another count is said so,
+    not taken for too few distinct texts."""
+    write_source(tmp_path / "data" / "mixed.jsonl.gz", pairs("two", 1) + [[*p, "neg"] for p in pairs("three", 50)])
+    config = write_config(tmp_path / "config.json", [{"name": "mixed.jsonl.gz", "weight": 1}])
+    with pytest.raises(UserError, match=r"mixed.jsonl.gz: its first usable row has 2 texts, but rows skipped for "
+                                        r"another number \(\d+ with 3\) leave too few to fill a round"):
+        dry_run(tiny, tmp_path, config=config, data_folder=tmp_path / "data")
+
+
+def test_one_file_under_two_names_is_refused(tiny, tmp_path):
+    (tmp_path / "data").mkdir()
+    os.symlink(tiny / "data" / GOOD, tmp_path / "data" / GOOD)
+    os.symlink(GOOD, tmp_path / "data" / "link.jsonl.gz")
+    config = write_config(tmp_path / "config.json", [{"name": GOOD, "weight": 1},
+                                                      {"name": "link.jsonl.gz", "weight": 1}])
+    with pytest.raises(UserError, match=rf"entry 1 \(link.jsonl.gz\) names the file of entry 0 \({GOOD}\): list it"):
+        dry_run(tiny, tmp_path, config=config, data_folder=tmp_path / "data")
+
+
+def test_an_entry_without_lines_is_said_to_stay_out_of_ram(tiny, tmp_path, capsys):
+    config = write_config(tmp_path / "config.json", [{"name": GOOD, "weight": 1}, {
+        "name": "reddit/reddit_tiny.jsonl.gz", "lines": 2000, "weight": 1}])
+    dry_run(tiny, tmp_path, config=config, batches=1)
+    assert f'warning: no "lines" in the data config for {GOOD}: streamed, never kept in RAM' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder, match", [
+    ("gs://bucket/data", r"gs://bucket/data/\S+: Please install gcsfs .*\(pip install it\)"),
+    ("s3://bucket/data", r"s3://bucket/data/\S+: Install s3fs .*\(pip install it\)"),
+    ("nosuch://bucket/data", r"nosuch://bucket/data/\S+: Protocol not known: nosuch \(check --data_folder\)"),
+    ("hf://datasets/nobody/nothing", r"hf://datasets/nobody/nothing/\S+: cannot read it \(Cannot reach .*offline"),
+], ids=["gcs", "s3", "unknown", "hub-offline"])
+def test_a_data_folder_out_of_reach_is_one_line_with_its_cause(tiny, tmp_path, folder, match):
+    package = {"gs": "gcsfs", "s3": "s3fs"}.get(folder.split(":")[0])
+    if package and importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed")
+    message = check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1}], match,
+                                        "--data_folder", folder)
+    assert "corrupt" not in message
+
+
+def test_a_file_it_may_not_read_is_not_called_corrupt(tiny, tmp_path, monkeypatch):
+    # as root, file permissions do not stop a read: the file system's refusal is raised for it
+    def refused(url):
+        raise PermissionError(13, "Permission denied", url)
+
+    monkeypatch.setattr(train_script, "open_source", refused)
+    message = check_refused_in_one_line(tmp_path, tiny, [{"name": GOOD, "weight": 1}],
+                                        rf"{GOOD}: cannot read it \(\[Errno 13\] Permission denied")
+    assert "corrupt" not in message
 
 
 def test_invalid_counts_travel_with_the_batch_for_the_training_log(tiny, tmp_path):

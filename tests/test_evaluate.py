@@ -1,7 +1,11 @@
 """scripts/evaluate.py against transformers (PyTorch) + NumPy/SciPy, on the real all-MiniLM-L6-v2 and a
 2-layer cut of it, side by side."""
 import json
+import os
 import random
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 
-from conftest import write_config, write_source
+from conftest import ROOT, write_config, write_source
 
 STS = [("A man is playing a guitar.", "A man plays the guitar.", 4.8),
        ("A woman is slicing an onion.", "A man is riding a horse.", 0.2),
@@ -134,3 +138,14 @@ def test_evaluate_names_unusable_input(models, tmp_path):
         evaluate.main(models[:1] + ["--sts", str(tmp_path / "sts.jsonl")])
     with pytest.raises(SystemExit, match="nothing to score"):
         evaluate.main(models[:1] + ["--sts", ""])
+
+
+def test_evaluate_offline_with_the_default_sts_is_one_line(tmp_path):
+    """The default --sts is a Hub dataset: offline (and nothing in a fresh cache) is one line, not a traceback."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), str(tmp_path / "model")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert re.fullmatch(r"error: --sts sentence-transformers/stsb: cannot load split 'test' \(.*\); --sts '' skips STS",
+                        result.stderr.strip().splitlines()[-1])
+

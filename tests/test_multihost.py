@@ -25,7 +25,7 @@ from safetensors.numpy import load_file
 from transformers import FlaxAutoModel
 
 import train_script
-from conftest import ROOT, TINY_STEP, read_source, tiny_argv, write_config, write_source
+from conftest import ROOT, TINY_STEP, read_source, run_train_script, tiny_argv, write_config, write_source
 
 ROWS = 64
 
@@ -183,6 +183,27 @@ def test_two_processes_draw_the_one_process_batches(tiny, tmp_path):
 def test_inconsistent_process_flags_are_refused_before_joining(flags, message):
     with pytest.raises(train_script.UserError, match=message):
         train_script.parse_args(["config.json", "out", *flags])
+
+
+@pytest.mark.parametrize("process, missing", [
+    (0, r"process 1 did not join the coordinator at 127.0.0.1:\d+ \(this process\)"),
+    (1, r"process 0, the coordinator at 127.0.0.1:\d+, does not answer"),
+], ids=["process-0", "process-1"])
+def test_a_process_alone_says_what_it_waits_for_and_stops_naming_who_is_missing(tiny, process, missing):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = run_train_script(*tiny_argv(tiny, "unused", *TINY_STEP, "--dry_run", "1"),
+                              "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                              "--process_id", process, "--join_timeout", "5", timeout=120)
+    assert time.monotonic() - started < 60
+    assert f"joining 2 processes at 127.0.0.1:{port} as process {process}; waiting up to 5s (--join_timeout)" \
+        in result.stdout.splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "Check failure" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(rf"error: --join_timeout 5: {missing}; start the same command on every host, each with its "
+                        r"--process_id", line), line
 
 
 def test_cpu_devices_split_the_cpu(tiny):

@@ -14,13 +14,16 @@ import errno
 import json
 import logging
 import os
+import pty
 import re
+import select
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -742,6 +745,51 @@ def test_a_second_signal_stops_at_once_in_one_line(tiny, tmp_path):
     after = [line for line in lines[notice + 1:] if line.strip()]
     assert len(after) == 1 and re.fullmatch(rf"stopped: {second}, at once; resume with: (.*)", after[0]), lines[-5:]
     assert shlex.split(after[0].split("resume with: ")[1])[-1] == "--resume"
+    assert_one_line_and_no_worker_left(lines, workers)
+
+
+@pytest.mark.slow
+def test_sighup_with_the_terminal_gone_checkpoints_as_sigterm(tiny, tmp_path):
+    """An ssh session that drops: its terminal closes, then SIGHUP reaches the process group. The
+    run finishes its step, checkpoints and exits 129; its output to the dead terminal is dropped,
+    stderr in a file keeps the line (before, SIGHUP killed the run with no checkpoint and no line)."""
+    output, log_path = tmp_path / "run", tmp_path / "log"
+    master, terminal = pty.openpty()
+    read_on = threading.Event()
+    read_on.set()
+
+    def drain():  # a terminal shows what it gets, so the run never waits for it
+        while read_on.is_set():
+            if select.select([master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    os.read(master, 65536)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, train_script.__file__, *tiny_args(tiny, output), "--steps", "400",
+                                    "--log_steps", "1", "--num_workers", "1"],
+                                   stdout=terminal, stderr=log, start_new_session=True)
+        os.close(terminal)
+        try:
+            deadline = time.monotonic() + 600
+            while not (output / "checkpoints" / str(SAVE_STEPS)).is_dir():
+                assert process.poll() is None, f"the run ended too soon:\n{log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "never started"
+                time.sleep(0.05)
+            workers = worker_pids(process.pid)
+            read_on.clear()
+            reader.join()
+            os.close(master)  # the terminal is gone: writes to it fail from here
+            os.killpg(process.pid, signal.SIGHUP)
+            returncode = process.wait(timeout=300)
+        finally:
+            process.kill()
+    lines = log_path.read_text().strip().splitlines()
+    assert returncode == 128 + signal.SIGHUP, lines[-5:]
+    stopped = re.fullmatch(r"stopped: SIGHUP at step (\d+), checkpoint written; resume with: .*--resume", lines[-1])
+    assert stopped, lines[-5:]
+    assert SAVE_STEPS <= int(stopped[1]) < 400 and (output / "checkpoints" / stopped[1]).is_dir()
     assert_one_line_and_no_worker_left(lines, workers)
 
 
