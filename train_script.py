@@ -205,6 +205,10 @@ def parse_args(argv=None):
                         "finished step and stopping (exit 1); 0: wait forever")
     p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
+    p.add_argument("--compile_for", default=None, metavar="TPU",
+                   help="compile the run's steps for a TPU slice (v3-8, v4-8, v5e-8, v6e-8, v5p-8, ... or a "
+                        "topology such as v3:2x2) on this machine, without one; print their HBM, FLOPs and a lower "
+                        "bound on the run's time, exit (needs libtpu)")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
                    help="with --dry_run: write each global batch's texts and sources as a JSON line")
     p.add_argument("--multihost", action="store_true",
@@ -482,8 +486,11 @@ class TextBatch:
     invalid: dict          # {source name: unusable lines skipped so far}, sources with any
 
 
-def check_batch_split(args, devices):
+def check_batch_split(args, devices, processes):
     """Refuses a global batch that --mixing cannot fill; `devices` counts every process's."""
+    if len(args.pad_to_buckets) > 1 and processes > 1:
+        # each process tokenizes only its rows, so processes could choose different lengths
+        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
     if args.mixing == "original" and devices % args.datasets_per_batch:
         # the original rounds the steps per source down, and hangs where that gives 0
         raise UserError(f"--mixing original fills {devices} devices / --datasets_per_batch {args.datasets_per_batch} "
@@ -1082,8 +1089,8 @@ def replicate(tree, sharding, local_devices):
                       sharding)
 
 
-def init_state(model, args):
-    return train_state.TrainState.create(apply_fn=model.__call__, params=model.params,
+def init_state(model, args, params=None):
+    return train_state.TrainState.create(apply_fn=model.__call__, params=model.params if params is None else params,
                                          tx=make_optimizer(args))
 
 
@@ -1838,6 +1845,115 @@ class Report:
 
 
 # ============================================================================================
+# Compile for a TPU: the run's steps through the TPU compiler, before renting one
+# ============================================================================================
+# libtpu compiles for a TPU topology on a machine without its chips (ahead-of-time, "compile-only"
+# devices), so whether every step of a run fits a slice's HBM is known before paying for it. The
+# peaks are Google Cloud's published figures per chip (bf16 FLOP/s, HBM bandwidth, HBM), per
+# device here: a v3 chip is two devices, a v4 or v5p chip one (its two cores as one "megacore").
+# jax reports no HBM size for compile-only devices, hence the table.
+TPU_PEAKS = {"TPU v3": (61.5e12, 450e9, 16), "TPU v4": (275e12, 1200e9, 32), "TPU v5 lite": (197e12, 819e9, 16),
+             "TPU v5": (459e12, 2765e9, 95), "TPU v6 lite": (918e12, 1640e9, 32)}
+# Cloud TPU's slice names: v3, v4 and v5p count TensorCores (two per chip), v5e and v6e chips.
+TPU_SLICES = {"v3-8": "v3:2x2", "v3-32": "v3:4x4", "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v5p-8": "v5p:2x2x1",
+              "v5p-32": "v5p:2x2x4", "v5e-8": "v5e:2x4", "v5e-32": "v5e:4x8", "v6e-8": "v6e:2x4", "v6e-32": "v6e:4x8"}
+
+
+def tpu_devices(name):
+    """The compile-only devices of a TPU slice (TPU_SLICES) or topology (v3:2x2)."""
+    topology = TPU_SLICES.get(name, name)
+    generation, _, chips = topology.partition(":")
+    options = {"chip_config_name": "megacore"} if generation in ("v4", "v5p") else {}
+    if generation in ("v5e", "v6e") and chips == "2x4":  # one host of 8 chips
+        options["chips_per_host_bounds"] = (2, 4, 1)
+    # This machine's own TPU is not wanted (nothing runs); libtpu, not told what it is, warns.
+    jax.config.update("jax_platforms", "cpu")
+    for variable, value in (("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                            ("TPU_ACCELERATOR_TYPE", name), ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(variable, value)
+    try:
+        from jax.experimental import topologies
+        devices = topologies.get_topology_desc(topology, "tpu", **options).devices
+    except RuntimeError as e:
+        if "not installed" in str(e):
+            raise UserError(f'--compile_for needs libtpu: pip install "jax[tpu]=={jax.__version__}"') from None
+        raise UserError(f"--compile_for {name}: libtpu does not know it ({first_line(e)}); try one of "
+                        f"{', '.join(TPU_SLICES)} or a topology such as v3:2x2") from None
+    if devices[0].device_kind not in TPU_PEAKS:
+        raise UserError(f"--compile_for {name}: no peak figures for {devices[0].device_kind}")
+    return devices
+
+
+def batch_kinds(entries, args):
+    """The column counts the run meets, from the first row of each file; both when they cannot be read here."""
+    urls = [source_url(args.data_folder, entry["name"]) for entry in entries]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            return sorted({len(row) for row, _ in pool.map(head_of, urls)})
+    except UserError as e:
+        print(f"the data cannot be read here ({e}): compiling for pairs and triplets")
+        return [2, 3]
+
+
+def compile_for_tpu(args, entries):
+    """--compile_for: the run's step for every batch shape it can meet (each column kind, each bucket
+    length), compiled for the slice's devices; per device, the HBM it needs against the chip's, the
+    compiler's FLOPs and bytes, and the step and run times those take at least at the peaks."""
+    devices = tpu_devices(args.compile_for)
+    flops_per_s, bytes_per_s, hbm_gib = TPU_PEAKS[devices[0].device_kind]
+    hosts = len({d.process_index for d in devices})
+    check_batch_split(args, len(devices), hosts)
+    _, config = load_tokenizer_and_config(args)
+    model = FlaxAutoModel.from_config(config, dtype=jnp.dtype(args.dtype), _do_init=False)  # no weights
+    per_device = lambda leaf: jax.ShapeDtypeStruct((len(devices), *leaf.shape), leaf.dtype)  # noqa: E731
+    state, key = jax.tree_util.tree_map(per_device, jax.eval_shape(
+        lambda: (init_state(model, args, model.params_shape_tree), jax.random.PRNGKey(args.seed))))
+    train_step = make_train_step(model, args, devices)
+    print(f"--compile_for {args.compile_for}: {len(devices)} x {devices[0].device_kind} on {hosts} host(s), a "
+          f"global batch of {args.batch_size * len(devices)}; per device {hbm_gib} GiB HBM, peaks "
+          f"{flops_per_s / 1e12:g} TFLOP/s (bf16) and {bytes_per_s / 1e9:g} GB/s (Google Cloud's figures)")
+    peaks, too_big = TPU_PEAKS[devices[0].device_kind], []
+    for columns in batch_kinds(entries, args):
+        for lengths in itertools.product(args.pad_to_buckets, repeat=columns):
+            kind = f"{ {2: 'pairs', 3: 'triplets'}[columns]} of {' + '.join(map(str, lengths))} tokens"
+            batch = [(jax.ShapeDtypeStruct((len(devices), args.batch_size, length), jnp.int32),) * 2
+                     for length in lengths]
+            started = time.perf_counter()
+            try:
+                compiled = train_step.lower(state, batch, key).compile()
+            except jax.errors.JaxRuntimeError as e:
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                print(f"{kind}: does not fit, the compiler refuses ({first_line(e)})")
+                too_big.append(kind)
+                continue
+            line, fits = step_cost(compiled, args, peaks)
+            print(f"{kind}: compiled in {time.perf_counter() - started:.1f}s; {line}")
+            too_big += [] if fits else [kind]
+    if too_big:
+        raise UserError(f"--compile_for {args.compile_for}: the step on {', '.join(too_big)} does not fit in "
+                        f"{hbm_gib} GiB per device; lower --batch_size (the global batch shrinks with it) or "
+                        "--max_length, or pass --mini_batch_size (GradCache)")
+    print("every step fits; the times are lower bounds (at the peaks, which no step reaches), not estimates")
+
+
+def step_cost(compiled, args, peaks):
+    """(What a compiled step needs per device, whether it fits the chip's HBM). Its HBM: its buffers
+    (the donated state counted once) and its code; its time: at least its FLOPs at the peak FLOP/s,
+    and its bytes at the peak bandwidth."""
+    flops_per_s, bytes_per_s, hbm_gib = peaks
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    bound = max(cost["flops"] / flops_per_s, cost["bytes accessed"] / bytes_per_s)
+    return (f"per device {needed / 2**20:,.1f} MiB of {hbm_gib * 1024:,} MiB HBM (arguments "
+            f"{memory.argument_size_in_bytes / 2**20:,.1f}, temporaries {memory.temp_size_in_bytes / 2**20:,.1f}), "
+            f"{cost['flops'] / 1e12:.3g} TFLOP and {cost['bytes accessed'] / 1e9:.3g} GB per step: at least "
+            f"{bound * 1e3:,.1f} ms per step, {bound * args.steps / 3600:,.1f} h for --steps {args.steps}",
+            needed <= hbm_gib * 2**30)
+
+
+# ============================================================================================
 # Main: cheap checks first, then the model, then the run
 # ============================================================================================
 
@@ -1975,16 +2091,15 @@ def main(argv=None, stop=None):
     installs (called as a function, main leaves the caller's signals alone)."""
     stop = stop or StopRequests()
     args = parse_args(argv)
+    if args.compile_for:  # runs nothing: needs no accelerator, no weights, no OUTPUT
+        return compile_for_tpu(args, load_data_config(args.data_config))
     if args.cpu_devices:  # before anything asks jax for devices
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
     run_devices = len(devices) * jax.process_count()
-    check_batch_split(args, run_devices)
-    if len(args.pad_to_buckets) > 1 and jax.process_count() > 1:
-        # each process tokenizes only its rows, so processes could choose different lengths
-        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
+    check_batch_split(args, run_devices, jax.process_count())
     sources = open_sources(entries, args)
     held_out = load_held_out(sources, args.eval_rows) if args.eval_steps else None
     tokenizer, config = load_tokenizer_and_config(args)

@@ -14,6 +14,10 @@ import sys
 import types
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# With libtpu installed (requirements-test.txt, for --compile_for) JAX would load it at start-up in
+# every process, warn on stderr that this machine has no TPU, and let one process at a time hold its
+# lock file; every test runs on CPU devices, and --compile_for needs no backend of libtpu's.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
