@@ -1874,18 +1874,21 @@ def tpu_devices(name):
     if generation in ("v5e", "v6e") and chips == "2x4":  # one host of 8 chips, as Cloud TPU has it
         options["chips_per_host_bounds"] = (2, 4, 1)
     jax.config.update("jax_platforms", "cpu")  # nothing runs: a TPU of this machine is not needed
-    # libtpu, starting without chips, would warn that it cannot tell which it has, and lock out other processes
-    for variable, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_ACCELERATOR_TYPE", name),
-                            ("TPU_WORKER_HOSTNAMES", "localhost")):
-        os.environ.setdefault(variable, value)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # nor its lock, which would keep out other runs
+    from jax.experimental import topologies
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)  # libtpu starts by warning that it cannot tell which chips this machine has
     try:
-        from jax.experimental import topologies
         devices = topologies.get_topology_desc(topology, "tpu", **options).devices
     except RuntimeError as e:
         if "not installed" in str(e):
             raise UserError(f'--compile_for needs libtpu: pip install "jax[tpu]=={jax.__version__}"') from None
         raise UserError(f"--compile_for {name}: libtpu does not know it ({first_line(e)}); try one of "
                         f"{', '.join(TPU_SLICES)} or a topology such as v3:2x2") from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
     if devices[0].device_kind not in TPU_PEAKS:
         raise UserError(f"--compile_for {name}: no peak figures for {devices[0].device_kind}")
     return devices

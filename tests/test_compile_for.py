@@ -1,6 +1,7 @@
 """--compile_for: the run's steps through the TPU compiler (libtpu's compile-only devices) on this
 CPU machine. Each test compiles for a TPU v3-8 topology; the numbers printed are checked against the
 compiler's own, read here from a compile of the same step, and against the analytic FLOP count."""
+import os
 import re
 import shutil
 
@@ -22,11 +23,16 @@ STEP_LINE = re.compile(r"^(pairs|triplets) of ([\d + ]+) tokens: compiled in [\d
 
 
 def compile_for(capsys, argv):
-    """main(argv) in this process; (its exit: None or the UserError, {batch kind: printed numbers})."""
+    """main(argv) in this process, its environment variables put back after it; (its exit: None or
+    the UserError, what it printed, {batch kind: printed numbers})."""
+    environment = dict(os.environ)
     try:
         error = train_script.main(argv)
     except train_script.UserError as e:
         error = e
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     out = capsys.readouterr().out
     steps = {(kind, lengths): [float(x.replace(",", "")) for x in numbers]
              for kind, lengths, *numbers in STEP_LINE.findall(out)}
