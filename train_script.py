@@ -1911,8 +1911,8 @@ def compile_for_tpu(args, entries):
           f"TFLOP/s (bf16) and {peaks[1] / 1e9:g} GB/s (Google Cloud's figures)")
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            kinds = sorted({len(row) for row, _ in pool.map(
-                head_of, [source_url(args.data_folder, entry["name"]) for entry in entries])})
+            kinds = sorted({len(row) for row, _ in pool.map(  # each file's first usable line
+                lambda entry: head_of(source_url(args.data_folder, entry["name"]), 1), entries)})
     except UserError as e:
         print(f"the data cannot be read here ({e}): compiling for pairs and triplets")
         kinds = [2, 3]
