@@ -76,6 +76,16 @@ def test_data_unreadable_here_compiles_pairs_and_triplets(tiny, tmp_path, capsys
     assert steps["triplets", "16 + 16 + 16"][2] > steps["pairs", "16 + 16"][2]  # a third column's activations
 
 
+def test_a_multi_host_slice_compiles_for_all_its_devices(tiny, tmp_path, capsys):
+    argv = tiny_argv(tiny, tmp_path / "out", *TINY_SHAPES, "--compile_for", "v3-32",
+                     config=tiny / "data_config_pairs.json")
+    error, out, steps = compile_for(capsys, argv)
+    assert error is None, out
+    assert "32 x TPU v3 on 4 host(s), a global batch of 64" in out and set(steps) == {("pairs", "16 + 16")}
+    error, _, _ = compile_for(capsys, [*argv, "--pad_to_buckets", "8"])  # as a run on several hosts refuses
+    assert "--pad_to_buckets works on one process only" in str(error)
+
+
 @pytest.mark.slow
 def test_every_bucket_shape_compiles_with_gradcache_and_bfloat16(tiny, tmp_path, capsys):
     pairs = tiny / "data_config_pairs.json"
