@@ -1870,7 +1870,7 @@ def tpu_devices(name):
     """The compile-only devices of a TPU slice (TPU_SLICES) or topology (v3:2x2)."""
     topology = TPU_SLICES.get(name, name)
     generation, _, chips = topology.partition(":")
-    options = {"chip_config_name": "megacore"} if generation in ("v4", "v5p") else {}
+    options = {"chip_config_name": "megacore"} if generation in ("v4", "v5", "v5p") else {}
     if generation in ("v5e", "v6e") and chips == "2x4":  # one host of 8 chips, as Cloud TPU has it
         options["chips_per_host_bounds"] = (2, 4, 1)
     jax.config.update("jax_platforms", "cpu")  # nothing runs: a TPU of this machine is not needed
