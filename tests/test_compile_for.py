@@ -97,7 +97,6 @@ def test_every_bucket_shape_compiles_with_gradcache_and_bfloat16(tiny, tmp_path,
     assert "every step fits" in out
 
 
-@pytest.mark.slow
 def test_bfloat16_needs_less_hbm_than_float32(tiny, tmp_path, capsys):
     """Without the barrier on the dropout masks (attention_dropout_masks), XLA's TPU compiler kept
     the masks' 32-bit random bits for the backward pass in bfloat16, and this step's temporaries
