@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TINY := build/tiny
-EIGHT_CPU_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+# JAX_PLATFORMS=cpu: with libtpu installed (make test's), JAX would try a TPU first
+EIGHT_CPU_DEVICES := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: smoke test clean
 

@@ -212,6 +212,10 @@ def parse_args(argv=None):
                         "finished step and stopping (exit 1); 0: wait forever")
     p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
+    p.add_argument("--compile_for", default=None, metavar="TPU",
+                   help="compile the run's steps for a TPU slice (v3-8, v4-8, v5e-8, v6e-8, v5p-8, ... or a "
+                        "topology such as v3:2x2) on this machine, without one; print their HBM, FLOPs and a lower "
+                        "bound on the run's time, exit (needs libtpu)")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
                    help="with --dry_run: write each global batch's texts and sources as a JSON line (never "
                         "over an input of the run)")
@@ -518,8 +522,11 @@ class TextBatch:
     invalid: dict          # {source name: unusable lines skipped so far}, sources with any
 
 
-def check_batch_split(args, devices):
-    """Refuses a global batch without negatives or that --mixing cannot fill; `devices`: every process's."""
+def check_batch_split(args, devices, processes):
+    """Refuses a global batch without negatives or that --mixing cannot fill; `devices` counts every process's."""
+    if len(args.pad_to_buckets) > 1 and processes > 1:
+        # each process tokenizes only its rows, so processes could choose different lengths
+        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
     global_batch = args.batch_size * devices
     if global_batch < 2:  # its loss and gradient would be 0
         raise UserError(f"a global batch of 1 pair (--batch_size {args.batch_size} x {devices} device) has no "
@@ -903,23 +910,26 @@ SHARED_MASK_ATTENTION = {"bert": "transformers.models.bert.modeling_flax_bert",
 @contextlib.contextmanager
 def attention_dropout_masks(model_type, masks):
     """While tracing the model inside it, its attention dropout draws `masks`: "element" (PyTorch's
-    independent draws) or "shared" (transformers' Flax masks). transformers has no option for
-    this, so the attention-weights function its module calls is swapped for one that sets
-    broadcast_dropout, and put back on leaving."""
-    if model_type not in SHARED_MASK_ATTENTION:  # per element already ("shared" is refused up front)
-        yield
-        return
-    module = importlib.import_module(SHARED_MASK_ATTENTION[model_type])
-    library = module.dot_product_attention_weights
-
-    def attention_weights(*args, broadcast_dropout, **kwargs):
-        return library(*args, broadcast_dropout=masks == "shared", **kwargs)
-
-    module.dot_product_attention_weights = attention_weights
+    independent draws) or "shared" (transformers' Flax masks); and every dropout mask is kept for the
+    backward pass as the mask, a byte per element: left alone, XLA's TPU compiler may keep the 32
+    random bits it came from instead and compare them again, which made --dtype bfloat16 need more
+    HBM than float32 (docs/performance.md). transformers has no option for either, so the functions
+    its modules call are swapped while tracing, and put back on leaving."""
+    bernoulli = jax.random.bernoulli
+    swapped = [(jax.random, "bernoulli", lambda *a, **k: jax.lax.optimization_barrier(bernoulli(*a, **k)))]
+    if model_type in SHARED_MASK_ATTENTION:  # the others draw per element already ("shared" is refused up front)
+        module = importlib.import_module(SHARED_MASK_ATTENTION[model_type])
+        library = module.dot_product_attention_weights
+        swapped.append((module, "dot_product_attention_weights", lambda *args, broadcast_dropout, **kwargs: library(
+            *args, broadcast_dropout=masks == "shared", **kwargs)))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swapped]
+    for owner, name, function in swapped:
+        setattr(owner, name, function)
     try:
         yield
     finally:
-        module.dot_product_attention_weights = library
+        for owner, name, function in originals:
+            setattr(owner, name, function)
 
 
 def embed(model, params, input_ids, attention_mask, dropout_key=None, attention_dropout="element"):
@@ -1141,8 +1151,8 @@ def replicate(tree, sharding, local_devices):
                       sharding)
 
 
-def init_state(model, args):
-    return train_state.TrainState.create(apply_fn=model.__call__, params=model.params,
+def init_state(model, args, params=None):
+    return train_state.TrainState.create(apply_fn=model.__call__, params=model.params if params is None else params,
                                          tx=make_optimizer(args))
 
 
@@ -1869,11 +1879,17 @@ def dispatch(train_step, state, batch, dropout_key, progress, args, report):
     return state
 
 
+SMALLER_STEP = "lower --batch_size (the global batch shrinks with it) or --max_length, or pass --mini_batch_size"
+
+
+def batch_kind(lengths):
+    return f"{ {2: 'pairs', 3: 'triplets'}[len(lengths)]} of {' + '.join(map(str, lengths))} tokens"
+
+
 def compile_step(train_step, state, columns, dropout_key, args, report):
     """Runs a step that compiles (a new batch shape) and waits for it, so that a batch too big
     for the device fails here, as one line, rather than at the next fetch with a traceback."""
-    kind = (f"{ {2: 'pairs', 3: 'triplets'}[len(columns)]} of "
-            f"{' + '.join(str(ids.shape[-1]) for ids, _ in columns)} tokens")
+    kind = batch_kind([ids.shape[-1] for ids, _ in columns])
     started = time.perf_counter()
     try:
         state, measured = jax.block_until_ready(train_step(state, columns, dropout_key))
@@ -1881,8 +1897,7 @@ def compile_step(train_step, state, columns, dropout_key, args, report):
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         raise UserError(f"a step on {kind} with --batch_size {args.batch_size} per device and --max_length "
-                        f"{args.max_length} does not fit in device memory ({first_line(e)}); lower "
-                        "--batch_size (the global batch shrinks with it) or --max_length") from e
+                        f"{args.max_length} does not fit in device memory ({first_line(e)}); {SMALLER_STEP}") from e
     report.line(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
     return state, measured
 
@@ -1966,6 +1981,103 @@ class Report:
         if self.writer:
             self.jsonl.close()
             self.board.close()
+
+
+# ============================================================================================
+# Compile for a TPU: the run's steps through the TPU compiler, before renting one
+# ============================================================================================
+# libtpu compiles for a TPU topology on a machine without its chips ("compile-only" devices), so
+# whether each step of a run fits a slice's HBM is known before paying for it. The peaks are Google
+# Cloud's published figures per chip (bf16 FLOP/s, HBM bytes/s, HBM GiB; jax gives no HBM size for
+# compile-only devices), here per device: a v3 chip is two devices, a v4 or v5p chip one "megacore".
+TPU_PEAKS = {"TPU v3": (61.5e12, 450e9, 16), "TPU v4": (275e12, 1200e9, 32), "TPU v5 lite": (197e12, 819e9, 16),
+             "TPU v5": (459e12, 2765e9, 95), "TPU v6 lite": (918e12, 1638e9, 32)}
+# Cloud TPU's slice names: v3, v4 and v5p count TensorCores (two per chip), v5e and v6e chips.
+TPU_SLICES = {"v3-8": "v3:2x2", "v3-32": "v3:4x4", "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v5p-8": "v5p:2x2x1",
+              "v5p-32": "v5p:2x2x4", "v5e-8": "v5e:2x4", "v5e-32": "v5e:4x8", "v6e-8": "v6e:2x4", "v6e-32": "v6e:4x8"}
+
+
+def tpu_devices(name):
+    """The compile-only devices of a TPU slice (TPU_SLICES) or topology (v3:2x2)."""
+    topology = TPU_SLICES.get(name, name)
+    generation, _, chips = topology.partition(":")
+    options = {"chip_config_name": "megacore"} if generation in ("v4", "v5", "v5p") else {}
+    if generation in ("v5e", "v6e") and chips == "2x4":  # one host of 8 chips, as Cloud TPU has it
+        options["chips_per_host_bounds"] = (2, 4, 1)
+    jax.config.update("jax_platforms", "cpu")  # nothing runs: a TPU of this machine is not needed
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # nor its lock, which would keep out other runs
+    from jax.experimental import topologies
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)  # libtpu starts by warning that it cannot tell which chips this machine has
+    try:
+        devices = topologies.get_topology_desc(topology, "tpu", **options).devices
+    except RuntimeError as e:
+        if "not installed" in str(e):
+            raise UserError(f'--compile_for needs libtpu: pip install "jax[tpu]=={jax.__version__}"') from None
+        raise UserError(f"--compile_for {name}: libtpu does not know it ({first_line(e)}); try one of "
+                        f"{', '.join(TPU_SLICES)} or a topology such as v3:2x2") from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    if devices[0].device_kind not in TPU_PEAKS:
+        raise UserError(f"--compile_for {name}: no peak figures for {devices[0].device_kind}")
+    return devices
+
+
+def compile_for_tpu(args, entries):
+    """--compile_for: the step for every batch shape the run can meet (each column count its files
+    give, both if they cannot be read here; each bucket length), compiled for the slice's devices."""
+    devices = tpu_devices(args.compile_for)
+    peaks, hosts = TPU_PEAKS[devices[0].device_kind], len({d.process_index for d in devices})
+    check_batch_split(args, len(devices), hosts)
+    _, config = load_tokenizer_and_config(args)
+    model = FlaxAutoModel.from_config(config, dtype=jnp.dtype(args.dtype), _do_init=False)  # no weights
+    per_device = lambda leaf: jax.ShapeDtypeStruct((len(devices), *leaf.shape), leaf.dtype)  # noqa: E731
+    state, key = jax.tree_util.tree_map(per_device, jax.eval_shape(
+        lambda: (init_state(model, args, model.params_shape_tree), jax.random.PRNGKey(args.seed))))
+    train_step, too_big = make_train_step(model, args, devices), []
+    print(f"--compile_for {args.compile_for}: {len(devices)} x {devices[0].device_kind} on {hosts} host(s), a global "
+          f"batch of {args.batch_size * len(devices)}; per device {peaks[2]} GiB HBM and peaks of {peaks[0] / 1e12:g} "
+          f"TFLOP/s (bf16) and {peaks[1] / 1e9:g} GB/s (Google Cloud's figures)")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            kinds = sorted({len(row) for row, _ in pool.map(  # each file's first usable line
+                lambda entry: head_of(source_url(args.data_folder, entry["name"]), 1), entries)})
+    except UserError as e:
+        print(f"the data cannot be read here ({e}): compiling for pairs and triplets")
+        kinds = [2, 3]
+    for lengths in (shape for columns in kinds for shape in itertools.product(args.pad_to_buckets, repeat=columns)):
+        batch = [(jax.ShapeDtypeStruct((len(devices), args.batch_size, length), jnp.int32),) * 2 for length in lengths]
+        started = time.perf_counter()
+        try:
+            line, fits = step_cost(train_step.lower(state, batch, key).compile(), args, peaks)
+            line = f"compiled in {time.perf_counter() - started:.1f}s; {line}"
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            line, fits = f"does not fit, the compiler refuses ({first_line(e)})", False
+        print(f"{batch_kind(lengths)}: {line}")
+        too_big += [] if fits else [batch_kind(lengths)]
+    if too_big:
+        raise UserError(f"--compile_for {args.compile_for}: the step on {', '.join(too_big)} does not fit in "
+                        f"{peaks[2]} GiB per device; {SMALLER_STEP}")
+    print("every step fits; the times are lower bounds (at the peaks, which no step reaches), not estimates")
+
+
+def step_cost(compiled, args, peaks):
+    """(A compiled step's needs per device, whether they fit): HBM for its buffers (the donated state
+    counted once) and code; time at least for its FLOPs at the peak FLOP/s, or its bytes at the
+    peak bandwidth."""
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    bound = max(cost["flops"] / peaks[0], cost["bytes accessed"] / peaks[1])
+    return (f"per device {needed / 2**20:,.1f} MiB of {peaks[2] * 1024:,} MiB HBM (arguments "
+            f"{memory.argument_size_in_bytes / 2**20:,.1f}, temporaries {memory.temp_size_in_bytes / 2**20:,.1f}), "
+            f"{cost['flops'] / 1e12:.3g} TFLOP and {cost['bytes accessed'] / 1e9:.3g} GB per step: at least "
+            f"{bound * 1e3:,.1f} ms per step, {bound * args.steps / 3600:,.1f} h for --steps {args.steps}",
+            needed <= peaks[2] * 2**30)
 
 
 # ============================================================================================
@@ -2187,16 +2299,15 @@ def main(argv=None, stop=None):
     installs (called as a function, main leaves the caller's signals alone)."""
     stop = stop or StopRequests()
     args = parse_args(argv)
+    if args.compile_for:  # runs nothing: needs no accelerator, no weights, no OUTPUT
+        return compile_for_tpu(args, load_data_config(args.data_config))
     if args.cpu_devices:  # before anything asks jax for devices
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     join_processes(args)
     entries = load_data_config(args.data_config)
     devices = choose_devices(args)
     run_devices = len(devices) * jax.process_count()
-    check_batch_split(args, run_devices)
-    if len(args.pad_to_buckets) > 1 and jax.process_count() > 1:
-        # each process tokenizes only its rows, so processes could choose different lengths
-        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
+    check_batch_split(args, run_devices, jax.process_count())
     sources = open_sources(entries, args)
     held_out = load_held_out(sources, args.eval_rows) if args.eval_steps else None
     tokenizer, config = load_tokenizer_and_config(args)

@@ -14,6 +14,10 @@ import sys
 import types
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# With libtpu installed (requirements-test.txt, for --compile_for) JAX would load it at start-up in
+# every process, warn on stderr that this machine has no TPU, and let one process at a time hold its
+# lock file; every test runs on CPU devices, and --compile_for needs no backend of libtpu's.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -84,9 +88,10 @@ def short_run(tiny, tmp_path_factory):
     return types.SimpleNamespace(output=output, argv=argv, params=exported, traces=collections.Counter(traces))
 
 
-def run_train_script(*argv, block_torch=False, timeout=300):
-    """train_script.py as a user runs it, in a fresh process on 8 emulated devices."""
-    prelude = "import sys; sys.modules['torch'] = None; " if block_torch else ""  # `import torch` fails
+def run_train_script(*argv, block_torch=False, block=(), timeout=300):
+    """train_script.py as a user runs it, in a fresh process on 8 emulated devices, where importing
+    torch (block_torch) or the modules in `block` fails."""
+    prelude = "".join(f"sys.modules[{name!r}] = None; " for name in ("torch",) * block_torch + tuple(block))
     code = prelude + f"import runpy; sys.argv = {['train_script.py', *map(str, argv)]!r}; " \
                      "runpy.run_path('train_script.py', run_name='__main__')"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1")
