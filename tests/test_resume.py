@@ -749,6 +749,8 @@ def test_a_second_signal_stops_at_once_in_one_line(tiny, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="known race, issue 19 item 5 still open: a progress write to the closed "
+                   "terminal before the SIGHUP handler runs ends the run with an OSError (1 run in 2 here)")
 def test_sighup_with_the_terminal_gone_checkpoints_as_sigterm(tiny, tmp_path):
     """An ssh session that drops: its terminal closes, then SIGHUP reaches the process group. The
     run finishes its step, checkpoints and exits 129; its output to the dead terminal is dropped,
