@@ -1,6 +1,6 @@
 """Rebuild v1's Reddit files (reddit/reddit_2015...2018.jsonl.gz) from the public comment dumps.
 
-    python scripts/build_reddit.py DUMPS DATA [--years 2015-2018] [Beam pipeline options]
+    python scripts/build_reddit.py DUMPS DATA [--years 2015-2018] [--passes 1] [Beam pipeline options]
 
 DUMPS is a folder, a glob or one file, on any filesystem Beam reads (local, gs://, s3://, ...):
 the monthly Pushshift-format dumps RC_YYYY-MM.zst, or JSON lines plain, .gz or .bz2, one comment
@@ -12,15 +12,18 @@ conversational-datasets (reddit/create_data.py), which built v1's files:
   replies (so a cycle of replies and what hangs below it gives nothing), gives one pair, kept when
   both texts are: a text is dropped when it is [deleted] or [removed], shorter than 9 or longer than
   127 characters (Unicode code points);
-- the pairs of a year are written in a fixed pseudo-random order (a hash of each reply's id), so a
-  file read in order, as train_script.py reads Reddit, mixes threads.
+- the pairs of a year are written in a fixed pseudo-random order (a hash of the thread chooses one
+  of 256 parts of the file, a hash of the reply its place there), so a file read in order, as
+  train_script.py reads Reddit, mixes threads.
 
 It writes DATA/reddit/reddit_YYYY.jsonl.gz, one {"context": <parent>, "response": <reply>} a line,
 each under a temporary name until whole, adds the years written to DATA/data_config.json (v1's
 weight, the true lines; the other entries kept) and prints the comments read, what was dropped and
 why, and each year's pairs against v1's. Beam's own options choose where it runs: by default the
 local runner on every core (--direct_num_workers N for fewer); --runner DataflowRunner --project P
---region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). Exit status 2 for a bad
+--region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). The local runner holds all
+the comments in RAM at once: --passes K runs the pipeline K times, each on the threads of every K-th
+part, reading the dumps each time, for a K-th of the memory (the same files). Exit status 2 for a bad
 command line or no dumps; 1 for a failed run (no file written) or a damaged dump (its lines before
 the damage are used, the file named).
 """
@@ -54,7 +57,7 @@ NAME = "reddit/reddit_{}.jsonl.gz"
 V1_YEARS = {2015, 2016, 2017, 2018}
 METRICS = "build_reddit"
 CHUNK = 1 << 20
-SHARDS = 256  # per year; a shard is sorted in one worker's memory (~1M pairs in a four-year run)
+SHARDS = 256  # per year, of whole threads; a shard is sorted in one worker's memory (~1M pairs a year)
 
 
 class UserError(Exception):
@@ -89,7 +92,8 @@ def text_problem(body):
 
 def comment_of(line):
     """(year, link_id), (id, parent_id, body or "" when the text is dropped), the text's problem;
-    a str naming what is wrong with a line that is not a comment."""
+    a str naming what is wrong with a line that is not a comment (ids holding a NUL are not ids, and
+    would not survive `packed`)."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -100,6 +104,8 @@ def comment_of(line):
         if not isinstance(body, str):
             return "missing a field"
         key, comment, problem = (year, bare_id(link)), (bare_id(cid), bare_id(parent)), text_problem(body)
+        if "\0" in cid + parent:
+            return "missing a field"
     except (KeyError, TypeError, ValueError, OverflowError):  # absent, null, or not of its kind
         return "missing a field"
     return key, comment + ("" if problem else body,), problem
@@ -129,8 +135,13 @@ def thread_pairs(comments):
 
 
 def order_key(year, link_id, cid):
-    """A reply's place in its year's file: a hash, so that the order is fixed and threads mixed."""
+    """A reply's place in its shard: a hash, so that the order is fixed and threads mixed."""
     return int.from_bytes(hashlib.blake2b(f"{year}/{link_id}/{cid}".encode(), digest_size=8).digest(), "big")
+
+
+def shard_of(year, link_id):
+    """The shard of its year's file that holds a thread's pairs; --passes K makes shard s in pass s % K."""
+    return order_key(year, link_id, "") % SHARDS
 
 
 # ============================================================================================
@@ -184,12 +195,24 @@ def dump_lines(path):
         yield rest
 
 
-class ReadDump(beam.DoFn):
-    """One dump to ((year, link_id), comment) for the years asked, counting per file the lines
-    read, those that are not comments, those of other years and the texts dropped."""
+def packed(comment):
+    """A comment as one bytes object, id NUL parent NUL body: the local runner holds every comment
+    between the reading and the threads in its RAM, where this takes half of a tuple of three str.
+    surrogatepass: a JSON text may hold a lone surrogate."""
+    return "\0".join(comment).encode(errors="surrogatepass")
 
-    def __init__(self, years):
-        self.years = years
+
+def unpacked(data):
+    return data.decode(errors="surrogatepass").split("\0", 2)
+
+
+class ReadDump(beam.DoFn):
+    """One dump to ((year, link_id), packed comment) for the years asked and the threads of this pass,
+    counting per file (in the first pass) the lines read, those that are not comments, those of other
+    years and the texts dropped."""
+
+    def __init__(self, years, part, passes):
+        self.years, self.part, self.passes = years, part, passes
 
     def process(self, path):
         counts = {}
@@ -202,31 +225,33 @@ class ReadDump(beam.DoFn):
                     what = "outside --years"
                 else:
                     what = comment[2]
-                    yield comment[:2]
+                    if self.passes == 1 or shard_of(*comment[0]) % self.passes == self.part:
+                        yield comment[0], packed(comment[1])
                 counts["read"] = counts.get("read", 0) + 1
                 if what:
                     counts[what] = counts.get(what, 0) + 1
         except Damaged as e:
             counts[f"damaged: {e}"] = 1
-        for what, count in counts.items():
+        for what, count in counts.items() if self.part == 0 else ():
             Metrics.counter(METRICS, f"{what}\t{path}").inc(count)
 
 
 class MakePairs(beam.DoFn):
-    """A thread's pairs, each keyed by its year's shard and its place there."""
+    """A thread's pairs keyed by its year's shard, each as one bytes object: its place there (8 bytes,
+    so that bytes sort as places) then its line."""
 
-    def __init__(self, shards):
-        self.shards = shards
+    def __init__(self):
         self.cycles = Metrics.counter(METRICS, "replies in a cycle\t")
 
     def process(self, thread):
         (year, link_id), comments = thread
-        pairs, unreached = thread_pairs(comments)
+        pairs, unreached = thread_pairs(map(unpacked, comments))
         if unreached:
             self.cycles.inc(unreached)
+        shard = (year, shard_of(year, link_id))
         for cid, context, response in pairs:
-            key = order_key(year, link_id, cid)
-            yield (year, key % self.shards), (key, json.dumps({"context": context, "response": response}))
+            line = json.dumps({"context": context, "response": response}).encode()
+            yield shard, order_key(year, link_id, cid).to_bytes(8, "big") + line
 
 
 class WriteShard(beam.DoFn):
@@ -239,21 +264,21 @@ class WriteShard(beam.DoFn):
     def process(self, shard):
         (year, index), lines = shard
         lines = sorted(lines)
-        data = gzip.compress("".join(line + "\n" for _, line in lines).encode(), mtime=0)
+        data = gzip.compress(b"".join(line[8:] + b"\n" for line in lines), mtime=0)
         path = FileSystems.join(self.folder, f"{year}-{index:05d}-{len(lines)}.gz")
         with FileSystems.create(path, compression_type="uncompressed") as f:  # a retry writes the same bytes
             f.write(data)
 
 
-def run_pipeline(paths, years, folder, options, runner):
-    """Runs the pipeline to its end; returns its result (the counters)."""
+def run_pipeline(paths, years, folder, options, runner, part=0, passes=1):
+    """Runs the pipeline (pass `part` of `passes`) to its end; returns its result (the counters)."""
     pipeline = beam.Pipeline(runner=runner, options=options)
     (pipeline
      | "dumps" >> beam.Create(paths)
      | "spread" >> beam.Reshuffle()
-     | "comments" >> beam.ParDo(ReadDump(years))
+     | "comments" >> beam.ParDo(ReadDump(years, part, passes))
      | "threads" >> beam.GroupByKey()
-     | "pairs" >> beam.ParDo(MakePairs(SHARDS))
+     | "pairs" >> beam.ParDo(MakePairs())
      | "shards" >> beam.GroupByKey()
      | "write" >> beam.ParDo(WriteShard(folder)))
     result = pipeline.run()
@@ -296,6 +321,12 @@ def parse_years(text):
     if not years or not set(years) <= V1_YEARS:
         raise argparse.ArgumentTypeError(f"expected a year or a range of years within 2015-2018, got {text!r}")
     return years
+
+
+def parse_passes(text):
+    if not text.isdigit() or not 1 <= int(text) <= SHARDS:
+        raise argparse.ArgumentTypeError(f"expected a number of passes from 1 to {SHARDS}, got {text!r}")
+    return int(text)
 
 
 def beam_options(beam_args):
@@ -412,20 +443,26 @@ def remove_folder(folder):
         os.rmdir(folder)
 
 
-def build(dumps, data, years, beam_args):
-    """The whole job: the pipeline into shards, the shards into each year's file, the config, the
-    report. Returns the years written and the damaged dumps."""
+def build(dumps, data, years, passes, beam_args):
+    """The whole job: the pipeline into shards (once per pass), the shards into each year's file, the
+    config, the report. Returns the years written and the damaged dumps."""
     paths = find_dumps(dumps)
     options, runner = beam_options(beam_args)
     folder = FileSystems.join(data, "reddit", ".shards")
     remove_folder(folder)  # a failed run's
     FileSystems.mkdirs(folder)
+    counts = {}
     try:
-        result = run_pipeline(paths, set(years), folder, options, runner)
+        for part in range(passes):
+            result = run_pipeline(paths, set(years), folder, options, runner, part, passes)
+            for key, n in counts_of(result).items():
+                counts[key] = counts.get(key, 0) + n
+            if passes > 1:
+                print(f"pass {part + 1} of {passes} done", flush=True)
         written = assemble(folder, data)
     finally:
         remove_folder(folder)
-    text, damaged = report(paths, counts_of(result), written, years)
+    text, damaged = report(paths, counts, written, years)
     print(text)
     if written:
         print(f"added {', '.join(map(str, written))} to {update_config(data, written)}")
@@ -439,9 +476,12 @@ def main(argv=None):
     p.add_argument("dumps", help="the comment dumps: a folder, a glob or a file (local, gs://, ...)")
     p.add_argument("data", help="the data folder: DATA/reddit/reddit_YYYY.jsonl.gz and DATA/data_config.json")
     p.add_argument("--years", type=parse_years, default="2015-2018", help="YYYY or YYYY-YYYY")
+    p.add_argument("--passes", type=parse_passes, default=1,
+                   help="make the pairs of a K-th of the threads at a time, reading the dumps K times: "
+                        "the local runner holds them all in RAM, a K-th then")
     args, beam_args = p.parse_known_args(argv)
     try:
-        written, damaged = build(args.dumps, args.data, args.years, beam_args)
+        written, damaged = build(args.dumps, args.data, args.years, args.passes, beam_args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
