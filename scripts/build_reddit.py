@@ -22,8 +22,8 @@ weight, the true lines; the other entries kept) and prints the comments read, wh
 why, and each year's pairs against v1's. Beam's own options choose where it runs: by default the
 local runner on every core (--direct_num_workers N for fewer); --runner DataflowRunner --project P
 --region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). The local runner holds all
-the comments in RAM at once: --passes K runs the pipeline K times, each on the threads of every K-th
-part, reading the dumps each time, for a K-th of the memory (the same files). Exit status 2 for a bad
+the comments in RAM at once (~0.3 KB each): --passes K runs the pipeline K times, each in a process
+of its own on a K-th of the threads, reading the dumps each time, for a K-th of that (the same files). Exit status 2 for a bad
 command line or no dumps; 1 for a failed run (no file written) or a damaged dump (its lines before
 the damage are used, the file named).
 """
@@ -34,11 +34,13 @@ import gzip
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import sys
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 
 import apache_beam as beam
 import zstandard
@@ -270,8 +272,10 @@ class WriteShard(beam.DoFn):
             f.write(data)
 
 
-def run_pipeline(paths, years, folder, options, runner, part=0, passes=1):
-    """Runs the pipeline (pass `part` of `passes`) to its end; returns its result (the counters)."""
+def run_pipeline(paths, years, folder, beam_args, part=0, passes=1):
+    """Runs the pipeline (pass `part` of `passes`) to its end; returns its counters."""
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)  # the workers' notices, relayed
+    options, runner = beam_options(beam_args)
     pipeline = beam.Pipeline(runner=runner, options=options)
     (pipeline
      | "dumps" >> beam.Create(paths)
@@ -284,7 +288,7 @@ def run_pipeline(paths, years, folder, options, runner, part=0, passes=1):
     result = pipeline.run()
     if result.wait_until_finish() != PipelineState.DONE:  # a cancelled cluster job, say
         raise RuntimeError(f"the pipeline ended {result.state}")
-    return result
+    return counts_of(result)
 
 
 # ============================================================================================
@@ -447,18 +451,21 @@ def build(dumps, data, years, passes, beam_args):
     """The whole job: the pipeline into shards (once per pass), the shards into each year's file, the
     config, the report. Returns the years written and the damaged dumps."""
     paths = find_dumps(dumps)
-    options, runner = beam_options(beam_args)
+    beam_options(beam_args)  # a bad option refused before any work
     folder = FileSystems.join(data, "reddit", ".shards")
     remove_folder(folder)  # a failed run's
     FileSystems.mkdirs(folder)
     counts = {}
     try:
         for part in range(passes):
-            result = run_pipeline(paths, set(years), folder, options, runner, part, passes)
-            for key, n in counts_of(result).items():
-                counts[key] = counts.get(key, 0) + n
-            if passes > 1:
+            if passes == 1:
+                more = run_pipeline(paths, set(years), folder, beam_args)
+            else:  # each pass in a process of its own: the local runner's process keeps what a pass took
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                    more = pool.submit(run_pipeline, paths, set(years), folder, beam_args, part, passes).result()
                 print(f"pass {part + 1} of {passes} done", flush=True)
+            for key, n in more.items():
+                counts[key] = counts.get(key, 0) + n
         written = assemble(folder, data)
     finally:
         remove_folder(folder)
@@ -470,7 +477,6 @@ def build(dumps, data, years, passes, beam_args):
 
 
 def main(argv=None):
-    logging.getLogger("apache_beam").setLevel(logging.ERROR)  # the workers' notices, relayed
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other options go to Beam.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dumps", help="the comment dumps: a folder, a glob or a file (local, gs://, ...)")
