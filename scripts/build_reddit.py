@@ -22,10 +22,10 @@ weight, the true lines; the other entries kept) and prints the comments read, wh
 why, and each year's pairs against v1's. Beam's own options choose where it runs: by default the
 local runner on every core (--direct_num_workers N for fewer); --runner DataflowRunner --project P
 --region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). The local runner holds all
-the comments in RAM at once (~0.3 KB each): --passes K runs the pipeline K times, each in a process
-of its own on a K-th of the threads, reading the dumps each time, for a K-th of that (the same files). Exit status 2 for a bad
-command line or no dumps; 1 for a failed run (no file written) or a damaged dump (its lines before
-the damage are used, the file named).
+the comments in RAM at once (~0.45 KB each): --passes K runs the pipeline K times, each in a process
+of its own on a K-th of the threads, reading the dumps each time, for a K-th of that (the same
+files). Exit status 2 for a bad command line or no dumps; 1 for a failed run (no file written) or a
+damaged dump (its lines before the damage are used, the file named).
 """
 
 import argparse
@@ -94,8 +94,7 @@ def text_problem(body):
 
 def comment_of(line):
     """(year, link_id), (id, parent_id, body or "" when the text is dropped), the text's problem;
-    a str naming what is wrong with a line that is not a comment (ids holding a NUL are not ids, and
-    would not survive `packed`)."""
+    a str naming what is wrong with a line that is not a comment."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -106,8 +105,6 @@ def comment_of(line):
         if not isinstance(body, str):
             return "missing a field"
         key, comment, problem = (year, bare_id(link)), (bare_id(cid), bare_id(parent)), text_problem(body)
-        if "\0" in cid + parent:
-            return "missing a field"
     except (KeyError, TypeError, ValueError, OverflowError):  # absent, null, or not of its kind
         return "missing a field"
     return key, comment + ("" if problem else body,), problem
@@ -197,19 +194,8 @@ def dump_lines(path):
         yield rest
 
 
-def packed(comment):
-    """A comment as one bytes object, id NUL parent NUL body: the local runner holds every comment
-    between the reading and the threads in its RAM, where this takes half of a tuple of three str.
-    surrogatepass: a JSON text may hold a lone surrogate."""
-    return "\0".join(comment).encode(errors="surrogatepass")
-
-
-def unpacked(data):
-    return data.decode(errors="surrogatepass").split("\0", 2)
-
-
 class ReadDump(beam.DoFn):
-    """One dump to ((year, link_id), packed comment) for the years asked and the threads of this pass,
+    """One dump to ((year, link_id), comment) for the years asked and the threads of this pass,
     counting per file (in the first pass) the lines read, those that are not comments, those of other
     years and the texts dropped."""
 
@@ -228,7 +214,7 @@ class ReadDump(beam.DoFn):
                 else:
                     what = comment[2]
                     if self.passes == 1 or shard_of(*comment[0]) % self.passes == self.part:
-                        yield comment[0], packed(comment[1])
+                        yield comment[:2]
                 counts["read"] = counts.get("read", 0) + 1
                 if what:
                     counts[what] = counts.get(what, 0) + 1
@@ -239,21 +225,19 @@ class ReadDump(beam.DoFn):
 
 
 class MakePairs(beam.DoFn):
-    """A thread's pairs keyed by its year's shard, each as one bytes object: its place there (8 bytes,
-    so that bytes sort as places) then its line."""
+    """A thread's pairs, keyed by its year's shard, each with its place there."""
 
     def __init__(self):
         self.cycles = Metrics.counter(METRICS, "replies in a cycle\t")
 
     def process(self, thread):
         (year, link_id), comments = thread
-        pairs, unreached = thread_pairs(map(unpacked, comments))
+        pairs, unreached = thread_pairs(comments)
         if unreached:
             self.cycles.inc(unreached)
         shard = (year, shard_of(year, link_id))
         for cid, context, response in pairs:
-            line = json.dumps({"context": context, "response": response}).encode()
-            yield shard, order_key(year, link_id, cid).to_bytes(8, "big") + line
+            yield shard, (order_key(year, link_id, cid), json.dumps({"context": context, "response": response}))
 
 
 class WriteShard(beam.DoFn):
@@ -266,7 +250,7 @@ class WriteShard(beam.DoFn):
     def process(self, shard):
         (year, index), lines = shard
         lines = sorted(lines)
-        data = gzip.compress(b"".join(line[8:] + b"\n" for line in lines), mtime=0)
+        data = gzip.compress("".join(line + "\n" for _, line in lines).encode(), mtime=0)
         path = FileSystems.join(self.folder, f"{year}-{index:05d}-{len(lines)}.gz")
         with FileSystems.create(path, compression_type="uncompressed") as f:  # a retry writes the same bytes
             f.write(data)
