@@ -1,6 +1,6 @@
 """Rebuild v1's Reddit files (reddit/reddit_2015...2018.jsonl.gz) from the public comment dumps.
 
-    python scripts/build_reddit.py DUMPS DATA [--years 2015-2018] [Beam pipeline options]
+    python scripts/build_reddit.py DUMPS DATA [--years 2015-2018] [--passes 1] [Beam pipeline options]
 
 DUMPS is a folder, a glob or one file, on any filesystem Beam reads (local, gs://, s3://, ...):
 the monthly Pushshift-format dumps RC_YYYY-MM.zst, or JSON lines plain, .gz or .bz2, one comment
@@ -12,17 +12,20 @@ conversational-datasets (reddit/create_data.py), which built v1's files:
   replies (so a cycle of replies and what hangs below it gives nothing), gives one pair, kept when
   both texts are: a text is dropped when it is [deleted] or [removed], shorter than 9 or longer than
   127 characters (Unicode code points);
-- the pairs of a year are written in a fixed pseudo-random order (a hash of each reply's id), so a
-  file read in order, as train_script.py reads Reddit, mixes threads.
+- the pairs of a year are written in a fixed pseudo-random order (a hash of the thread chooses one
+  of 256 parts of the file, a hash of the reply its place there), so a file read in order, as
+  train_script.py reads Reddit, mixes threads.
 
 It writes DATA/reddit/reddit_YYYY.jsonl.gz, one {"context": <parent>, "response": <reply>} a line,
 each under a temporary name until whole, adds the years written to DATA/data_config.json (v1's
 weight, the true lines; the other entries kept) and prints the comments read, what was dropped and
 why, and each year's pairs against v1's. Beam's own options choose where it runs: by default the
 local runner on every core (--direct_num_workers N for fewer); --runner DataflowRunner --project P
---region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). Exit status 2 for a bad
-command line or no dumps; 1 for a failed run (no file written) or a damaged dump (its lines before
-the damage are used, the file named).
+--region R --temp_location gs://... for Dataflow (or Flink, Spark, Prism). The local runner holds all
+the comments in RAM at once (~0.45 KB each): --passes K runs the pipeline K times, each in a process
+of its own on a K-th of the threads, reading the dumps each time, for a K-th of that (the same
+files). Exit status 2 for a bad command line or no dumps; 1 for a failed run (no file written) or a
+damaged dump (its lines before the damage are used, the file named).
 """
 
 import argparse
@@ -31,11 +34,13 @@ import gzip
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import sys
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 
 import apache_beam as beam
 import zstandard
@@ -54,7 +59,7 @@ NAME = "reddit/reddit_{}.jsonl.gz"
 V1_YEARS = {2015, 2016, 2017, 2018}
 METRICS = "build_reddit"
 CHUNK = 1 << 20
-SHARDS = 256  # per year; a shard is sorted in one worker's memory (~1M pairs in a four-year run)
+SHARDS = 256  # per year, of whole threads; a shard is sorted in one worker's memory (~1M pairs a year)
 
 
 class UserError(Exception):
@@ -129,8 +134,13 @@ def thread_pairs(comments):
 
 
 def order_key(year, link_id, cid):
-    """A reply's place in its year's file: a hash, so that the order is fixed and threads mixed."""
+    """A reply's place in its shard: a hash, so that the order is fixed and threads mixed."""
     return int.from_bytes(hashlib.blake2b(f"{year}/{link_id}/{cid}".encode(), digest_size=8).digest(), "big")
+
+
+def shard_of(year, link_id):
+    """The shard of its year's file that holds a thread's pairs; --passes K makes shard s in pass s % K."""
+    return order_key(year, link_id, "") % SHARDS
 
 
 # ============================================================================================
@@ -185,11 +195,12 @@ def dump_lines(path):
 
 
 class ReadDump(beam.DoFn):
-    """One dump to ((year, link_id), comment) for the years asked, counting per file the lines
-    read, those that are not comments, those of other years and the texts dropped."""
+    """One dump to ((year, link_id), comment) for the years asked and the threads of this pass,
+    counting per file (in the first pass) the lines read, those that are not comments, those of other
+    years and the texts dropped."""
 
-    def __init__(self, years):
-        self.years = years
+    def __init__(self, years, part, passes):
+        self.years, self.part, self.passes = years, part, passes
 
     def process(self, path):
         counts = {}
@@ -202,21 +213,21 @@ class ReadDump(beam.DoFn):
                     what = "outside --years"
                 else:
                     what = comment[2]
-                    yield comment[:2]
+                    if self.passes == 1 or shard_of(*comment[0]) % self.passes == self.part:
+                        yield comment[:2]
                 counts["read"] = counts.get("read", 0) + 1
                 if what:
                     counts[what] = counts.get(what, 0) + 1
         except Damaged as e:
             counts[f"damaged: {e}"] = 1
-        for what, count in counts.items():
+        for what, count in counts.items() if self.part == 0 else ():
             Metrics.counter(METRICS, f"{what}\t{path}").inc(count)
 
 
 class MakePairs(beam.DoFn):
-    """A thread's pairs, each keyed by its year's shard and its place there."""
+    """A thread's pairs, keyed by its year's shard, each with its place there."""
 
-    def __init__(self, shards):
-        self.shards = shards
+    def __init__(self):
         self.cycles = Metrics.counter(METRICS, "replies in a cycle\t")
 
     def process(self, thread):
@@ -224,9 +235,9 @@ class MakePairs(beam.DoFn):
         pairs, unreached = thread_pairs(comments)
         if unreached:
             self.cycles.inc(unreached)
+        shard = (year, shard_of(year, link_id))
         for cid, context, response in pairs:
-            key = order_key(year, link_id, cid)
-            yield (year, key % self.shards), (key, json.dumps({"context": context, "response": response}))
+            yield shard, (order_key(year, link_id, cid), json.dumps({"context": context, "response": response}))
 
 
 class WriteShard(beam.DoFn):
@@ -245,21 +256,23 @@ class WriteShard(beam.DoFn):
             f.write(data)
 
 
-def run_pipeline(paths, years, folder, options, runner):
-    """Runs the pipeline to its end; returns its result (the counters)."""
+def run_pipeline(paths, years, folder, beam_args, part=0, passes=1):
+    """Runs the pipeline (pass `part` of `passes`) to its end; returns its counters."""
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)  # the workers' notices, relayed
+    options, runner = beam_options(beam_args)
     pipeline = beam.Pipeline(runner=runner, options=options)
     (pipeline
      | "dumps" >> beam.Create(paths)
      | "spread" >> beam.Reshuffle()
-     | "comments" >> beam.ParDo(ReadDump(years))
+     | "comments" >> beam.ParDo(ReadDump(years, part, passes))
      | "threads" >> beam.GroupByKey()
-     | "pairs" >> beam.ParDo(MakePairs(SHARDS))
+     | "pairs" >> beam.ParDo(MakePairs())
      | "shards" >> beam.GroupByKey()
      | "write" >> beam.ParDo(WriteShard(folder)))
     result = pipeline.run()
     if result.wait_until_finish() != PipelineState.DONE:  # a cancelled cluster job, say
         raise RuntimeError(f"the pipeline ended {result.state}")
-    return result
+    return counts_of(result)
 
 
 # ============================================================================================
@@ -296,6 +309,12 @@ def parse_years(text):
     if not years or not set(years) <= V1_YEARS:
         raise argparse.ArgumentTypeError(f"expected a year or a range of years within 2015-2018, got {text!r}")
     return years
+
+
+def parse_passes(text):
+    if not text.isdigit() or not 1 <= int(text) <= SHARDS:
+        raise argparse.ArgumentTypeError(f"expected a number of passes from 1 to {SHARDS}, got {text!r}")
+    return int(text)
 
 
 def beam_options(beam_args):
@@ -412,20 +431,29 @@ def remove_folder(folder):
         os.rmdir(folder)
 
 
-def build(dumps, data, years, beam_args):
-    """The whole job: the pipeline into shards, the shards into each year's file, the config, the
-    report. Returns the years written and the damaged dumps."""
+def build(dumps, data, years, passes, beam_args):
+    """The whole job: the pipeline into shards (once per pass), the shards into each year's file, the
+    config, the report. Returns the years written and the damaged dumps."""
     paths = find_dumps(dumps)
-    options, runner = beam_options(beam_args)
+    beam_options(beam_args)  # a bad option refused before any work
     folder = FileSystems.join(data, "reddit", ".shards")
     remove_folder(folder)  # a failed run's
     FileSystems.mkdirs(folder)
+    counts = {}
     try:
-        result = run_pipeline(paths, set(years), folder, options, runner)
+        for part in range(passes):
+            if passes == 1:
+                more = run_pipeline(paths, set(years), folder, beam_args)
+            else:  # each pass in a process of its own: the local runner's process keeps what a pass took
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                    more = pool.submit(run_pipeline, paths, set(years), folder, beam_args, part, passes).result()
+                print(f"pass {part + 1} of {passes} done", flush=True)
+            for key, n in more.items():
+                counts[key] = counts.get(key, 0) + n
         written = assemble(folder, data)
     finally:
         remove_folder(folder)
-    text, damaged = report(paths, counts_of(result), written, years)
+    text, damaged = report(paths, counts, written, years)
     print(text)
     if written:
         print(f"added {', '.join(map(str, written))} to {update_config(data, written)}")
@@ -433,15 +461,17 @@ def build(dumps, data, years, beam_args):
 
 
 def main(argv=None):
-    logging.getLogger("apache_beam").setLevel(logging.ERROR)  # the workers' notices, relayed
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other options go to Beam.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("dumps", help="the comment dumps: a folder, a glob or a file (local, gs://, ...)")
     p.add_argument("data", help="the data folder: DATA/reddit/reddit_YYYY.jsonl.gz and DATA/data_config.json")
     p.add_argument("--years", type=parse_years, default="2015-2018", help="YYYY or YYYY-YYYY")
+    p.add_argument("--passes", type=parse_passes, default=1,
+                   help="make the pairs of a K-th of the threads at a time, reading the dumps K times: "
+                        "the local runner holds them all in RAM, a K-th then")
     args, beam_args = p.parse_known_args(argv)
     try:
-        written, damaged = build(args.dumps, args.data, args.years, beam_args)
+        written, damaged = build(args.dumps, args.data, args.years, args.passes, beam_args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

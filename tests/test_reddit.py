@@ -2,8 +2,8 @@
 
 The pipeline's pairs are checked against PolyAI's rules written out plainly below (reading the
 dumps on its own, walking each reply's parents), then case by case. Beam takes seconds to start,
-so the runs are few: one shared build with two workers, one with one worker, one of damaged dumps,
-one that fails while writing.
+so the runs are few: one shared build with two workers, one with one worker, one in three passes,
+one of damaged dumps, one that fails while writing.
 """
 
 import collections
@@ -182,6 +182,18 @@ def test_one_worker_writes_the_same_files(dumps, built, tmp_path):
         assert (tmp_path / name).read_bytes() == (built[0] / name).read_bytes()
 
 
+def test_passes_write_the_same_files_and_report(dumps, built, tmp_path):
+    """--passes, the local runner's way to hold a part of the threads at a time."""
+    result = build_reddit(dumps[0], tmp_path, "--direct_num_workers", 2, "--passes", 3)
+    assert result.returncode == 0, result.stderr
+    for year in YEARS:
+        name = f"reddit/reddit_{year}.jsonl.gz"
+        assert (tmp_path / name).read_bytes() == (built[0] / name).read_bytes()
+    report = [line for line in result.stdout.splitlines() if not line.startswith(("pass ", "added "))]
+    assert report == [line for line in built[1].stdout.splitlines() if not line.startswith("added ")]
+    assert "pass 3 of 3 done" in result.stdout
+
+
 def test_train_script_reads_the_files(tiny, built, tmp_path):
     data = built[0]
     dump = tmp_path / "batches.jsonl"
@@ -228,8 +240,9 @@ NO_DUMPS = "no dumps there (RC_*.zst, *.jsonl or *.json, plain, .gz or .bz2), or
 
 @pytest.mark.parametrize("what, flags, error", [
     ("missing", (), NO_DUMPS), ("empty folder", (), NO_DUMPS), ("empty file", (), NO_DUMPS),
-    ("dumps", ("--yeras", 2015), "unknown option --yeras"), ("dumps", ("--years", 2019), "--years: expected a year")],
-    ids=["missing", "empty folder", "empty file", "unknown option", "a year not v1's"])
+    ("dumps", ("--yeras", 2015), "unknown option --yeras"), ("dumps", ("--years", 2019), "--years: expected a year"),
+    ("dumps", ("--passes", 0), "--passes: expected a number")],
+    ids=["missing", "empty folder", "empty file", "unknown option", "a year not v1's", "no passes"])
 def test_bad_command_lines_are_one_line(dumps, tmp_path, what, flags, error):
     folder = {"missing": tmp_path / "none", "empty folder": tmp_path, "dumps": dumps[0]}.get(what, tmp_path)
     if what == "empty file":
