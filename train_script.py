@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import gzip
@@ -587,9 +588,8 @@ def text_batches(sources, args, global_batch, local_range, stride, start_step=0)
     filling steps_per_draw steps, a text once per round. A round that a checkpoint cut is replayed
     from its first step on resume, so that the same rows are skipped: mid-round, a batch's
     stream_state is the positions at the start of its round."""
-    # period: the steps that share the draw and the seen texts
-    per_draw = steps_per_draw(args, global_batch // args.batch_size) if args.mixing == "original" else 1
-    period = per_draw * args.datasets_per_batch if args.mixing == "original" else 1
+    per_draw = steps_per_draw(args, global_batch // args.batch_size)
+    period = per_draw * args.datasets_per_batch if args.mixing == "original" else 1  # steps sharing draw and seen texts
     local_start, local_stop = local_range
     for step in itertools.count(start_step - start_step % period):
         if step % period == 0:
@@ -1382,12 +1382,13 @@ def model_card(folder, config, args, run):
                                  metric_type=key, metric_value=value) for key, value in scores.items()] or None)
     base = (f"[{data.base_model}](https://huggingface.co/{data.base_model})" if data.base_model
             else f"`{args.model}` (a local folder)")
+    per_draw = steps_per_draw(args, devices)
     batches = (f"{args.datasets_per_batch} equal shares per batch, each from a file drawn anew by weight (after "
                "the first, among files with as many columns); no text repeats within a batch"
                if args.mixing == "per_batch" else
-               f"one file per batch: a round of {steps_per_draw(args, devices) * args.datasets_per_batch} steps draws "
+               f"one file per batch: a round of {per_draw * args.datasets_per_batch} steps draws "
                f"{args.datasets_per_batch} files by weight (all with as many columns), each for "
-               f"{steps_per_draw(args, devices)} consecutive steps; no text repeats within a round")
+               f"{per_draw} consecutive steps; no text repeats within a round")
     clipping = ("each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device"
                 else "of the gradient averaged over the devices")
     loss = ("in-batch cross-entropy of each anchor against all positives and hard negatives "
@@ -1695,6 +1696,37 @@ def leave_the_terminal():
                 os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
+class OutlivesTheTerminal:
+    """sys.stdout or sys.stderr, whose first write to a terminal or pipe gone with the session (EIO,
+    EPIPE) leaves it as SIGHUP does: the terminal closes before the signal comes, and a line printed
+    in between must not end the run. Other errors (a full disk under a log file) are raised."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @contextlib.contextmanager
+    def terminal_gone(self):
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.EPIPE):
+                raise
+            leave_the_terminal()
+
+    def write(self, text):
+        with self.terminal_gone():
+            return self.stream.write(text)
+        return len(text)  # to /dev/null
+
+    def flush(self):
+        with self.terminal_gone():
+            return self.stream.flush()
+        self.stream.flush()  # what it held, now to /dev/null
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def handle_stop_signals():
     """Takes SIGTERM, SIGINT and SIGHUP for the rest of the process; returns the StopRequests they feed.
 
@@ -1702,6 +1734,7 @@ def handle_stop_signals():
     in the main thread and between two bytecodes, so it would wait for an XLA compilation, a step
     or a stuck call, where a second signal must stop at once."""
     requests = StopRequests()
+    sys.stdout, sys.stderr = OutlivesTheTerminal(sys.stdout), OutlivesTheTerminal(sys.stderr)
     # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
     # tracker, which removes them and would warn about each; it takes its warning filters from here.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")

@@ -278,7 +278,9 @@ def test_the_step_is_the_published_update_rule(tiny, tmp_path, flags):
     print(f"\n8-device step vs torch, 4 steps: parameters differ by {values:.1e} of their size ({worst}; they "
           f"moved by up to {moved:.1e} of it); per-core norms {[[round(n, 2) for n in step] for step in norms]}; "
           f"--clip_scope global's update differs by {other_rule:.1e}")
-    assert values <= 1e-6
+    # float32 on both sides, summed in different orders (XLA, torch): measured 5e-7 to 1.1e-6 of a
+    # parameter's size, about 10 ulps, where a bias's gradient nearly cancels over the tokens
+    assert values <= 3e-6
     assert all(n > 1 for step in norms for n in step)  # every core's clipping binds
     assert other_rule > 1e-2
     assert [m["grad_norm"] for m in measured] == pytest.approx([np.mean(step) for step in norms], rel=1e-4)
