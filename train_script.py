@@ -10,9 +10,9 @@ data_config.json, drawn with probability proportional to its weight (as the publ
 gathered over all devices) and minimises the cross-entropy of the true partner. OUTPUT/final is
 a sentence-transformers model.
 
-The file reads in the order of the work: arguments, data, model & loss, update step, evals,
-export, checkpoints, train loop, main. A copy of it is left in OUTPUT as the record of how the
-model was made.
+The file reads in the order of the work: arguments, devices, data, input pipeline, model & loss,
+update step, evals, export, OUTPUT, checkpoints, stopping, train loop, compiling for a TPU, main.
+A copy of it is left in OUTPUT as the record of how the model was made.
 """
 
 import argparse
@@ -84,6 +84,11 @@ class UserError(Exception):
     """A problem with the command line, the data or the model: reported as one line, exit 2."""
 
 
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
 # ============================================================================================
 # Arguments
 # ============================================================================================
@@ -131,11 +136,11 @@ def parse_args(argv=None):
     run.add_argument("--steps", type=COUNT, default=540_000,
                      help="training steps; a --resume may change it (and --schedule_steps): a finished run goes on")
     run.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
-    run.add_argument("--mini_batch_size", type=int, default=None,
+    run.add_argument("--mini_batch_size", type=COUNT, default=None,
                      help="GradCache: embed and back-propagate this many rows of a device's batch at a time (same "
                           "gradients, activation memory of this many rows); None: the whole batch in one pass")
     run.add_argument("--max_length", type=COUNT, default=128, help="truncate every text to this many word pieces")
-    run.add_argument("--pad_to_buckets", default=None, metavar="L1,L2,...",
+    run.add_argument("--pad_to_buckets", type=bucket_list, default=None, metavar="L1,L2,...",
                      help="pad each column to the smallest of these lengths that fits its longest text "
                           "(--max_length is the last); None: always to --max_length")
     run.add_argument("--mixing", choices=["original", "per_batch"], default="original",
@@ -235,23 +240,24 @@ def parse_args(argv=None):
         raise UserError(f"{e.argument_name} {e.message}") from None
     args.run_flags = [action.dest for action in run._group_actions]  # what a checkpoint records
     args.command = shlex.join(["python", *sys.argv] if argv is None else ["python", "train_script.py", *argv])
-    # A short run (a smoke test) may keep the card's warm-up; one typed beyond --steps would leave
-    # the learning rate short of --lr for the whole run.
-    if args.warmup_steps > args.steps and args.warmup_steps != p.get_default("warmup_steps"):
-        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
-    check_combinations(args)
+    check_combinations(args, p)
     return args
 
 
-def check_combinations(args):
-    """What the flags' types cannot see alone; fills the defaults that depend on other flags."""
+def check_combinations(args, parser):
+    """What the flags' types cannot see alone; fills the defaults that depend on other flags. The
+    flags checked against the run's devices are checked in check_batch_split."""
+    # A short run (a smoke test) may keep the card's warm-up; one typed beyond --steps would leave
+    # the learning rate short of --lr for the whole run.
+    if args.warmup_steps > args.steps and args.warmup_steps != parser.get_default("warmup_steps"):
+        raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
     if args.cache_small_sources is None:
         args.cache_small_sources = 10_000_000 if args.data_order == "original" else 0
     args.schedule_steps = args.schedule_steps or args.steps
     if args.schedule_steps < args.steps:
         raise UserError(f"--schedule_steps {args.schedule_steps} is below --steps {args.steps}: the lr would be 0 "
                         "from there on")
-    if args.mini_batch_size is not None and (args.mini_batch_size < 1 or args.batch_size % args.mini_batch_size):
+    if args.mini_batch_size and args.batch_size % args.mini_batch_size:
         raise UserError(f"--mini_batch_size {args.mini_batch_size} must divide --batch_size {args.batch_size}")
     if args.max_length < 3:
         raise UserError(f"--max_length {args.max_length} leaves no room for a word piece after [CLS] and [SEP]: "
@@ -268,19 +274,129 @@ def check_combinations(args):
         raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
 
 
-def bucket_lengths(text, max_length):
-    """--pad_to_buckets "32,64" -> (32, 64, max_length): increasing, ending at --max_length."""
-    if text is None:
-        return (max_length,)
+def bucket_list(text):
+    """An argparse type: --pad_to_buckets "32,64" -> (32, 64), positive and increasing."""
     try:
-        buckets = [int(b) for b in text.split(",")]
+        buckets = tuple(int(b) for b in text.split(","))
     except ValueError:
-        raise UserError(f"--pad_to_buckets {text}: expected comma-separated lengths such as 32,64,128")
-    if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
-        raise UserError(f"--pad_to_buckets {text}: lengths must be positive and increasing")
+        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated lengths such as 32,64,128")
+    if any(b < 1 for b in buckets) or list(buckets) != sorted(set(buckets)):
+        raise argparse.ArgumentTypeError(f"{text}: lengths must be positive and increasing")
+    return buckets
+
+
+def bucket_lengths(buckets, max_length):
+    """--pad_to_buckets (32, 64) -> (32, 64, max_length): ending at --max_length (None: that alone)."""
+    if buckets is None:
+        return (max_length,)
     if buckets[-1] > max_length:
-        raise UserError(f"--pad_to_buckets {text}: {buckets[-1]} exceeds --max_length {max_length}")
-    return tuple(buckets) if buckets[-1] == max_length else (*buckets, max_length)
+        raise UserError(f"--pad_to_buckets {','.join(map(str, buckets))}: {buckets[-1]} exceeds --max_length "
+                        f"{max_length}")
+    return buckets if buckets[-1] == max_length else (*buckets, max_length)
+
+
+# ============================================================================================
+# Devices: the processes of the run and their devices
+# ============================================================================================
+# Every process runs the same command on its own devices; pmap spans the devices of all of them.
+
+def join_processes(args):
+    """Multi-host: connects this process to the others; must run before anything asks jax for devices."""
+    if not (args.multihost or args.coordinator_address):
+        return
+    # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax's preemption service would take SIGTERM from this script's handler (handle_stop_signals),
+    # which serves SIGINT too and lets the processes agree on the step to stop after (agreed_stop)
+    jax.config.update("jax_enable_preemption_service", False)
+    address, count, me = args.coordinator_address, args.num_processes, args.process_id
+    if address:
+        print(f"joining {count or 'all'} processes at {address}" + ("" if me is None else f" as process {me}") +
+              f"; waiting up to {args.join_timeout:g}s (--join_timeout)", flush=True)
+
+    def give_up():  # jax's own timeout aborts with a C++ stack trace: this one comes first, in one line
+        print(f"error: --join_timeout {args.join_timeout:g}: {who_is_missing(address, count, me)}; start the "
+              "same command on every host, each with its --process_id", file=sys.stderr, flush=True)
+        os._exit(2)
+    timer = threading.Timer(args.join_timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(address, count, me, initialization_timeout=math.ceil(args.join_timeout) + 60)
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"--multihost: cannot join the other processes ({first_line(e)})")
+    finally:
+        timer.cancel()
+
+
+def who_is_missing(address, count, me):
+    """The processes that did not join, as far as this one can tell."""
+    if not address or me == 0:
+        others = "process 1" if count == 2 else f"some of processes 1 .. {count - 1}" if count else "a process"
+        return f"{others} did not join" + (f" the coordinator at {address} (this process)" if address else "")
+    with contextlib.suppress(OSError, ValueError), socket.create_connection(
+            (address.rpartition(":")[0].strip("[]"), int(address.rpartition(":")[2])), timeout=5):
+        return f"the coordinator at {address} answers, but not all of the {count} processes joined it"
+    return f"process 0, the coordinator at {address}, does not answer"
+
+
+def choose_devices(args):
+    """This process's devices (--nprocs of them), refused with the flags that do not fit their number."""
+    local = jax.local_devices()
+    count = args.nprocs or len(local)
+    if count > len(local):
+        raise UserError(f"--nprocs {count} but only {len(local)} {local[0].platform} device(s) are present; "
+                        f"on CPU, emulate {count} with XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+    check_batch_split(args, count * jax.process_count(), jax.process_count())
+    return local[:count]
+
+
+def check_batch_split(args, device_count, processes):
+    """Refuses a global batch without negatives or that --mixing cannot fill (`device_count`: every process's)."""
+    if len(args.pad_to_buckets) > 1 and processes > 1:
+        # each process tokenizes only its rows, so processes could choose different lengths
+        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
+    global_batch = args.batch_size * device_count
+    if global_batch < 2:  # its loss and gradient would be 0
+        raise UserError(f"a global batch of 1 pair (--batch_size {args.batch_size} x {device_count} device) has no "
+                        "in-batch negatives: pass --batch_size 2 or more")
+    if args.mixing == "per_batch" and global_batch % args.datasets_per_batch:
+        raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x {device_count} devices) "
+                        f"cannot be split into --datasets_per_batch {args.datasets_per_batch} equal shares")
+
+
+def devices_of_all_processes(local_devices):
+    """The devices of the whole run: every process's first len(local_devices), grouped by process.
+
+    Grouped so that the pmap positions of process p's devices are the rows of the global batch
+    it reads (text_batches' local range); a single process gets its own devices back."""
+    count = len(local_devices)
+    return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:count]]
+
+
+def device_sharding(devices):
+    """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices.
+
+    Inputs already in this layout (the state, every batch) never make the step recompile. With
+    several processes the mesh spans all their devices, each process supplies the rows of its own
+    devices, and pmap hands back this process's rows only; those go back in as they are."""
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                      jax.sharding.PartitionSpec(AXIS))
+
+
+def to_devices(tree, sharding):
+    """Host arrays [local devices, ...] -> one global array per leaf, laid out for pmap."""
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def first_local_replica(tree):
+    """The copy held by this process's first device of every replicated leaf (no cross-host fetch)."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree)
+
+
+def replicate(tree, sharding, copies):
+    """A copy of `tree` on each of this process's devices (`copies` of them)."""
+    return to_devices(jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (copies, *np.shape(x))), tree), sharding)
 
 
 # ============================================================================================
@@ -523,24 +639,10 @@ class TextBatch:
     invalid: dict          # {source name: unusable lines skipped so far}, sources with any
 
 
-def check_batch_split(args, devices, processes):
-    """Refuses a global batch without negatives or that --mixing cannot fill; `devices` counts every process's."""
-    if len(args.pad_to_buckets) > 1 and processes > 1:
-        # each process tokenizes only its rows, so processes could choose different lengths
-        raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
-    global_batch = args.batch_size * devices
-    if global_batch < 2:  # its loss and gradient would be 0
-        raise UserError(f"a global batch of 1 pair (--batch_size {args.batch_size} x {devices} device) has no "
-                        "in-batch negatives: pass --batch_size 2 or more")
-    if args.mixing == "per_batch" and global_batch % args.datasets_per_batch:
-        raise UserError(f"the global batch of {global_batch} (--batch_size {args.batch_size} x {devices} devices) "
-                        f"cannot be split into --datasets_per_batch {args.datasets_per_batch} equal shares")
-
-
-def steps_per_draw(args, devices):
+def steps_per_draw(args, device_count):
     """--mixing original: the steps each drawn source fills (a round: --datasets_per_batch times this),
     devices / --datasets_per_batch rounded down as the original, at least 1 (where it hung)."""
-    return max(1, devices // args.datasets_per_batch)
+    return max(1, device_count // args.datasets_per_batch)
 
 
 def choose_sources(rng, sources, count):
@@ -611,6 +713,10 @@ def invalid_lines_report(invalid):
     return "skipped unusable lines: " + ", ".join(f"{name} {count}" for name, count in invalid.items())
 
 
+# ============================================================================================
+# Input pipeline: texts tokenized in worker processes, batches ready ahead of the step
+# ============================================================================================
+
 # Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the
 # model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length, then
 # cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
@@ -664,9 +770,6 @@ class PipelineError(RuntimeError):
     seconds; the trainer checkpoints its last finished step and stops with this one line."""
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the ssh session to the host dropped
-
-
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
     """An executor whose workers tokenize: processes, or one thread with --num_workers 0 (`workers`
@@ -705,73 +808,14 @@ def end_workers():
 
 
 def background_batches(texts, pool, shape, depth, timeout=None, interrupted=lambda: False):
-    """Tokenized batches, in order; a background thread reads the texts and submits them to the pool
-    ahead of the consumer: `depth` batches kept ready and pool.workers more tokenizing, at most. A
-    failure of the reader or a worker reaches the consumer as a PipelineError (a UserError as it is),
-    and so does a wait over `timeout` seconds, naming the batch and who has it: never a hang. Ends
-    early if `interrupted()` becomes true while the consumer waits."""
-    # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
-    # depth + workers - 1 queued keep at most `depth` ready and the workers tokenizing
-    submitted, stop = queue.Queue(depth + pool.workers - 1), threading.Event()
-    holder = {}  # step -> pid of the worker that took its batch
-
-    def put(item):
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                submitted.put(item, timeout=0.2)
-                return True
-        return False
-
-    def produce():
-        end = concurrent.futures.Future()  # the last item: why the batches end
-        try:
-            for text_batch in texts:
-                columns = list(zip(*(row for _, row in text_batch.rows)))
-                if not put((text_batch, pool.submit(tokenize_batch, text_batch.step, columns, shape))):
-                    return
-            end.set_result(None)  # a finite `texts` (tests, benchmarks) ends here
-        except BaseException as e:  # handed to the trainer, which stops with it
-            end.set_exception(e)
-        put((None, end))
-
-    def note_holders():
-        with contextlib.suppress(queue.Empty):
-            while True:
-                step, pid = pool.taken.get_nowait()
-                holder[step] = pid
-
-    def late(text_batch, waited):
-        if text_batch is None:
-            return f"no batch in {waited:.0f}s (--batch_timeout): the data reader gave no texts for the next one"
-        note_holders()
-        pid = holder.get(text_batch.step)
-        alive = ", ".join(str(w.pid) for w in multiprocessing.active_children())
-        who = (f"tokenizer worker pid {pid} has it" if pid and pid != os.getpid() else
-               "the tokenizer thread has it" if pid else
-               f"none of the tokenizer workers (pid {alive}) took it" if alive else "no tokenizer took it")
-        return (f"no batch in {waited:.0f}s (--batch_timeout) for step {text_batch.step + 1} "
-                f"(sources {', '.join(text_batch.sources)}): {who}")
-
-    def next_tokenized():
-        """The next (text batch, future) once the future is done; None if interrupted meanwhile."""
-        since, item = time.monotonic(), None
-        while True:
-            if item is None:  # not yet submitted
-                with contextlib.suppress(queue.Empty):
-                    item = submitted.get(timeout=0.2)
-                if item is None and not thread.is_alive() and submitted.empty():
-                    raise PipelineError("the data producer stopped without a reason")
-            elif concurrent.futures.wait([item[1]], timeout=0.2).done:
-                return item
-            if interrupted():
-                return None
-            if timeout and time.monotonic() - since > timeout:
-                raise PipelineError(late(item[0] if item else None, time.monotonic() - since))
-
-    thread = threading.Thread(target=produce, name="producer", daemon=True)
-    thread.start()
+    """Tokenized batches, in order; a BatchProducer thread reads the texts and submits them to the
+    pool ahead of the consumer: `depth` batches kept ready and pool.workers more tokenizing, at most.
+    A failure of the reader or a worker reaches the consumer as a PipelineError (a UserError as it
+    is), and so does a wait over `timeout` seconds, naming the batch and who has it: never a hang.
+    Ends early if `interrupted()` becomes true while the consumer waits."""
+    producer = BatchProducer(texts, pool, shape, depth)
     try:
-        while item := next_tokenized():
+        while item := producer.next_tokenized(timeout, interrupted):
             text_batch, future = item
             failure = future.exception()
             if isinstance(failure, UserError):
@@ -780,11 +824,78 @@ def background_batches(texts, pool, shape, depth, timeout=None, interrupted=lamb
                 raise PipelineError(f"the data producer failed: {type(failure).__name__}: {failure}") from failure
             if text_batch is None:
                 return
-            note_holders()
-            holder.pop(text_batch.step, None)
+            producer.holders().pop(text_batch.step, None)
             yield Batch(text_batch, future.result())
     finally:
-        stop.set()
+        producer.stopped.set()
+
+
+class BatchProducer:
+    """background_batches' thread, which submits each text batch to the pool as soon as the queue
+    has room, and its queue; knows which worker took which batch, to name the one that holds a late one."""
+
+    def __init__(self, texts, pool, shape, depth):
+        # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
+        # depth + workers - 1 queued keep at most `depth` ready and the workers tokenizing
+        self.submitted, self.stopped = queue.Queue(depth + pool.workers - 1), threading.Event()
+        self.pool, self.holder = pool, {}  # holder: step -> pid of the worker that took its batch
+        self.thread = threading.Thread(target=self.produce, args=(texts, shape), name="producer", daemon=True)
+        self.thread.start()
+
+    def put(self, item):
+        while not self.stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                self.submitted.put(item, timeout=0.2)
+                return True
+        return False
+
+    def produce(self, texts, shape):
+        end = concurrent.futures.Future()  # the last item: why the batches end
+        try:
+            for text_batch in texts:
+                columns = list(zip(*(row for _, row in text_batch.rows)))
+                if not self.put((text_batch, self.pool.submit(tokenize_batch, text_batch.step, columns, shape))):
+                    return
+            end.set_result(None)  # a finite `texts` (tests, benchmarks) ends here
+        except BaseException as e:  # handed to the trainer, which stops with it
+            end.set_exception(e)
+        self.put((None, end))
+
+    def next_tokenized(self, timeout, interrupted):
+        """The next (text batch, future) once the future is done; None if interrupted meanwhile."""
+        since, item = time.monotonic(), None
+        while True:
+            if item is None:  # not yet submitted
+                with contextlib.suppress(queue.Empty):
+                    item = self.submitted.get(timeout=0.2)
+                if item is None and not self.thread.is_alive() and self.submitted.empty():
+                    raise PipelineError("the data producer stopped without a reason")
+            elif concurrent.futures.wait([item[1]], timeout=0.2).done:
+                return item
+            if interrupted():
+                return None
+            if timeout and time.monotonic() - since > timeout:
+                raise PipelineError(self.late(item[0] if item else None, time.monotonic() - since))
+
+    def holders(self):
+        """{step: pid of the worker that took its batch}, with the workers' latest notes."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                step, pid = self.pool.taken.get_nowait()
+                self.holder[step] = pid
+        return self.holder
+
+    def late(self, text_batch, waited):
+        """Why no batch came in `waited` seconds: the reader gave none, or who has it."""
+        if text_batch is None:
+            return f"no batch in {waited:.0f}s (--batch_timeout): the data reader gave no texts for the next one"
+        pid = self.holders().get(text_batch.step)
+        alive = ", ".join(str(w.pid) for w in multiprocessing.active_children())
+        who = (f"tokenizer worker pid {pid} has it" if pid and pid != os.getpid() else
+               "the tokenizer thread has it" if pid else
+               f"none of the tokenizer workers (pid {alive}) took it" if alive else "no tokenizer took it")
+        return (f"no batch in {waited:.0f}s (--batch_timeout) for step {text_batch.step + 1} "
+                f"(sources {', '.join(text_batch.sources)}): {who}")
 
 
 def dry_run(sources, args, tokenizer, global_batch):
@@ -829,7 +940,28 @@ def open_dump(args, inputs):
 AXIS = "devices"  # the pmap axis: one entry per device of the global batch
 
 
-# A tokenizer is saved whole (tokenizer.json) or as the vocabulary of its type: those of EXPORTABLE's.
+class ModelType(NamedTuple):
+    torch_class: str         # the PyTorch class an export's config names
+    shared_masks: str        # the module of its Flax model if that shares attention-dropout masks, else None
+
+
+# The model types the script trains and exports: their Flax parameter names mirror PyTorch's
+# (kernel/scale/embedding aside) and their Flax and PyTorch models compute the same outputs
+# (tests/test_export.py checks each; ELECTRA's names map too, but its two models disagree).
+# transformers' Flax BERT, RoBERTa, XLM-RoBERTa and ALBERT call flax's dot_product_attention_weights
+# with broadcast_dropout=True: one attention-dropout mask per layer, shared by every example and head
+# of a device. PyTorch's models, which trained the published weights, draw every element of the
+# attention probabilities independently, as Flax DistilBERT does too (an nn.Dropout of its own).
+MODEL_TYPES = {
+    "bert": ModelType("BertModel", "transformers.models.bert.modeling_flax_bert"),
+    "roberta": ModelType("RobertaModel", "transformers.models.roberta.modeling_flax_roberta"),
+    "xlm-roberta": ModelType("XLMRobertaModel", "transformers.models.xlm_roberta.modeling_flax_xlm_roberta"),
+    "distilbert": ModelType("DistilBertModel", None),
+    "albert": ModelType("AlbertModel", "transformers.models.albert.modeling_flax_albert"),
+}
+
+
+# A tokenizer is saved whole (tokenizer.json) or as the vocabulary of its type: those of MODEL_TYPES'.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 
 
@@ -865,9 +997,12 @@ def load_tokenizer_and_config(args):
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
             if hasattr(config, name):
                 setattr(config, name, args.dropout)
-    if args.attention_dropout == "shared" and config.model_type in EXPORTABLE.keys() - SHARED_MASK_ATTENTION.keys():
+    if config.model_type not in MODEL_TYPES:
+        raise UserError(f"--model {args.model}: export supports {', '.join(MODEL_TYPES)}, not {config.model_type}")
+    if args.attention_dropout == "shared" and not MODEL_TYPES[config.model_type].shared_masks:
+        shared = [name for name, model_type in MODEL_TYPES.items() if model_type.shared_masks]
         raise UserError(f"--attention_dropout shared: the Flax {config.model_type} draws its attention-dropout "
-                        f"masks per element only; shared masks exist for {', '.join(SHARED_MASK_ATTENTION)}")
+                        f"masks per element only; shared masks exist for {', '.join(shared)}")
     return tokenizer, config
 
 
@@ -892,21 +1027,6 @@ def load_model(args, config):
                         "is the file truncated or damaged?")
 
 
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
-# transformers' Flax BERT, RoBERTa, XLM-RoBERTa and ALBERT call flax's dot_product_attention_weights
-# with broadcast_dropout=True: one attention-dropout mask per layer, shared by every example and head
-# of a device. PyTorch's models, which trained the published weights, draw every element of the
-# attention probabilities independently, as Flax DistilBERT does too (an nn.Dropout of its own).
-SHARED_MASK_ATTENTION = {"bert": "transformers.models.bert.modeling_flax_bert",
-                         "roberta": "transformers.models.roberta.modeling_flax_roberta",
-                         "xlm-roberta": "transformers.models.xlm_roberta.modeling_flax_xlm_roberta",
-                         "albert": "transformers.models.albert.modeling_flax_albert"}
-
-
 @contextlib.contextmanager
 def attention_dropout_masks(model_type, masks):
     """While tracing the model inside it, its attention dropout draws `masks`: "element" (PyTorch's
@@ -917,8 +1037,8 @@ def attention_dropout_masks(model_type, masks):
     its modules call are swapped while tracing, and put back on leaving."""
     bernoulli = jax.random.bernoulli
     swapped = [(jax.random, "bernoulli", lambda *a, **k: jax.lax.optimization_barrier(bernoulli(*a, **k)))]
-    if model_type in SHARED_MASK_ATTENTION:  # the others draw per element already ("shared" is refused up front)
-        module = importlib.import_module(SHARED_MASK_ATTENTION[model_type])
+    if MODEL_TYPES[model_type].shared_masks:  # the others draw per element already ("shared" is refused up front)
+        module = importlib.import_module(MODEL_TYPES[model_type].shared_masks)
         library = module.dot_product_attention_weights
         swapped.append((module, "dot_product_attention_weights", lambda *args, broadcast_dropout, **kwargs: library(
             *args, broadcast_dropout=masks == "shared", **kwargs)))
@@ -1117,40 +1237,6 @@ def make_train_step(model, args, devices):
     return jax.pmap(train_step, axis_name=AXIS, devices=devices, donate_argnums=0)
 
 
-def devices_of_all_processes(local_devices):
-    """The devices of the whole run: every process's first len(local_devices), grouped by process.
-
-    Grouped so that the pmap positions of process p's devices are the rows of the global batch
-    it reads (text_batches' local range); a single process gets its own devices back."""
-    count = len(local_devices)
-    return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:count]]
-
-
-def device_sharding(devices):
-    """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices.
-
-    Inputs already in this layout (the state, every batch) never make the step recompile. With
-    several processes the mesh spans all their devices, each process supplies the rows of its own
-    devices, and pmap hands back this process's rows only; those go back in as they are."""
-    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                      jax.sharding.PartitionSpec(AXIS))
-
-
-def to_devices(tree, sharding):
-    """Host arrays [local devices, ...] -> one global array per leaf, laid out for pmap."""
-    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
-
-
-def first_local_replica(tree):
-    """The copy held by this process's first device of every replicated leaf (no cross-host fetch)."""
-    return jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], tree)
-
-
-def replicate(tree, sharding, local_devices):
-    return to_devices(jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (local_devices, *np.shape(x))), tree),
-                      sharding)
-
-
 def init_state(model, args, params=None):
     return train_state.TrainState.create(apply_fn=model.__call__, params=model.params if params is None else params,
                                          tx=make_optimizer(args))
@@ -1201,16 +1287,17 @@ def held_out_texts(held_out):
     return [text for rows in held_out.values() for column in zip(*rows) for text in column]
 
 
-def make_evaluator(model, held_out, pool, devices, sharding, per_device):
+def make_evaluator(model, held_out, pool, local_devices, sharding, per_device):
     """(params) -> the held-out scores. The texts are tokenized once, padded with empty texts to
     whole global batches; every batch is dispatched before any is fetched, so the devices never
     wait for the host."""
     texts = held_out_texts(held_out)
-    chunk = len(devices) * per_device
+    chunk = len(local_devices) * per_device
     texts += [""] * (-len(texts) % chunk)
-    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts) // chunk, len(devices), per_device)).result()
+    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts) // chunk, len(local_devices),
+                                                            per_device)).result()
 
-    @functools.partial(jax.pmap, axis_name=AXIS, devices=devices)
+    @functools.partial(jax.pmap, axis_name=AXIS, devices=local_devices)
     def embed_step(params, input_ids, attention_mask):  # no dropout
         return embed(model, params, input_ids, attention_mask)
 
@@ -1251,12 +1338,6 @@ def score_held_out(held_out, embeddings):
 # Export: a sentence-transformers folder, written from the Flax parameters (no torch needed)
 # ============================================================================================
 
-# Model types whose Flax parameter names mirror PyTorch's (kernel/scale/embedding aside) and whose Flax and
-# PyTorch models compute the same outputs (tests/test_export.py checks each; ELECTRA's names map too, but its
-# two models disagree), with their PyTorch class.
-EXPORTABLE = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
-              "distilbert": "DistilBertModel", "albert": "AlbertModel"}
-
 # sentence-transformers never runs here, so its "version" in the folder is that of the format:
 # the oldest release that reads every field written below (similarity_fn_name came with 3.0.0).
 SENTENCE_TRANSFORMERS_FORMAT = "3.0.0"
@@ -1274,7 +1355,7 @@ def torch_state_dict(params):
     return state
 
 
-def export_sentence_transformer(folder, params, config, tokenizer, args, run):
+def export_sentence_transformer(folder, params, config, tokenizer, args, run, step):
     """Writes a folder that `SentenceTransformer(folder)` loads (Transformer -> mean Pooling -> Normalize),
     with its model card and the run record. Written as FOLDER.partial and renamed when whole: whenever
     a run stops, OUTPUT/<step> is a whole model or absent (and --resume writes it again)."""
@@ -1284,7 +1365,7 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
         os.makedirs(os.path.join(partial, "1_Pooling"))
         os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
         save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-        config = type(config).from_dict({**config.to_dict(), "architectures": [EXPORTABLE[config.model_type]]})
+        config = type(config).from_dict({**config.to_dict(), "architectures": [MODEL_TYPES[config.model_type].torch_class]})
         config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         write_json(os.path.join(partial, "modules.json"), [{
@@ -1299,13 +1380,13 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run):
                             "transformers": transformers.__version__, "jax": jax.__version__, "flax": flax.__version__},
             "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
         records = run_record(args.output)
-        model_card(folder, config, args, {**run, "records": records}).save(os.path.join(partial, "README.md"))
+        model_card(folder, config, args, run, step, records).save(os.path.join(partial, "README.md"))
         for record in records:  # the run record travels with every upload
             shutil.copyfile(os.path.join(args.output, record), os.path.join(partial, record))
     except (OSError, safetensors.SafetensorError) as e:  # a full disk, most often
         shutil.rmtree(partial, ignore_errors=True)
         raise UserError(f"cannot write the export {folder} ({first_line(e)}); --resume writes it again from "
-                        f"the checkpoint of step {run['step']}") from e
+                        f"the checkpoint of step {step}") from e
     shutil.rmtree(folder, ignore_errors=True)  # a step exported again (a resumed run) replaces the old one
     os.replace(partial, folder)
 
@@ -1330,6 +1411,16 @@ def write_json(path, value):
 def library_versions():
     modules = (jax, jaxlib, flax, optax, transformers, tokenizers, safetensors, np)
     return {"python": platform.python_version(), **{m.__name__: m.__version__ for m in modules}}
+
+
+@dataclasses.dataclass
+class RunFacts:
+    """What an export's card tells of its run beyond the flags."""
+    mixture: list                  # the data config's entries
+    global_batch: int
+    device_count: int              # of every process
+    versions: dict = dataclasses.field(default_factory=library_versions)
+    scores: dict = dataclasses.field(default_factory=dict)  # {step: the held-out scores at that step}
 
 
 def source_group(name):
@@ -1363,12 +1454,12 @@ def hub_name(model):
     return parts[-3][len("models--"):].replace("--", "/") if cached else None  # Hub names never contain "--"
 
 
-def model_card(folder, config, args, run):
+def model_card(folder, config, args, run, step, records=()):
     """The card of an export: the metadata the Hub indexes (the dataset is that of an hf://datasets/OWNER/NAME
     --data_folder; the held-out scores a model-index), how to use the model, and the run in its own numbers."""
-    mixture, step, batch, devices = run["mixture"], run["step"], run["global_batch"], run["devices"]
+    mixture, batch = run.mixture, run.global_batch
     name, pairs_drawn = os.path.basename(os.path.normpath(args.output)), step * batch
-    scores = run["scores"]["overall"] if run.get("scores") else {}
+    scores = run.scores[step]["overall"] if step in run.scores else {}
     held_out = f"the first {args.eval_rows} lines of every training file"
     hub_data = args.data_folder.startswith("hf://datasets/")
     datasets = ["/".join(args.data_folder[len("hf://datasets/"):].split("/")[:2]).split("@")[0]] if hub_data else []
@@ -1382,13 +1473,6 @@ def model_card(folder, config, args, run):
                                  metric_type=key, metric_value=value) for key, value in scores.items()] or None)
     base = (f"[{data.base_model}](https://huggingface.co/{data.base_model})" if data.base_model
             else f"`{args.model}` (a local folder)")
-    per_draw = steps_per_draw(args, devices)
-    batches = (f"{args.datasets_per_batch} equal shares per batch, each from a file drawn anew by weight (after "
-               "the first, among files with as many columns); no text repeats within a batch"
-               if args.mixing == "per_batch" else
-               f"one file per batch: a round of {per_draw * args.datasets_per_batch} steps draws "
-               f"{args.datasets_per_batch} files by weight (all with as many columns), each for "
-               f"{per_draw} consecutive steps; no text repeats within a round")
     clipping = ("each device's gradient on its own, then averaged over the devices" if args.clip_scope == "device"
                 else "of the gradient averaged over the devices")
     loss = ("in-batch cross-entropy of each anchor against all positives and hard negatives "
@@ -1407,9 +1491,9 @@ def model_card(folder, config, args, run):
                   "anchor ranks the candidates of its own file's rows; scores averaged over the files): "
                   f"{', '.join(f'{k} {v:.4f}' for k, v in scores.items())}.\n\n" if scores else "")
     progress = "the end of the run" if step == args.steps else f"the export at step {step:,} of {args.steps:,}"
-    earlier = [name for name in run.get("records", []) if name.startswith("data_config.before_step_")]
+    earlier = [name for name in records if name.startswith("data_config.before_step_")]
     earlier = f" (earlier steps drew from other mixtures: {', '.join(earlier)}, beside this card)" if earlier else ""
-    versions = "\n".join(f"- {library}: {version}" for library, version in run["versions"].items())
+    versions = "\n".join(f"- {library}: {version}" for library, version in run.versions.items())
     return ModelCard(f"""---
 {data.to_yaml()}
 ---
@@ -1445,8 +1529,8 @@ sources (a folder of files counts as one), {sum(e.get('lines', 0) for e in mixtu
 | hyper-parameter | value |
 |---|---|
 | steps | {step:,} of {args.steps:,} |
-| global batch | {batch:,} ({args.batch_size} per device x {devices} devices, {jax.local_devices()[0].device_kind}) |
-| batches | {batches} |
+| global batch | {batch:,} ({args.batch_size} per device x {run.device_count} devices, {jax.local_devices()[0].device_kind}) |
+| batches | files drawn by weight as `--mixing {args.mixing} --datasets_per_batch {args.datasets_per_batch} --data_order {args.data_order}` say (`python train_script.py --help`) |
 | optimizer | transformers' AdamW (eps 1e-6 added before the bias correction), lr {args.lr}, betas (0.9, 0.999), weight decay {args.weight_decay} (not on biases and LayerNorm) |
 | schedule | linear warm-up over {args.warmup_steps:,} steps, then linear decay to 0 at step {args.schedule_steps:,} |
 | gradient clipping | norm 1.0, {clipping} |
@@ -1492,680 +1576,8 @@ def run_record(output):
 
 
 # ============================================================================================
-# Checkpoints: the whole training state, and where a run starts
+# OUTPUT: one run at a time, and nothing lost in replacing one
 # ============================================================================================
-# OUTPUT/checkpoints/<step>/ holds two items: "state" (parameters, AdamW moments, step counter)
-# and "meta" (the position every data stream resumes from (text_batches), the batches drawn from
-# each source so far, and the flags that make the run what it is). Orbax writes a checkpoint into
-# a temporary folder and renames it when it is complete, so a kill at any moment leaves the whole
-# checkpoint or none. Nothing else is needed to continue exactly: the sources of a batch derive
-# from (seed, step), dropout keys from (seed, step, device).
-
-class Interrupted(Exception):
-    """A signal or the input pipeline stopped the run (after a checkpoint of its last finished step,
-    where there was one to write); exits with `status`."""
-
-    def __init__(self, message, status):
-        super().__init__(message)
-        self.status = status
-
-
-def run_identity(args, entries, devices):
-    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices
-    (of every process), the lines held out of training; as JSON reads it back (tuples become lists)."""
-    identity = {f"--{name}": getattr(args, name) for name in args.run_flags}
-    identity.update({"data config": entries, "devices": len(devices),
-                     "processes": jax.process_count(),
-                     "--eval_rows held out": args.eval_rows if args.eval_steps else 0})
-    return json.loads(json.dumps(identity))
-
-
-@contextlib.contextmanager
-def checkpoint_manager(args):
-    """Orbax's CheckpointManager, closed on leaving: its threads end before the interpreter does,
-    instead of failing by the hundred on a closed event loop after an error. When an error is
-    already on its way out, closing's own complaints (the failed save's leftovers) are not reported."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=args.keep_checkpoints,
-        enable_async_checkpointing=False,  # a save that fails (a full disk) fails at its own step
-        cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
-    report = sys.unraisablehook
-    # the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it find the
-    # event loop awaiting them closed: nothing is lost, nothing to report
-    sys.unraisablehook = lambda u: None if (isinstance(u.exc_value, RuntimeError)
-                                            and str(u.exc_value) == "Event loop is closed") else report(u)
-    try:
-        yield manager
-    except BaseException:
-        with contextlib.suppress(Exception):
-            manager.close()
-        raise
-    finally:
-        sys.unraisablehook = report
-    manager.close()
-
-
-def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_source):
-    """Checkpoints the state after `text`'s batch, from process 0's copy of the replicated state,
-    with the stream positions and the batches drawn from each source so far (for metrics)."""
-    step = text.step + 1
-    first_copy = jax.device_get(first_local_replica(
-        {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
-    # every process reads its own stride of each file, so each has its own positions
-    positions = multihost_utils.process_allgather(np.array([text.stream_state[s.name] for s in sources]))
-    meta = {"step": step, "run": identity, "batches": dict(batches_per_source),
-            "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
-    intact = checkpoints.all_steps()
-    threads_before = set(threading.enumerate())
-    # orbax logs every failure of its threads, traceback and all, then raises it here, where it is
-    # reported in one line: its logger (absl's) keeps quiet meanwhile
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.CRITICAL)
-    try:
-        checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
-    except Exception as e:
-        # The other writes of a failed save go on in orbax's threads; once they end, nothing writes
-        # into its temporary folder while the run stops, or when a resume cleans it up.
-        for thread in set(threading.enumerate()) - threads_before:
-            if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
-                thread.join()
-        kept = f"the checkpoint of step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
-        raise UserError(f"cannot write the checkpoint of step {step} to {checkpoints.directory} "
-                        f"({first_line(e)}); {kept}") from e
-    finally:
-        absl.setLevel(level)
-
-
-def initial_state(args, model, checkpoints, identity):
-    """Where the run starts, decided here only, in this order:
-
-    1. with --resume, the newest checkpoint in OUTPUT that reads whole (newest_checkpoint): its
-       state and stream positions;
-    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
-    Returns (TrainState, its step, {source name: position} for this process,
-    {source name: batches drawn from it before that step}, the --steps its run had)."""
-    fresh = init_state(model, args)
-    restored = newest_checkpoint(args, checkpoints, identity, fresh) if args.resume else None
-    if restored is None:
-        return fresh, 0, {}, {}, args.steps
-    state, meta = restored
-    step, recorded = meta["step"], meta["run"]
-    if step > args.steps:
-        raise UserError(f"--resume: the checkpoint of step {step} is past --steps {args.steps}")
-    if step < args.steps:  # at --steps, the run is complete: train says so
-        print(f"resuming at step {step} from {os.path.join(checkpoints.directory, str(step))}")
-    ended, scheduled = (recorded.get(name, identity[name]) for name in WHERE_IT_ENDS)
-    if (ended, scheduled) != (args.steps, args.schedule_steps):  # a run extended (or cut short)
-        before = argparse.Namespace(**{**vars(args), "schedule_steps": scheduled})
-        print(f"--resume: the run now ends at step {args.steps} (was {ended}) and its lr decays to 0 at step "
-              f"{args.schedule_steps} (was {scheduled}): step {step} trains at lr "
-              f"{learning_rate_schedule(args)(step):.3g} (was {learning_rate_schedule(before)(step):.3g})")
-    streams = meta["stream"]
-    positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
-    return fresh.replace(**state), step, positions, meta.get("batches", {}), ended
-
-
-def newest_checkpoint(args, checkpoints, identity, fresh):
-    """(state, meta) of the newest checkpoint that reads whole; None if there is none. A damaged one
-    (truncated by a copy, a failing disk) is skipped with a warning for the one before, and renamed
-    <step>.unreadable so that the run can write that step again."""
-    steps = sorted(checkpoints.all_steps(), reverse=True)
-    if not steps:
-        print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
-        return None
-    target = jax.device_get({"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step})
-    for tried, step in enumerate(steps):
-        folder = os.path.join(checkpoints.directory, str(step))
-        try:
-            meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-            check_same_run(args, meta["run"], identity, folder)
-            state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-        except UserError:
-            raise
-        except Exception as e:
-            print(f"warning: checkpoint {folder} is unreadable ({first_line(e)}); trying the one before",
-                  file=sys.stderr)
-            continue
-        for damaged in (os.path.join(checkpoints.directory, str(s)) for s in steps[:tried]):
-            shutil.rmtree(damaged + ".unreadable", ignore_errors=True)
-            os.replace(damaged, damaged + ".unreadable")
-        checkpoints.reload()
-        return state, meta
-    raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
-
-
-# A resume may move the run's end (a finished run extended): the schedule follows (initial_state says how).
-WHERE_IT_ENDS = ("--steps", "--schedule_steps")
-
-
-def check_same_run(args, recorded, identity, folder):
-    """Refuses to continue a checkpoint of a different run (run_identity differs), unless --resume_force."""
-    changed = [config_changes(recorded.get(name) or [], now) if name == "data config"
-               else f"{name} ({recorded.get(name)!r} in the checkpoint, now {now!r})"
-               for name, now in identity.items() if recorded.get(name) != now and name not in WHERE_IT_ENDS]
-    if changed and not args.resume_force:
-        raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
-                        f"pass the checkpoint's flags, or --resume_force to continue regardless")
-    if changed:
-        print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
-
-
-def config_changes(recorded, now):
-    """How the data config differs from the checkpoint's, entry by entry."""
-    before, after = ({e.get("name"): e for e in entries} for entries in (recorded, now))
-    changes = [f"{name} added" for name in after if name not in before]
-    changes += [f"{name} removed" for name in before if name not in after]
-    changes += [f"{name}'s {key} ({before[name].get(key)!r} in the checkpoint, now {after[name].get(key)!r})"
-                for name in after if name in before
-                for key in sorted({*before[name], *after[name]}) if before[name].get(key) != after[name].get(key)]
-    return f"data config ({', '.join(changes or ['the order of its entries'])})"
-
-
-@dataclasses.dataclass
-class StopRequests:
-    """What SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) asked.
-    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop (the
-    loop reads `first`); any other signal, or one outside the loop, stops at once."""
-    first: signal.Signals = None   # the signal the loop was asked to stop for
-    in_loop: bool = False          # the loop runs: there is a step to checkpoint
-    resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
-
-    def receive(self, signum):
-        if signum == signal.SIGHUP:
-            leave_the_terminal()
-        if self.in_loop and self.first is None:
-            self.first = signum
-            print(f"\n{signum.name}: finishing the step, then writing a checkpoint (again to stop at once)",
-                  file=sys.stderr, flush=True)
-            return
-        saved = f"resume with: {self.resume}" if self.resume else "no checkpoint to resume from"
-        print(f"\nstopped: {signum.name}, at once; {saved}", file=sys.stderr, flush=True)
-        end_workers()
-        os._exit(128 + signum)
-
-
-def leave_the_terminal():
-    """After SIGHUP, writes to the terminal or pipe (`| tee`) gone with the session fail: they go to
-    /dev/null, so that the step, its checkpoint and the exit status still come. Files go on."""
-    for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
-
-
-class OutlivesTheTerminal:
-    """sys.stdout or sys.stderr, whose first write to a terminal or pipe gone with the session (EIO,
-    EPIPE) leaves it as SIGHUP does: the terminal closes before the signal comes, and a line printed
-    in between must not end the run. Other errors (a full disk under a log file) are raised."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    @contextlib.contextmanager
-    def terminal_gone(self):
-        try:
-            yield
-        except OSError as e:
-            if e.errno not in (errno.EIO, errno.EPIPE):
-                raise
-            leave_the_terminal()
-
-    def write(self, text):
-        with self.terminal_gone():
-            return self.stream.write(text)
-        return len(text)  # to /dev/null
-
-    def flush(self):
-        with self.terminal_gone():
-            return self.stream.flush()
-        self.stream.flush()  # what it held, now to /dev/null
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def handle_stop_signals():
-    """Takes SIGTERM, SIGINT and SIGHUP for the rest of the process; returns the StopRequests they feed.
-
-    A thread answers them, woken through signal.set_wakeup_fd: a Python signal handler runs only
-    in the main thread and between two bytecodes, so it would wait for an XLA compilation, a step
-    or a stuck call, where a second signal must stop at once."""
-    requests = StopRequests()
-    sys.stdout, sys.stderr = OutlivesTheTerminal(sys.stdout), OutlivesTheTerminal(sys.stderr)
-    # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
-    # tracker, which removes them and would warn about each; it takes its warning filters from here.
-    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-    # That tracker, a child in this process group, ignores SIGINT and SIGTERM but dies of SIGHUP (and
-    # relaunched, prints a traceback per semaphore): started now with SIGHUP blocked, it keeps it blocked.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    multiprocessing.resource_tracker.ensure_running()
-    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-
-    def watch():
-        while byte := os.read(wake_read, 1):
-            if byte[0] in STOP_SIGNALS:
-                requests.receive(signal.Signals(byte[0]))
-
-    for s in STOP_SIGNALS:  # a handler that does nothing: having one makes Python write to the pipe
-        if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN):  # under nohup, stays ignored
-            signal.signal(s, lambda signum, frame: None)
-    signal.set_wakeup_fd(wake_write)
-    threading.Thread(target=watch, name="signals", daemon=True).start()
-    return requests
-
-
-def agreed_stop(stop, step, processes):
-    """The signal the run stops for after `step`, the same on every process. Signals reach the hosts
-    of a multi-host run at different moments, so each process's request is shared every
-    STOP_CHECK_STEPS steps (an all-gather of one number) and all stop after the same step."""
-    if processes == 1:
-        return stop.first
-    if (step + 1) % STOP_CHECK_STEPS:
-        return None
-    received = [int(s) for s in multihost_utils.process_allgather(np.int32(stop.first or 0)) if s]
-    if received and stop.first is None:
-        stop.first = signal.Signals(received[0])  # another process's: a signal here now stops at once
-    return signal.Signals(received[0]) if received else None
-
-
-def resume_command(args):
-    """This run's command line with --resume (and without --overwrite)."""
-    words = [w for w in shlex.split(args.command) if w not in ("--overwrite", "--resume")]
-    return shlex.join([*words, "--resume"])
-
-
-# ============================================================================================
-# Train loop
-# ============================================================================================
-
-MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
-STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices: costs nothing (docs/performance.md)
-STOP_CHECK_STEPS = 10  # multi-host: the processes share their stop requests every this many steps
-
-
-@dataclasses.dataclass
-class Progress:
-    """The loop's bookkeeping. The steps since the last log line keep their measurements on the
-    devices until log_window fetches them; the host runs at most STEPS_IN_FLIGHT steps ahead."""
-    batches: collections.Counter    # batches drawn per source, from the run's start
-    window: list = dataclasses.field(default_factory=list)  # (text batch, measurements) since the last line
-    started: float = dataclasses.field(default_factory=time.perf_counter)  # the window's start
-    waited: float = 0.0             # seconds of the window spent waiting for a batch
-    bad_in_a_row: int = 0           # non-finite steps in a row, up to the last logged one
-    skipped: int = 0                # non-finite steps, all told
-    invalid: dict = dataclasses.field(default_factory=dict)  # the unusable-line counts last reported
-    compiled: set = dataclasses.field(default_factory=set)   # batch shapes the step was compiled for
-
-
-def train(args, model, tokenizer, data, devices, checkpoints, stop):
-    """Trains from where initial_state says to --steps; process 0 alone writes what the run reports."""
-    sources, entries, held_out = data
-    writer, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
-    all_devices = devices_of_all_processes(devices)
-    sharding, global_batch, local_batch = (device_sharding(all_devices), args.batch_size * len(all_devices),
-                                           args.batch_size * len(devices))
-    identity = run_identity(args, entries, all_devices)
-    start, first_step, positions, batches_so_far, ended = initial_state(args, model, checkpoints, identity)
-    state = replicate(start, sharding, len(devices))
-    run = {"global_batch": global_batch, "devices": len(all_devices), "mixture": entries,
-           "versions": library_versions(), "scores": {}}
-    if writer and first_step:
-        keep_final_model(args, ended)
-    # a resumed run first writes the export that a kill or a full disk cut short
-    if writer and first_step and (first_step % args.save_steps == 0 or first_step in (args.steps, ended)) and not (
-            os.path.isdir(export_folder(args, first_step))):
-        export(args, first_step, state, model.config, tokenizer, run)
-    if first_step == args.steps:  # a loop that restarts the command until it succeeds ends here
-        if writer:
-            print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
-        return
-    if writer:
-        write_run_record(args, entries, first_step)
-
-    train_step = make_train_step(model, args, all_devices)
-    dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(devices))
-    for source in sources:
-        source.position = tuple(positions.get(source.name, (0, 0)))
-    texts = text_batches(sources, args, global_batch, (process * local_batch, (process + 1) * local_batch),
-                         (process, processes), first_step)
-    progress = Progress(collections.Counter(batches_so_far))
-    # a stop asked while the loop waits for a batch needs no batch; several processes wait for the
-    # step at which they all stop
-    stop_asked = (lambda: stop.first is not None) if processes == 1 else (lambda: False)
-    with (tokenizer_pool(tokenizer, args) as pool,
-          contextlib.closing(background_batches(texts, pool, (len(devices), args.batch_size),
-                                                args.prefetch, args.batch_timeout, stop_asked)) as batches,
-          contextlib.closing(Report(args, first_step, writer)) as report):
-        evaluate = held_out and make_evaluator(model, held_out, pool, devices, sharding, args.batch_size)
-        if evaluate:
-            run["scores"][first_step] = report_eval(report, first_step, evaluate, state)
-        batch, failed = next_batch(batches, sharding, progress), None
-        for step in report.bar:
-            state = dispatch(train_step, state, batch, dropout_key, progress, args, report)
-            stop.in_loop = True  # from here a signal checkpoints this step
-            if writer and step == first_step:  # a step made: the run that --overwrite replaces goes
-                drop_replaced(args.output)
-            done = batch.text
-            if step + 1 < args.steps:  # the host prepares the next batch while the step runs
-                try:
-                    batch = next_batch(batches, sharding, progress)
-                except PipelineError as e:
-                    failed = e
-            if failed and processes > 1:  # the others wait in the next step: no checkpoint without them
-                raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
-                                  f"resume with: {resume_command(args)}", 1)
-            signalled = agreed_stop(stop, step, processes)
-            checkpoint_now = (step + 1) % args.save_steps == 0 or step + 1 == args.steps or bool(signalled or failed)
-            # the window is checked before a checkpoint, so a run that must stop never writes one
-            if (step + 1) % args.log_steps == 0 or checkpoint_now:
-                log_window(report, progress, global_batch, sources, checkpoints.latest_step())
-            if evaluate and ((step + 1) % args.eval_steps == 0 or step + 1 == args.steps):
-                run["scores"][step + 1] = report_eval(report, step + 1, evaluate, state)
-                progress.started = time.perf_counter()  # the eval is not training time
-            if checkpoint_now:
-                save_checkpoint(checkpoints, state, done, sources, identity, progress.batches)
-            if writer and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
-                export(args, step + 1, state, model.config, tokenizer, run)
-            if failed:
-                raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step + 1} written; "
-                                  f"resume with: {resume_command(args)}", 1)
-            if signalled and step + 1 < args.steps:  # after the last step, the export is all that is left
-                raise Interrupted(f"{signalled.name} at step {step + 1}, checkpoint written; resume with: "
-                                  f"{resume_command(args)}", 128 + signalled)
-        stop.in_loop = False  # a signal from here stops at once: the last checkpoint is written
-    if writer:
-        export(args, args.steps, state, model.config, tokenizer, run)
-        print(f"done: {args.steps} steps, {progress.skipped} skipped as non-finite, {len(progress.compiled)} "
-              f"batch shape(s) compiled; model in {export_folder(args, args.steps)}")
-
-
-def next_batch(batches, sharding, progress):
-    """The next batch, its columns put on the devices; None if a stop was asked meanwhile."""
-    started = time.perf_counter()
-    batch = next(batches, None)
-    if batch:
-        batch.columns = to_devices(batch.columns, sharding)
-    progress.waited += time.perf_counter() - started
-    return batch
-
-
-def dispatch(train_step, state, batch, dropout_key, progress, args, report):
-    """Dispatches the step on `batch` (compiling it for a new batch shape) and returns the new state.
-    The host runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, it queues
-    hundreds between two logging steps, and XLA:CPU aborts when a collective of one of them waits
-    over 40 s for its devices (docs/performance.md)."""
-    shape = tuple(ids.shape for ids, _ in batch.columns)
-    if shape in progress.compiled:
-        state, measured = train_step(state, batch.columns, dropout_key)
-    else:
-        state, measured = compile_step(train_step, state, batch.columns, dropout_key, args, report)
-        progress.compiled.add(shape)
-    progress.window.append((batch.text, measured))
-    if len(progress.window) > STEPS_IN_FLIGHT:  # the steps before the window were fetched when it began
-        jax.block_until_ready(progress.window[-STEPS_IN_FLIGHT - 1][1])
-    progress.batches.update(batch.text.sources)
-    return state
-
-
-SMALLER_STEP = "lower --batch_size (the global batch shrinks with it) or --max_length, or pass --mini_batch_size"
-
-
-def batch_kind(lengths):
-    return f"{ {2: 'pairs', 3: 'triplets'}[len(lengths)]} of {' + '.join(map(str, lengths))} tokens"
-
-
-def compile_step(train_step, state, columns, dropout_key, args, report):
-    """Runs a step that compiles (a new batch shape) and waits for it, so that a batch too big
-    for the device fails here, as one line, rather than at the next fetch with a traceback."""
-    kind = batch_kind([ids.shape[-1] for ids, _ in columns])
-    started = time.perf_counter()
-    try:
-        state, measured = jax.block_until_ready(train_step(state, columns, dropout_key))
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise UserError(f"a step on {kind} with --batch_size {args.batch_size} per device and --max_length "
-                        f"{args.max_length} does not fit in device memory ({first_line(e)}); {SMALLER_STEP}") from e
-    report.line(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
-    return state, measured
-
-
-def log_window(report, progress, global_batch, sources, last_checkpoint):
-    """Fetches the measurements of the steps since the last line (the loop's only host sync), stops
-    the run after MAX_BAD_STEPS non-finite steps in a row, and reports them. last_checkpoint: the
-    step of the newest checkpoint in OUTPUT, None if there is none."""
-    window, seconds = progress.window, time.perf_counter() - progress.started
-    measured = jax.device_get([m for _, m in window])
-    for (text, _), m in zip(window, measured):
-        progress.bad_in_a_row = 0 if m["finite"][0] else progress.bad_in_a_row + 1
-        if progress.bad_in_a_row >= MAX_BAD_STEPS:
-            kept = (f"the checkpoint of step {last_checkpoint} is intact" if last_checkpoint is not None
-                    else "no checkpoint was written")
-            raise UserError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
-                            f"(sources {', '.join(text.sources)}); their updates were skipped; {kept}")
-    finite = [m for m in measured if m["finite"][0]]
-    mean = lambda key: float(np.mean([m[key][0] for m in finite])) if finite else float("nan")  # noqa: E731
-    line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
-            "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
-            "data_wait": progress.waited / seconds, "skipped": len(measured) - len(finite)}
-    progress.skipped += line["skipped"]
-    progress.window, progress.waited, progress.started = [], 0.0, time.perf_counter()
-    report.bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
-                           pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
-    report.line(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
-    report.record({**line, "batches": {s.name: progress.batches[s.name] for s in sources}})
-    if window[-1][0].invalid != progress.invalid:
-        progress.invalid = window[-1][0].invalid
-        report.line(invalid_lines_report(progress.invalid))
-
-
-def report_eval(report, step, evaluate, state):
-    """Scores the held-out rows at `step` (every process, on its own devices) and reports them."""
-    started = time.perf_counter()
-    scores = evaluate(state.params)
-    seconds = time.perf_counter() - started
-    report.line(f"eval step={step} " + " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
-                + f" ({seconds:.1f}s)")
-    report.record({"step": step, "eval": scores, "eval_seconds": seconds})
-    return scores
-
-
-def export(args, step, state, config, tokenizer, run):
-    """OUTPUT/<step> (OUTPUT/final at --steps), from this process's first copy of the parameters."""
-    params = jax.device_get(first_local_replica(state.params))
-    export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args,
-                                {**run, "step": step, "scores": run["scores"].get(step)})
-
-
-class Report:
-    """What the run reports, written by process 0 alone (the others train the same steps in silence):
-    lines above the progress bar, OUTPUT/metrics.jsonl and OUTPUT/tensorboard/ (a record per log
-    line and per evaluation, nested keys joined by "/"; appended to, so a resumed run continues both)."""
-
-    def __init__(self, args, first_step, writer):
-        self.writer = writer
-        self.bar = tqdm.tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
-                             disable=not writer, dynamic_ncols=True)
-        if writer:
-            self.jsonl = open(os.path.join(args.output, "metrics.jsonl"), "a")
-            self.board = tensorboardX.SummaryWriter(os.path.join(args.output, "tensorboard"))
-
-    def line(self, text):
-        if self.writer:
-            self.bar.write(text)
-
-    def record(self, record):
-        if not self.writer:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        numbers = {key: value for key, value in record.items() if key != "step"}  # the x axis, not a scalar
-        for tag, value in traverse_util.flatten_dict(numbers, sep="/").items():
-            self.board.add_scalar(tag, value, record["step"])
-        self.board.flush()
-
-    def close(self):
-        self.bar.close()  # a line printed after the run starts on a line of its own
-        if self.writer:
-            self.jsonl.close()
-            self.board.close()
-
-
-# ============================================================================================
-# Compile for a TPU: the run's steps through the TPU compiler, before renting one
-# ============================================================================================
-# libtpu compiles for a TPU topology on a machine without its chips ("compile-only" devices), so
-# whether each step of a run fits a slice's HBM is known before paying for it. The peaks are Google
-# Cloud's published figures per chip (bf16 FLOP/s, HBM bytes/s, HBM GiB; jax gives no HBM size for
-# compile-only devices), here per device: a v3 chip is two devices, a v4 or v5p chip one "megacore".
-TPU_PEAKS = {"TPU v3": (61.5e12, 450e9, 16), "TPU v4": (275e12, 1200e9, 32), "TPU v5 lite": (197e12, 819e9, 16),
-             "TPU v5": (459e12, 2765e9, 95), "TPU v6 lite": (918e12, 1638e9, 32)}
-# Cloud TPU's slice names: v3, v4 and v5p count TensorCores (two per chip), v5e and v6e chips.
-TPU_SLICES = {"v3-8": "v3:2x2", "v3-32": "v3:4x4", "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v5p-8": "v5p:2x2x1",
-              "v5p-32": "v5p:2x2x4", "v5e-8": "v5e:2x4", "v5e-32": "v5e:4x8", "v6e-8": "v6e:2x4", "v6e-32": "v6e:4x8"}
-
-
-def tpu_devices(name):
-    """The compile-only devices of a TPU slice (TPU_SLICES) or topology (v3:2x2)."""
-    topology = TPU_SLICES.get(name, name)
-    generation, _, chips = topology.partition(":")
-    options = {"chip_config_name": "megacore"} if generation in ("v4", "v5", "v5p") else {}
-    if generation in ("v5e", "v6e") and chips == "2x4":  # one host of 8 chips, as Cloud TPU has it
-        options["chips_per_host_bounds"] = (2, 4, 1)
-    jax.config.update("jax_platforms", "cpu")  # nothing runs: a TPU of this machine is not needed
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # nor its lock, which would keep out other runs
-    from jax.experimental import topologies
-    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)  # libtpu starts by warning that it cannot tell which chips this machine has
-    try:
-        devices = topologies.get_topology_desc(topology, "tpu", **options).devices
-    except RuntimeError as e:
-        if "not installed" in str(e):
-            raise UserError(f'--compile_for needs libtpu: pip install "jax[tpu]=={jax.__version__}"') from None
-        raise UserError(f"--compile_for {name}: libtpu does not know it ({first_line(e)}); try one of "
-                        f"{', '.join(TPU_SLICES)} or a topology such as v3:2x2") from None
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
-    if devices[0].device_kind not in TPU_PEAKS:
-        raise UserError(f"--compile_for {name}: no peak figures for {devices[0].device_kind}")
-    return devices
-
-
-def compile_for_tpu(args, entries):
-    """--compile_for: the step for every batch shape the run can meet (each column count its files
-    give, both if they cannot be read here; each bucket length), compiled for the slice's devices."""
-    devices = tpu_devices(args.compile_for)
-    peaks, hosts = TPU_PEAKS[devices[0].device_kind], len({d.process_index for d in devices})
-    check_batch_split(args, len(devices), hosts)
-    _, config = load_tokenizer_and_config(args)
-    model = FlaxAutoModel.from_config(config, dtype=jnp.dtype(args.dtype), _do_init=False)  # no weights
-    per_device = lambda leaf: jax.ShapeDtypeStruct((len(devices), *leaf.shape), leaf.dtype)  # noqa: E731
-    state, key = jax.tree_util.tree_map(per_device, jax.eval_shape(
-        lambda: (init_state(model, args, model.params_shape_tree), jax.random.PRNGKey(args.seed))))
-    train_step, too_big = make_train_step(model, args, devices), []
-    print(f"--compile_for {args.compile_for}: {len(devices)} x {devices[0].device_kind} on {hosts} host(s), a global "
-          f"batch of {args.batch_size * len(devices)}; per device {peaks[2]} GiB HBM and peaks of {peaks[0] / 1e12:g} "
-          f"TFLOP/s (bf16) and {peaks[1] / 1e9:g} GB/s (Google Cloud's figures)")
-    try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            kinds = sorted({len(row) for row, _ in pool.map(  # each file's first usable line
-                lambda entry: head_of(source_url(args.data_folder, entry["name"]), 1), entries)})
-    except UserError as e:
-        print(f"the data cannot be read here ({e}): compiling for pairs and triplets")
-        kinds = [2, 3]
-    for lengths in (shape for columns in kinds for shape in itertools.product(args.pad_to_buckets, repeat=columns)):
-        batch = [(jax.ShapeDtypeStruct((len(devices), args.batch_size, length), jnp.int32),) * 2 for length in lengths]
-        started = time.perf_counter()
-        try:
-            line, fits = step_cost(train_step.lower(state, batch, key).compile(), args, peaks)
-            line = f"compiled in {time.perf_counter() - started:.1f}s; {line}"
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            line, fits = f"does not fit, the compiler refuses ({first_line(e)})", False
-        print(f"{batch_kind(lengths)}: {line}")
-        too_big += [] if fits else [batch_kind(lengths)]
-    if too_big:
-        raise UserError(f"--compile_for {args.compile_for}: the step on {', '.join(too_big)} does not fit in "
-                        f"{peaks[2]} GiB per device; {SMALLER_STEP}")
-    print("every step fits; the times are lower bounds (at the peaks, which no step reaches), not estimates")
-
-
-def step_cost(compiled, args, peaks):
-    """(A compiled step's needs per device, whether they fit): HBM for its buffers (the donated state
-    counted once) and code; time at least for its FLOPs at the peak FLOP/s, or its bytes at the
-    peak bandwidth."""
-    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-    bound = max(cost["flops"] / peaks[0], cost["bytes accessed"] / peaks[1])
-    return (f"per device {needed / 2**20:,.1f} MiB of {peaks[2] * 1024:,} MiB HBM (arguments "
-            f"{memory.argument_size_in_bytes / 2**20:,.1f}, temporaries {memory.temp_size_in_bytes / 2**20:,.1f}), "
-            f"{cost['flops'] / 1e12:.3g} TFLOP and {cost['bytes accessed'] / 1e9:.3g} GB per step: at least "
-            f"{bound * 1e3:,.1f} ms per step, {bound * args.steps / 3600:,.1f} h for --steps {args.steps}",
-            needed <= peaks[2] * 2**30)
-
-
-# ============================================================================================
-# Main: cheap checks first, then the model, then the run
-# ============================================================================================
-
-def choose_devices(args):
-    local = jax.local_devices()
-    count = args.nprocs or len(local)
-    if count > len(local):
-        raise UserError(f"--nprocs {count} but only {len(local)} {local[0].platform} device(s) are present; "
-                        f"on CPU, emulate {count} with XLA_FLAGS=--xla_force_host_platform_device_count={count}")
-    return local[:count]
-
-
-def join_processes(args):
-    """Multi-host: connects this process to the others; must run before anything asks jax for devices."""
-    if not (args.multihost or args.coordinator_address):
-        return
-    # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # jax's preemption service would take SIGTERM from this script's handler (handle_stop_signals),
-    # which serves SIGINT too and lets the processes agree on the step to stop after (agreed_stop)
-    jax.config.update("jax_enable_preemption_service", False)
-    address, count, me = args.coordinator_address, args.num_processes, args.process_id
-    if address:
-        print(f"joining {count or 'all'} processes at {address}" + ("" if me is None else f" as process {me}") +
-              f"; waiting up to {args.join_timeout:g}s (--join_timeout)", flush=True)
-
-    def give_up():  # jax's own timeout aborts with a C++ stack trace: this one comes first, in one line
-        print(f"error: --join_timeout {args.join_timeout:g}: {who_is_missing(address, count, me)}; start the "
-              "same command on every host, each with its --process_id", file=sys.stderr, flush=True)
-        os._exit(2)
-    timer = threading.Timer(args.join_timeout, give_up)
-    timer.daemon = True
-    timer.start()
-    try:
-        jax.distributed.initialize(address, count, me, initialization_timeout=math.ceil(args.join_timeout) + 60)
-    except (ValueError, RuntimeError) as e:
-        raise UserError(f"--multihost: cannot join the other processes ({first_line(e)})")
-    finally:
-        timer.cancel()
-
-
-def who_is_missing(address, count, me):
-    """The processes that did not join, as far as this one can tell."""
-    if not address or me == 0:
-        others = "process 1" if count == 2 else f"some of processes 1 .. {count - 1}" if count else "a process"
-        return f"{others} did not join" + (f" the coordinator at {address} (this process)" if address else "")
-    with contextlib.suppress(OSError, ValueError), socket.create_connection(
-            (address.rpartition(":")[0].strip("[]"), int(address.rpartition(":")[2])), timeout=5):
-        return f"the coordinator at {address} answers, but not all of the {count} processes joined it"
-    return f"process 0, the coordinator at {address}, does not answer"
-
-
 # OUTPUT belongs to one run at a time. Process 0 holds an exclusive lock (flock) on OUTPUT/.lock
 # from before anything in OUTPUT is deleted until the run ends; the file names the holder. The
 # kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
@@ -2327,6 +1739,652 @@ def output_of_process_0(args, inputs):
         yield
 
 
+# ============================================================================================
+# Checkpoints: the whole training state, and where a run starts
+# ============================================================================================
+# OUTPUT/checkpoints/<step>/ holds two items: "state" (parameters, AdamW moments, step counter)
+# and "meta" (the position every data stream resumes from (text_batches), the batches drawn from
+# each source so far, and the flags that make the run what it is). Orbax writes a checkpoint into
+# a temporary folder and renames it when it is complete, so a kill at any moment leaves the whole
+# checkpoint or none. Nothing else is needed to continue exactly: the sources of a batch derive
+# from (seed, step), dropout keys from (seed, step, device).
+
+def run_identity(args, entries, devices):
+    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices
+    (of every process), the lines held out of training; as JSON reads it back (tuples become lists)."""
+    identity = {f"--{name}": getattr(args, name) for name in args.run_flags}
+    identity.update({"data config": entries, "devices": len(devices),
+                     "processes": jax.process_count(),
+                     "--eval_rows held out": args.eval_rows if args.eval_steps else 0})
+    return json.loads(json.dumps(identity))
+
+
+@contextlib.contextmanager
+def checkpoint_manager(args):
+    """Orbax's CheckpointManager, closed on leaving: its threads end before the interpreter does,
+    instead of failing by the hundred on a closed event loop after an error."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=args.keep_checkpoints,
+        enable_async_checkpointing=False,  # a save that fails (a full disk) fails at its own step
+        cleanup_tmp_directories=True)      # the temporary folders of saves that a kill interrupted
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(args.output, "checkpoints")), options=options)
+    with orbax_in_one_line(manager):
+        yield manager
+    manager.close()
+
+
+@contextlib.contextmanager
+def orbax_in_one_line(manager):
+    """Orbax's failures as the run reports them, in one line, without orbax's own reports: it logs
+    every failure of its threads, traceback and all, before raising it (its logger, absl's, is kept
+    quiet); the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it
+    find their event loop closed (nothing is lost, nothing to report); and when an error is on its
+    way out, closing the manager complains of the failed save's leftovers (not reported)."""
+    absl, report = logging.getLogger("absl"), sys.unraisablehook
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda u: None if (isinstance(u.exc_value, RuntimeError)
+                                            and str(u.exc_value) == "Event loop is closed") else report(u)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            manager.close()
+        raise
+    finally:
+        sys.unraisablehook = report
+        absl.setLevel(level)
+
+
+def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_source):
+    """Checkpoints the state after `text`'s batch, from process 0's copy of the replicated state,
+    with the stream positions and the batches drawn from each source so far (for metrics)."""
+    step = text.step + 1
+    first_copy = jax.device_get(first_local_replica(
+        {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
+    # every process reads its own stride of each file, so each has its own positions
+    positions = multihost_utils.process_allgather(np.array([text.stream_state[s.name] for s in sources]))
+    meta = {"step": step, "run": identity, "batches": dict(batches_per_source),
+            "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
+    intact = checkpoints.all_steps()
+    threads_before = set(threading.enumerate())
+    try:
+        checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+        # The other writes of a failed save go on in orbax's threads; once they end, nothing writes
+        # into its temporary folder while the run stops, or when a resume cleans it up.
+        for thread in set(threading.enumerate()) - threads_before:
+            if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
+                thread.join()
+        kept = f"the checkpoint of step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
+        raise UserError(f"cannot write the checkpoint of step {step} to {checkpoints.directory} "
+                        f"({first_line(e)}); {kept}") from e
+
+
+def initial_state(args, model, checkpoints, identity, sources):
+    """Where the run starts, decided here only, in this order:
+
+    1. with --resume, the newest checkpoint in OUTPUT that reads whole (newest_checkpoint): its
+       state and the positions of this process's streams, which `sources` take;
+    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
+    Returns (TrainState, its step, {source name: batches drawn from it before that step}, the
+    --steps its run had)."""
+    fresh = init_state(model, args)
+    restored = newest_checkpoint(args, checkpoints, identity, fresh) if args.resume else None
+    if restored is None:
+        return fresh, 0, {}, args.steps
+    state, meta = restored
+    step, recorded = meta["step"], meta["run"]
+    if step > args.steps:
+        raise UserError(f"--resume: the checkpoint of step {step} is past --steps {args.steps}")
+    if step < args.steps:  # at --steps, the run is complete: train says so
+        print(f"resuming at step {step} from {os.path.join(checkpoints.directory, str(step))}")
+    ended, scheduled = (recorded.get(name, identity[name]) for name in WHERE_IT_ENDS)
+    if (ended, scheduled) != (args.steps, args.schedule_steps):  # a run extended (or cut short)
+        before = argparse.Namespace(**{**vars(args), "schedule_steps": scheduled})
+        print(f"--resume: the run now ends at step {args.steps} (was {ended}) and its lr decays to 0 at step "
+              f"{args.schedule_steps} (was {scheduled}): step {step} trains at lr "
+              f"{learning_rate_schedule(args)(step):.3g} (was {learning_rate_schedule(before)(step):.3g})")
+    streams = meta["stream"]
+    positions = streams[jax.process_index()] if jax.process_index() < len(streams) else {}
+    for source in sources:
+        source.position = tuple(positions.get(source.name, (0, 0)))
+    return fresh.replace(**state), step, meta.get("batches", {}), ended
+
+
+def newest_checkpoint(args, checkpoints, identity, fresh):
+    """(state, meta) of the newest checkpoint that reads whole; None if there is none. A damaged one
+    (truncated by a copy, a failing disk) is skipped with a warning for the one before, and renamed
+    <step>.unreadable so that the run can write that step again."""
+    steps = sorted(checkpoints.all_steps(), reverse=True)
+    if not steps:
+        print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
+        return None
+    target = jax.device_get({"params": fresh.params, "opt_state": fresh.opt_state, "step": fresh.step})
+    for tried, step in enumerate(steps):
+        folder = os.path.join(checkpoints.directory, str(step))
+        try:
+            meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            check_same_run(args, meta["run"], identity, folder)
+            state = checkpoints.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        except UserError:
+            raise
+        except Exception as e:
+            print(f"warning: checkpoint {folder} is unreadable ({first_line(e)}); trying the one before",
+                  file=sys.stderr)
+            continue
+        for damaged in (os.path.join(checkpoints.directory, str(s)) for s in steps[:tried]):
+            shutil.rmtree(damaged + ".unreadable", ignore_errors=True)
+            os.replace(damaged, damaged + ".unreadable")
+        checkpoints.reload()
+        return state, meta
+    raise UserError(f"--resume: none of the checkpoints in {checkpoints.directory} is readable")
+
+
+# A resume may move the run's end (a finished run extended): the schedule follows (initial_state says how).
+WHERE_IT_ENDS = ("--steps", "--schedule_steps")
+
+
+def check_same_run(args, recorded, identity, folder):
+    """Refuses to continue a checkpoint of a different run (run_identity differs), unless --resume_force."""
+    changed = [config_changes(recorded.get(name) or [], now) if name == "data config"
+               else f"{name} ({recorded.get(name)!r} in the checkpoint, now {now!r})"
+               for name, now in identity.items() if recorded.get(name) != now and name not in WHERE_IT_ENDS]
+    if changed and not args.resume_force:
+        raise UserError(f"--resume: this run differs from the checkpoint {folder} in {', '.join(changed)}; "
+                        f"pass the checkpoint's flags, or --resume_force to continue regardless")
+    if changed:
+        print(f"warning: --resume_force: continuing {folder} with a different {', '.join(changed)}", file=sys.stderr)
+
+
+def config_changes(recorded, now):
+    """How the data config differs from the checkpoint's, entry by entry."""
+    before, after = ({e.get("name"): e for e in entries} for entries in (recorded, now))
+    changes = [f"{name} added" for name in after if name not in before]
+    changes += [f"{name} removed" for name in before if name not in after]
+    changes += [f"{name}'s {key} ({before[name].get(key)!r} in the checkpoint, now {after[name].get(key)!r})"
+                for name in after if name in before
+                for key in sorted({*before[name], *after[name]}) if before[name].get(key) != after[name].get(key)]
+    return f"data config ({', '.join(changes or ['the order of its entries'])})"
+
+
+# ============================================================================================
+# Stopping: signals, a dropped session, the step every process stops after
+# ============================================================================================
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the ssh session to the host dropped
+
+
+class Interrupted(Exception):
+    """A signal or the input pipeline stopped the run (after a checkpoint of its last finished step,
+    where there was one to write); exits with `status`."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass
+class StopRequests:
+    """What SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) asked.
+    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop (the
+    loop reads `first`); any other signal, or one outside the loop, stops at once."""
+    first: signal.Signals = None   # the signal the loop was asked to stop for
+    in_loop: bool = False          # the loop runs: there is a step to checkpoint
+    resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
+
+    def receive(self, signum):
+        if signum == signal.SIGHUP:
+            leave_the_terminal()
+        if self.in_loop and self.first is None:
+            self.first = signum
+            print(f"\n{signum.name}: finishing the step, then writing a checkpoint (again to stop at once)",
+                  file=sys.stderr, flush=True)
+            return
+        saved = f"resume with: {self.resume}" if self.resume else "no checkpoint to resume from"
+        print(f"\nstopped: {signum.name}, at once; {saved}", file=sys.stderr, flush=True)
+        end_workers()
+        os._exit(128 + signum)
+
+
+def leave_the_terminal():
+    """After SIGHUP, writes to the terminal or pipe (`| tee`) gone with the session fail: they go to
+    /dev/null, so that the step, its checkpoint and the exit status still come. Files go on."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+
+
+class OutlivesTheTerminal:
+    """sys.stdout or sys.stderr, whose first write to a terminal or pipe gone with the session (EIO,
+    EPIPE) leaves it as SIGHUP does: the terminal closes before the signal comes, and a line printed
+    in between must not end the run. Other errors (a full disk under a log file) are raised."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @contextlib.contextmanager
+    def terminal_gone(self):
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.EPIPE):
+                raise
+            leave_the_terminal()
+
+    def write(self, text):
+        with self.terminal_gone():
+            return self.stream.write(text)
+        return len(text)  # to /dev/null
+
+    def flush(self):
+        with self.terminal_gone():
+            return self.stream.flush()
+        self.stream.flush()  # what it held, now to /dev/null
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def handle_stop_signals():
+    """Takes SIGTERM, SIGINT and SIGHUP for the rest of the process; returns the StopRequests they feed.
+
+    A thread answers them, woken through signal.set_wakeup_fd: a Python signal handler runs only
+    in the main thread and between two bytecodes, so it would wait for an XLA compilation, a step
+    or a stuck call, where a second signal must stop at once."""
+    requests = StopRequests()
+    sys.stdout, sys.stderr = OutlivesTheTerminal(sys.stdout), OutlivesTheTerminal(sys.stderr)
+    # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
+    # tracker, which removes them and would warn about each; it takes its warning filters from here.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    # That tracker, a child in this process group, ignores SIGINT and SIGTERM but dies of SIGHUP (and
+    # relaunched, prints a traceback per semaphore): started now with SIGHUP blocked, it keeps it blocked.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    multiprocessing.resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def watch():
+        while byte := os.read(wake_read, 1):
+            if byte[0] in STOP_SIGNALS:
+                requests.receive(signal.Signals(byte[0]))
+
+    for s in STOP_SIGNALS:  # a handler that does nothing: having one makes Python write to the pipe
+        if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN):  # under nohup, stays ignored
+            signal.signal(s, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_write)
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+    return requests
+
+
+STOP_CHECK_STEPS = 10  # multi-host: the processes share their stop requests every this many steps
+
+
+def agreed_stop(stop, step, processes):
+    """The signal the run stops for once `step` steps are made, the same on every process. Signals reach the hosts
+    of a multi-host run at different moments, so each process's request is shared every
+    STOP_CHECK_STEPS steps (an all-gather of one number) and all stop after the same step."""
+    if processes == 1:
+        return stop.first
+    if not due(step, STOP_CHECK_STEPS):
+        return None
+    received = [int(s) for s in multihost_utils.process_allgather(np.int32(stop.first or 0)) if s]
+    if received and stop.first is None:
+        stop.first = signal.Signals(received[0])  # another process's: a signal here now stops at once
+    return signal.Signals(received[0]) if received else None
+
+
+def resume_command(args):
+    """This run's command line with --resume (and without --overwrite)."""
+    words = [w for w in shlex.split(args.command) if w not in ("--overwrite", "--resume")]
+    return shlex.join([*words, "--resume"])
+
+
+# ============================================================================================
+# Train loop
+# ============================================================================================
+
+MAX_BAD_STEPS = 5  # non-finite steps in a row before the run stops
+STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices: costs nothing (docs/performance.md)
+
+
+@dataclasses.dataclass
+class Progress:
+    """The loop's bookkeeping. The steps since the last log line keep their measurements on the
+    devices until log_window fetches them; the host runs at most STEPS_IN_FLIGHT steps ahead."""
+    batches: collections.Counter    # batches drawn per source, from the run's start
+    window: list = dataclasses.field(default_factory=list)  # (text batch, measurements) since the last line
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # the window's start
+    waited: float = 0.0             # seconds of the window spent waiting for a batch
+    bad_in_a_row: int = 0           # non-finite steps in a row, up to the last logged one
+    skipped: int = 0                # non-finite steps, all told
+    invalid: dict = dataclasses.field(default_factory=dict)  # the unusable-line counts last reported
+    compiled: set = dataclasses.field(default_factory=set)   # batch shapes the step was compiled for
+
+
+def train(args, model, tokenizer, sources, entries, held_out, local_devices, checkpoints, stop):
+    """Trains from where initial_state says to --steps; process 0 alone writes what the run reports."""
+    writer, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
+    devices = devices_of_all_processes(local_devices)
+    sharding, global_batch, local_batch = (device_sharding(devices), args.batch_size * len(devices),
+                                           args.batch_size * len(local_devices))
+    identity = run_identity(args, entries, devices)
+    state, first_step, batches_so_far, ended = initial_state(args, model, checkpoints, identity, sources)
+    state, run = replicate(state, sharding, len(local_devices)), RunFacts(entries, global_batch, len(devices))
+    if writer:
+        catch_up_output(args, first_step, ended, state, model, tokenizer, run)
+    if first_step == args.steps:  # a loop that restarts the command until it succeeds ends here
+        return
+    train_step = make_train_step(model, args, devices)
+    dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(local_devices))
+    texts = text_batches(sources, args, global_batch, (process * local_batch, (process + 1) * local_batch),
+                         (process, processes), first_step)
+    progress = Progress(collections.Counter(batches_so_far))
+    # a stop asked while the loop waits for a batch needs no batch; several processes wait for the
+    # step at which they all stop
+    stop_asked = (lambda: stop.first is not None) if processes == 1 else (lambda: False)
+    with (tokenizer_pool(tokenizer, args) as pool,
+          contextlib.closing(background_batches(texts, pool, (len(local_devices), args.batch_size),
+                                                args.prefetch, args.batch_timeout, stop_asked)) as batches,
+          contextlib.closing(Report(args, first_step, writer)) as report):
+        evaluate = held_out and make_evaluator(model, held_out, pool, local_devices, sharding, args.batch_size)
+        if evaluate:
+            run.scores[first_step] = report_eval(report, first_step, evaluate, state)
+        batch, failed = next_batch(batches, sharding, progress), None
+        for step in range(first_step + 1, args.steps + 1):  # step: the steps made once this one is
+            state = dispatch(train_step, state, batch, dropout_key, progress, args, report)
+            stop.in_loop = True  # from here a signal checkpoints this step
+            if writer and step == first_step + 1:  # a step made: the run that --overwrite replaces goes
+                drop_replaced(args.output)
+            done, last = batch.text, step == args.steps
+            if not last:  # the host prepares the next batch while the step runs
+                try:
+                    batch = next_batch(batches, sharding, progress)
+                except PipelineError as e:
+                    failed = e
+            if failed and processes > 1:  # the others wait in the next step: no checkpoint without them
+                raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
+                                  f"resume with: {resume_command(args)}", 1)
+            signalled = agreed_stop(stop, step, processes)
+            checkpoint_now = due(step, args.save_steps) or last or bool(signalled or failed)
+            # the window is checked before a checkpoint, so a run that must stop never writes one
+            if due(step, args.log_steps) or checkpoint_now:
+                log_window(report, progress, global_batch, sources, checkpoints.latest_step())
+            if evaluate and (due(step, args.eval_steps) or last):
+                run.scores[step] = report_eval(report, step, evaluate, state)
+                progress.started = time.perf_counter()  # the eval is not training time
+            if checkpoint_now:
+                save_checkpoint(checkpoints, state, done, sources, identity, progress.batches)
+            if writer and due(step, args.save_steps) and not last:
+                export(args, step, state, model.config, tokenizer, run)
+            if failed:
+                raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step} written; "
+                                  f"resume with: {resume_command(args)}", 1)
+            if signalled and not last:  # after the last step, the export is all that is left
+                raise Interrupted(f"{signalled.name} at step {step}, checkpoint written; resume with: "
+                                  f"{resume_command(args)}", 128 + signalled)
+            report.bar.update()
+        stop.in_loop = False  # a signal from here stops at once: the last checkpoint is written
+    if writer:
+        export(args, args.steps, state, model.config, tokenizer, run)
+        print(f"done: {args.steps} steps, {progress.skipped} skipped as non-finite, {len(progress.compiled)} "
+              f"batch shape(s) compiled; model in {export_folder(args, args.steps)}")
+
+
+def due(step, every):
+    """Whether the work done every `every` steps comes after `step` (the steps made so far)."""
+    return step % every == 0
+
+
+def catch_up_output(args, first_step, ended, state, model, tokenizer, run):
+    """OUTPUT as a resumed run leaves it before its first step: OUTPUT/final kept under its step if
+    --steps moved, the export that a kill or a full disk cut short written, the run record extended."""
+    if first_step:
+        keep_final_model(args, ended)
+        if (due(first_step, args.save_steps) or first_step in (args.steps, ended)) and not os.path.isdir(
+                export_folder(args, first_step)):
+            export(args, first_step, state, model.config, tokenizer, run)
+    if first_step == args.steps:
+        print(f"--resume: the run is complete ({args.steps} steps); model in {export_folder(args, args.steps)}")
+    else:
+        write_run_record(args, run.mixture, first_step)
+
+
+def next_batch(batches, sharding, progress):
+    """The next batch, its columns put on the devices; None if a stop was asked meanwhile."""
+    started = time.perf_counter()
+    batch = next(batches, None)
+    if batch:
+        batch.columns = to_devices(batch.columns, sharding)
+    progress.waited += time.perf_counter() - started
+    return batch
+
+
+def dispatch(train_step, state, batch, dropout_key, progress, args, report):
+    """Dispatches the step on `batch` (compiling it for a new batch shape) and returns the new state.
+    The host runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, it queues
+    hundreds between two logging steps, and XLA:CPU aborts when a collective of one of them waits
+    over 40 s for its devices (docs/performance.md)."""
+    shape = tuple(ids.shape for ids, _ in batch.columns)
+    if shape in progress.compiled:
+        state, measured = train_step(state, batch.columns, dropout_key)
+    else:
+        state, measured = compile_step(train_step, state, batch.columns, dropout_key, args, report)
+        progress.compiled.add(shape)
+    progress.window.append((batch.text, measured))
+    if len(progress.window) > STEPS_IN_FLIGHT:  # the steps before the window were fetched when it began
+        jax.block_until_ready(progress.window[-STEPS_IN_FLIGHT - 1][1])
+    progress.batches.update(batch.text.sources)
+    return state
+
+
+SMALLER_STEP = "lower --batch_size (the global batch shrinks with it) or --max_length, or pass --mini_batch_size"
+
+
+def batch_kind(lengths):
+    return f"{ {2: 'pairs', 3: 'triplets'}[len(lengths)]} of {' + '.join(map(str, lengths))} tokens"
+
+
+def compile_step(train_step, state, columns, dropout_key, args, report):
+    """Runs a step that compiles (a new batch shape) and waits for it, so that a batch too big
+    for the device fails here, as one line, rather than at the next fetch with a traceback."""
+    kind = batch_kind([ids.shape[-1] for ids, _ in columns])
+    started = time.perf_counter()
+    try:
+        state, measured = jax.block_until_ready(train_step(state, columns, dropout_key))
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise UserError(f"a step on {kind} with --batch_size {args.batch_size} per device and --max_length "
+                        f"{args.max_length} does not fit in device memory ({first_line(e)}); {SMALLER_STEP}") from e
+    report.line(f"compiled the step for {kind} and ran it in {time.perf_counter() - started:.1f}s")
+    return state, measured
+
+
+def log_window(report, progress, global_batch, sources, last_checkpoint):
+    """Fetches the measurements of the steps since the last line (the loop's only host sync), stops
+    the run after MAX_BAD_STEPS non-finite steps in a row, and reports them. last_checkpoint: the
+    step of the newest checkpoint in OUTPUT, None if there is none."""
+    window, seconds = progress.window, time.perf_counter() - progress.started
+    measured = jax.device_get([m for _, m in window])
+    for (text, _), m in zip(window, measured):
+        progress.bad_in_a_row = 0 if m["finite"][0] else progress.bad_in_a_row + 1
+        if progress.bad_in_a_row >= MAX_BAD_STEPS:
+            kept = (f"the checkpoint of step {last_checkpoint} is intact" if last_checkpoint is not None
+                    else "no checkpoint was written")
+            raise UserError(f"{MAX_BAD_STEPS} non-finite losses in a row, the last at step {text.step + 1} "
+                            f"(sources {', '.join(text.sources)}); their updates were skipped; {kept}")
+    finite = [m for m in measured if m["finite"][0]]
+    mean = lambda key: float(np.mean([m[key][0] for m in finite])) if finite else float("nan")  # noqa: E731
+    line = {"step": window[-1][0].step + 1, "loss": mean("loss"), "lr": float(measured[-1]["lr"][0]),
+            "grad_norm": mean("grad_norm"), "pairs_per_s": len(window) * global_batch / seconds,
+            "data_wait": progress.waited / seconds, "skipped": len(measured) - len(finite)}
+    progress.skipped += line["skipped"]
+    progress.window, progress.waited, progress.started = [], 0.0, time.perf_counter()
+    report.bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}",
+                           pairs_s=f"{line['pairs_per_s']:.0f}", wait=f"{line['data_wait']:.0%}")
+    report.line(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    report.record({**line, "batches": {s.name: progress.batches[s.name] for s in sources}})
+    if window[-1][0].invalid != progress.invalid:
+        progress.invalid = window[-1][0].invalid
+        report.line(invalid_lines_report(progress.invalid))
+
+
+def report_eval(report, step, evaluate, state):
+    """Scores the held-out rows at `step` (every process, on its own devices) and reports them."""
+    started = time.perf_counter()
+    scores = evaluate(state.params)
+    seconds = time.perf_counter() - started
+    report.line(f"eval step={step} " + " ".join(f"{k}={v:.4f}" for k, v in scores["overall"].items())
+                + f" ({seconds:.1f}s)")
+    report.record({"step": step, "eval": scores, "eval_seconds": seconds})
+    return scores
+
+
+def export(args, step, state, config, tokenizer, run):
+    """OUTPUT/<step> (OUTPUT/final at --steps), from this process's first copy of the parameters."""
+    params = jax.device_get(first_local_replica(state.params))
+    export_sentence_transformer(export_folder(args, step), params, config, tokenizer, args, run, step)
+
+
+class Report:
+    """What the run reports, written by process 0 alone (the others train the same steps in silence):
+    lines above the progress bar, OUTPUT/metrics.jsonl and OUTPUT/tensorboard/ (a record per log
+    line and per evaluation, nested keys joined by "/"; appended to, so a resumed run continues both)."""
+
+    def __init__(self, args, first_step, writer):
+        self.writer = writer
+        self.bar = tqdm.tqdm(initial=first_step, total=args.steps, disable=not writer, dynamic_ncols=True)
+        if writer:
+            self.jsonl = open(os.path.join(args.output, "metrics.jsonl"), "a")
+            self.board = tensorboardX.SummaryWriter(os.path.join(args.output, "tensorboard"))
+
+    def line(self, text):
+        if self.writer:
+            self.bar.write(text)
+
+    def record(self, record):
+        if not self.writer:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        numbers = {key: value for key, value in record.items() if key != "step"}  # the x axis, not a scalar
+        for tag, value in traverse_util.flatten_dict(numbers, sep="/").items():
+            self.board.add_scalar(tag, value, record["step"])
+        self.board.flush()
+
+    def close(self):
+        self.bar.close()  # a line printed after the run starts on a line of its own
+        if self.writer:
+            self.jsonl.close()
+            self.board.close()
+
+
+# ============================================================================================
+# Compile for a TPU: the run's steps through the TPU compiler, before renting one
+# ============================================================================================
+
+# libtpu compiles for a TPU topology on a machine without its chips ("compile-only" devices), so
+# whether each step of a run fits a slice's HBM is known before paying for it. The peaks are Google
+# Cloud's published figures per chip (bf16 FLOP/s, HBM bytes/s, HBM GiB; jax gives no HBM size for
+# compile-only devices), here per device: a v3 chip is two devices, a v4 or v5p chip one "megacore".
+TPU_PEAKS = {"TPU v3": (61.5e12, 450e9, 16), "TPU v4": (275e12, 1200e9, 32), "TPU v5 lite": (197e12, 819e9, 16),
+             "TPU v5": (459e12, 2765e9, 95), "TPU v6 lite": (918e12, 1638e9, 32)}
+# Cloud TPU's slice names: v3, v4 and v5p count TensorCores (two per chip), v5e and v6e chips.
+TPU_SLICES = {"v3-8": "v3:2x2", "v3-32": "v3:4x4", "v4-8": "v4:2x2x1", "v4-32": "v4:2x2x4", "v5p-8": "v5p:2x2x1",
+              "v5p-32": "v5p:2x2x4", "v5e-8": "v5e:2x4", "v5e-32": "v5e:4x8", "v6e-8": "v6e:2x4", "v6e-32": "v6e:4x8"}
+
+
+def tpu_devices(name):
+    """The compile-only devices of a TPU slice (TPU_SLICES) or topology (v3:2x2)."""
+    topology = TPU_SLICES.get(name, name)
+    generation, _, chips = topology.partition(":")
+    options = {"chip_config_name": "megacore"} if generation in ("v4", "v5", "v5p") else {}
+    if generation in ("v5e", "v6e") and chips == "2x4":  # one host of 8 chips, as Cloud TPU has it
+        options["chips_per_host_bounds"] = (2, 4, 1)
+    jax.config.update("jax_platforms", "cpu")  # nothing runs: a TPU of this machine is not needed
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # nor its lock, which would keep out other runs
+    from jax.experimental import topologies
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)  # libtpu starts by warning that it cannot tell which chips this machine has
+    try:
+        devices = topologies.get_topology_desc(topology, "tpu", **options).devices
+    except RuntimeError as e:
+        if "not installed" in str(e):
+            raise UserError(f'--compile_for needs libtpu: pip install "jax[tpu]=={jax.__version__}"') from None
+        raise UserError(f"--compile_for {name}: libtpu does not know it ({first_line(e)}); try one of "
+                        f"{', '.join(TPU_SLICES)} or a topology such as v3:2x2") from None
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    if devices[0].device_kind not in TPU_PEAKS:
+        raise UserError(f"--compile_for {name}: no peak figures for {devices[0].device_kind}")
+    return devices
+
+
+def compile_for_tpu(args, entries):
+    """--compile_for: the step for every batch shape the run can meet (each column count its files
+    give, both if they cannot be read here; each bucket length), compiled for the slice's devices."""
+    devices = tpu_devices(args.compile_for)
+    peaks, hosts = TPU_PEAKS[devices[0].device_kind], len({d.process_index for d in devices})
+    check_batch_split(args, len(devices), hosts)
+    _, config = load_tokenizer_and_config(args)
+    model = FlaxAutoModel.from_config(config, dtype=jnp.dtype(args.dtype), _do_init=False)  # no weights
+    per_device = lambda leaf: jax.ShapeDtypeStruct((len(devices), *leaf.shape), leaf.dtype)  # noqa: E731
+    state, key = jax.tree_util.tree_map(per_device, jax.eval_shape(
+        lambda: (init_state(model, args, model.params_shape_tree), jax.random.PRNGKey(args.seed))))
+    train_step, too_big = make_train_step(model, args, devices), []
+    print(f"--compile_for {args.compile_for}: {len(devices)} x {devices[0].device_kind} on {hosts} host(s), a global "
+          f"batch of {args.batch_size * len(devices)}; per device {peaks[2]} GiB HBM and peaks of {peaks[0] / 1e12:g} "
+          f"TFLOP/s (bf16) and {peaks[1] / 1e9:g} GB/s (Google Cloud's figures)")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            kinds = sorted({len(row) for row, _ in pool.map(  # each file's first usable line
+                lambda entry: head_of(source_url(args.data_folder, entry["name"]), 1), entries)})
+    except UserError as e:
+        print(f"the data cannot be read here ({e}): compiling for pairs and triplets")
+        kinds = [2, 3]
+    for lengths in (shape for columns in kinds for shape in itertools.product(args.pad_to_buckets, repeat=columns)):
+        batch = [(jax.ShapeDtypeStruct((len(devices), args.batch_size, length), jnp.int32),) * 2 for length in lengths]
+        started = time.perf_counter()
+        try:
+            line, fits = step_cost(train_step.lower(state, batch, key).compile(), args, peaks)
+            line = f"compiled in {time.perf_counter() - started:.1f}s; {line}"
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            line, fits = f"does not fit, the compiler refuses ({first_line(e)})", False
+        print(f"{batch_kind(lengths)}: {line}")
+        too_big += [] if fits else [batch_kind(lengths)]
+    if too_big:
+        raise UserError(f"--compile_for {args.compile_for}: the step on {', '.join(too_big)} does not fit in "
+                        f"{peaks[2]} GiB per device; {SMALLER_STEP}")
+    print("every step fits; the times are lower bounds (at the peaks, which no step reaches), not estimates")
+
+
+def step_cost(compiled, args, peaks):
+    """(A compiled step's needs per device, whether they fit): HBM for its buffers (the donated state
+    counted once) and code; time at least for its FLOPs at the peak FLOP/s, or its bytes at the
+    peak bandwidth."""
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+              + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    bound = max(cost["flops"] / peaks[0], cost["bytes accessed"] / peaks[1])
+    return (f"per device {needed / 2**20:,.1f} MiB of {peaks[2] * 1024:,} MiB HBM (arguments "
+            f"{memory.argument_size_in_bytes / 2**20:,.1f}, temporaries {memory.temp_size_in_bytes / 2**20:,.1f}), "
+            f"{cost['flops'] / 1e12:.3g} TFLOP and {cost['bytes accessed'] / 1e9:.3g} GB per step: at least "
+            f"{bound * 1e3:,.1f} ms per step, {bound * args.steps / 3600:,.1f} h for --steps {args.steps}",
+            needed <= peaks[2] * 2**30)
+
+
+# ============================================================================================
+# Main: cheap checks first, then the model, then the run
+# ============================================================================================
+
 def main(argv=None, stop=None):
     """The run; `stop`: the StopRequests of handle_stop_signals, which only the script's own process
     installs (called as a function, main leaves the caller's signals alone)."""
@@ -2338,23 +2396,19 @@ def main(argv=None, stop=None):
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     join_processes(args)
     entries = load_data_config(args.data_config)
-    devices = choose_devices(args)
-    run_devices = len(devices) * jax.process_count()
-    check_batch_split(args, run_devices, jax.process_count())
+    local_devices = choose_devices(args)
+    device_count = len(local_devices) * jax.process_count()
     sources = open_sources(entries, args)
     held_out = load_held_out(sources, args.eval_rows) if args.eval_steps else None
     tokenizer, config = load_tokenizer_and_config(args)
     if args.dry_run is not None:
-        return dry_run(sources, args, tokenizer, args.batch_size * run_devices)
-    if config.model_type not in EXPORTABLE:
-        raise UserError(f"--model {args.model}: export supports {', '.join(EXPORTABLE)}, "
-                        f"not {config.model_type}")
+        return dry_run(sources, args, tokenizer, args.batch_size * device_count)
     model = load_model(args, config)
     # only once the model loads: --overwrite must not lose a run for nothing
     with output_of_process_0(args, run_inputs(args, sources)):
         stop.resume = resume_command(args)  # from here a signal names the command that continues the run
         with checkpoint_manager(args) as checkpoints:
-            train(args, model, tokenizer, (sources, entries, held_out), devices, checkpoints, stop)
+            train(args, model, tokenizer, sources, entries, held_out, local_devices, checkpoints, stop)
 
 
 if __name__ == "__main__":

@@ -170,9 +170,8 @@ def test_model_card_metadata_is_what_the_hub_reads(short_run, folder, step, offl
 def test_model_card_names_base_model_and_datasets_on_the_hub(tiny, tmp_path, offline, flags, base_model, datasets):
     args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path / "my-model"),
                                     *[str(tiny / "model") if flag == "LOCAL" else flag for flag in flags]])
-    run = {"step": 4, "global_batch": 16, "devices": 8, "mixture": json.loads((tiny / "data_config.json").read_text()),
-           "versions": train_script.library_versions()}
-    train_script.model_card(str(tmp_path / "my-model" / "final"), AutoConfig.for_model("bert"), args, run).save(
+    run = train_script.RunFacts(json.loads((tiny / "data_config.json").read_text()), global_batch=16, device_count=8)
+    train_script.model_card(str(tmp_path / "my-model" / "final"), AutoConfig.for_model("bert"), args, run, 4).save(
         tmp_path / "README.md")
     card = ModelCard.load(tmp_path / "README.md")
     assert (card.data.base_model, card.data.datasets, card.data.eval_results) == (base_model, datasets, None)
@@ -216,10 +215,9 @@ def test_model_card_summarises_a_mixture_of_many_files_by_folder():
     config = os.path.join(ROOT, "data_config.json")
     mixture = json.load(open(config))
     args = train_script.parse_args([config, "out/all-MiniLM-L12-v1"])
-    run = {"step": 540_000, "global_batch": 1024, "devices": 8, "mixture": mixture,
-           "versions": train_script.library_versions()}
+    run = train_script.RunFacts(mixture, global_batch=1024, device_count=8)
     card = str(train_script.model_card("out/all-MiniLM-L12-v1/final", AutoConfig.for_model("bert", hidden_size=384),
-                                       args, run))
+                                       args, run, 540_000))
     rows = card_rows(card)
     stackexchange = [e for e in mixture if e["name"].startswith("stackexchange_title_body/")]
     files, lines, weight, _, _ = rows["stackexchange_title_body"]
@@ -294,7 +292,7 @@ def test_unexportable_model_type_is_refused_before_training(tiny, tmp_path):
 # Every exportable model type, and the real all-MiniLM-L6-v2
 # --------------------------------------------------------------------------------------------
 
-TINY_CONFIGS = {  # small versions of each architecture in EXPORTABLE
+TINY_CONFIGS = {  # small versions of each architecture in MODEL_TYPES
     "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     "xlm-roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
@@ -318,7 +316,7 @@ def bpe_tokenizer(tiny, tmp_path_factory):
     return RobertaTokenizerFast(vocab_file=vocab, merges_file=merges)
 
 
-@pytest.mark.parametrize("model_type", sorted(train_script.EXPORTABLE))
+@pytest.mark.parametrize("model_type", sorted(train_script.MODEL_TYPES))
 def test_every_exportable_type_loads_with_the_jax_embeddings(model_type, tiny, bpe_tokenizer, tmp_path):
     from transformers import DistilBertTokenizerFast
     if "roberta" in model_type:
@@ -332,13 +330,12 @@ def test_every_exportable_type_loads_with_the_jax_embeddings(model_type, tiny, b
     model = FlaxAutoModel.from_config(config, seed=1)
     folder = tmp_path / "export"
     args = train_script.parse_args([str(tiny / "data_config.json"), str(tmp_path), "--max_length", str(MAX_LENGTH)])
-    run = {"step": 0, "global_batch": 8, "devices": 8, "mixture": json.loads((tiny / "data_config.json").read_text()),
-           "versions": train_script.library_versions()}
-    train_script.write_run_record(args, run["mixture"], 0)
-    train_script.export_sentence_transformer(str(folder), model.params, config, tokenizer, args, run)
+    run = train_script.RunFacts(json.loads((tiny / "data_config.json").read_text()), global_batch=8, device_count=8)
+    train_script.write_run_record(args, run.mixture, 0)
+    train_script.export_sentence_transformer(str(folder), model.params, config, tokenizer, args, run, 0)
 
     pytorch, info = pytorch_model(folder)
-    assert type(pytorch).__name__ == train_script.EXPORTABLE[model_type]
+    assert type(pytorch).__name__ == train_script.MODEL_TYPES[model_type].torch_class
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == ([], [], [])
     expected = jax_embeddings(model, model.params, tokenizer, SENTENCES, MAX_LENGTH)
     got = sentence_transformer(folder).encode(SENTENCES, batch_size=2)

@@ -20,7 +20,7 @@ DEVICES = 8
 PER_DEVICE = 8
 MINI = 2
 MAX_LENGTH = 32
-BUCKETS = "8,16,24"
+BUCKETS = (8, 16, 24)
 
 
 def flags(tiny, *extra):
@@ -164,13 +164,14 @@ def test_bad_bucket_lists_are_refused(tiny, text, culprit):
 
 def test_bucket_lists_end_at_max_length():
     assert ts.bucket_lengths(None, 128) == (128,)
-    assert ts.bucket_lengths("32,64", 128) == (32, 64, 128)
-    assert ts.bucket_lengths("32,64,128", 128) == (32, 64, 128)
+    assert ts.bucket_lengths((32, 64), 128) == (32, 64, 128)
+    assert ts.bucket_lengths((32, 64, 128), 128) == (32, 64, 128)
 
 
-@pytest.mark.parametrize("mini", ["3", "0", "16"])
-def test_mini_batch_must_divide_the_batch(tiny, mini):
-    with pytest.raises(ts.UserError, match=f"--mini_batch_size {mini} must divide --batch_size {PER_DEVICE}"):
+@pytest.mark.parametrize("mini, message", [("3", f"3 must divide --batch_size {PER_DEVICE}"),
+                                           ("16", f"16 must divide --batch_size {PER_DEVICE}"), ("0", "must be at least 1")])
+def test_mini_batch_must_divide_the_batch(tiny, mini, message):
+    with pytest.raises(ts.UserError, match=f"--mini_batch_size {message}"):
         flags(tiny, "--mini_batch_size", mini)
 
 

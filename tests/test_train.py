@@ -341,7 +341,7 @@ def kept_attention(model_type, masks, examples=8, length=16):
     return np.stack([np.asarray(a) != 0 for a in attentions])  # every probability is > 0 before dropout
 
 
-@pytest.mark.parametrize("model_type", sorted(train_script.EXPORTABLE))
+@pytest.mark.parametrize("model_type", sorted(train_script.MODEL_TYPES))
 def test_attention_dropout_is_drawn_per_element_for_every_model_type(model_type):
     kept = kept_attention(model_type, "element")
     examples_differ = np.mean(kept[:, 0] != kept[:, 1])
@@ -354,13 +354,13 @@ def test_attention_dropout_is_drawn_per_element_for_every_model_type(model_type)
     assert examples_differ == pytest.approx(0.18, abs=0.04) and heads_differ == pytest.approx(0.18, abs=0.04)
 
 
-@pytest.mark.parametrize("model_type", sorted(train_script.SHARED_MASK_ATTENTION))
+@pytest.mark.parametrize("model_type", sorted(t for t, m in train_script.MODEL_TYPES.items() if m.shared_masks))
 def test_shared_attention_dropout_is_transformers_flax_mask(model_type):
     kept = kept_attention(model_type, "shared")
     assert (kept == kept[:, :1, :1]).all()  # one mask per layer, for every example and head
     assert kept.mean() == pytest.approx(0.9, abs=0.04)
     # and leaving the context gives transformers' own code back
-    module = importlib.import_module(train_script.SHARED_MASK_ATTENTION[model_type])
+    module = importlib.import_module(train_script.MODEL_TYPES[model_type].shared_masks)
     assert module.dot_product_attention_weights is flax.linen.attention.dot_product_attention_weights
 
 
