@@ -1965,24 +1965,20 @@ class OutlivesTheTerminal:
     def __init__(self, stream):
         self.stream = stream
 
-    @contextlib.contextmanager
-    def terminal_gone(self):
+    def write(self, text):
+        return self.survive(self.stream.write, text)
+
+    def flush(self):
+        return self.survive(self.stream.flush)
+
+    def survive(self, call, *args):
         try:
-            yield
+            return call(*args)
         except OSError as e:
             if e.errno not in (errno.EIO, errno.EPIPE):
                 raise
             leave_the_terminal()
-
-    def write(self, text):
-        with self.terminal_gone():
-            return self.stream.write(text)
-        return len(text)  # to /dev/null
-
-    def flush(self):
-        with self.terminal_gone():
-            return self.stream.flush()
-        self.stream.flush()  # what it held, now to /dev/null
+            return call(*args)  # to /dev/null now
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -2024,9 +2020,9 @@ STOP_CHECK_STEPS = 10  # multi-host: the processes share their stop requests eve
 
 
 def agreed_stop(stop, step, processes):
-    """The signal the run stops for once `step` steps are made, the same on every process. Signals reach the hosts
-    of a multi-host run at different moments, so each process's request is shared every
-    STOP_CHECK_STEPS steps (an all-gather of one number) and all stop after the same step."""
+    """The signal the run stops for once `step` steps are made, the same on every process. Signals
+    reach the hosts of a multi-host run at different moments, so each process's request is shared
+    every STOP_CHECK_STEPS steps (an all-gather of one number) and all stop after the same step."""
     if processes == 1:
         return stop.first
     if not due(step, STOP_CHECK_STEPS):
