@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for train_script; scripts/ is on the path already (run from it, or by the tests)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # on a GPU, JAX would otherwise reserve most of its memory up front and leave PyTorch little
@@ -51,11 +51,23 @@ MINILM_L12_H384 = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=12, 
 QUESTION_WORDS, ANSWER_WORDS = (4, 30), (20, 120)  # a realistic mix: short questions, long answers
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_parser(description):
+    """A parser with the flags of the step both frameworks run, shared with profile_step.py: the model,
+    the batch, JAX's CPU devices and the flags for train_script."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--batch_size", type=int, default=32, help="pairs per step (global: split over JAX's devices)")
     p.add_argument("--max_length", type=int, default=128, help="tokens per text (fixed padding)")
     p.add_argument("--layers", type=int, default=12, help="transformer layers (12: MiniLM-L12)")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="without an accelerator: JAX CPU devices, the batch split over them (default: one per "
+                        "core, or XLA_FLAGS' --xla_force_host_platform_device_count when set)")
+    p.add_argument("train_script_flags", nargs="*",
+                   help="after --: flags for train_script's parser, for every JAX step (e.g. --dtype bfloat16)")
+    return p
+
+
+def parse_args():
+    p = step_parser(__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3, help="timed steps of each framework, after one warm-up step")
     p.add_argument("--buckets", default="32,64", help="--pad_to_buckets of the bucketed step (if the script has it)")
     p.add_argument("--mini_batch_size", type=lambda text: [int(m) for m in text.split(",")], default=None,
@@ -65,13 +77,8 @@ def parse_args():
                    help="only compile the plain and GradCache steps and print their activation memory: no "
                         "step runs, so no PyTorch, no timing, no producer")
     p.add_argument("--producer_batches", type=int, default=20, help="batches timed through the producer")
-    p.add_argument("--cpu_devices", type=int, default=None,
-                   help="without an accelerator: JAX CPU devices, the batch split over them (default: one per "
-                        "core, or XLA_FLAGS' --xla_force_host_platform_device_count when set)")
     p.add_argument("--skip", default="",
                    help="comma-separated parts to leave out: update_rule,torch,buckets,gradcache,producer")
-    p.add_argument("train_script_flags", nargs="*",
-                   help="after --: flags for train_script's parser, for every JAX step (e.g. --dtype bfloat16)")
     return p.parse_args()
 
 

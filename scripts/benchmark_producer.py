@@ -27,7 +27,8 @@ import numpy as np
 import psutil
 from transformers import AutoTokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for train_script; scripts/ is on the path already (run from it, or by the tests)
 import train_script  # noqa: E402
 
 DEVICES, PER_DEVICE, MAX_LENGTH = 8, 128, 128  # the card's global batch of 1024 pairs

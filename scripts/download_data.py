@@ -49,7 +49,7 @@ import tqdm
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # for train_script; scripts/ is on the path already (run from it, or by the tests)
 from train_script import UserError, load_data_config, open_source  # noqa: E402
 
 DEFAULT_SOURCES = os.path.join(ROOT, "data_sources.json")

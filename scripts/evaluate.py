@@ -27,7 +27,8 @@ import sys
 import numpy as np
 import scipy.stats
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for train_script; scripts/ is on the path already (run from it, or by the tests)
 from train_script import (MRR_CUTOFF, Source, UserError, head_of, held_out_rows, held_out_texts,  # noqa: E402
                           load_data_config, score_held_out, source_url)
 

@@ -27,6 +27,7 @@ Everything depends only on --seed and --lines: each file has its own RNG seeded 
 import argparse
 import gzip
 import json
+import os
 import random
 import sys
 import time
@@ -34,6 +35,9 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # for train_script; scripts/ is on the path already (run from it, or by the tests)
 
 DEFAULT_LINES = 2000
 MAX_POSITIONS = 128
@@ -573,7 +577,6 @@ def _write_model(model_dir: Path, vocab_size: int, seed: int) -> None:
     # train_script first, as every caller in the tests and scripts/ has it: its settings (the
     # filter on transformers' Flax deprecation notice, the RBG random generator that draws the
     # init) then hold for this model too, so `make smoke` and the tests build the same fixture.
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import train_script  # noqa: F401
     from transformers import BertConfig, FlaxBertModel
 

@@ -11,7 +11,6 @@ device waiting for the other) and the other element-wise work. JAX's parts are s
 of XLA:CPU's worker threads, each operation charged until the next one starts on its thread;
 PyTorch's are shares of its operators' own time. Seconds are those shares of the step's wall time.
 """
-import argparse
 import collections
 import glob
 import os
@@ -20,26 +19,12 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
+import jax
+import torch
 
-import jax  # noqa: E402
-import torch  # noqa: E402
-
-import benchmark  # noqa: E402
+import benchmark
 
 PARTS = ["matrix products", "dropout masks", "layout copies", "collectives", "other element-wise"]
-
-
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch_size", type=int, default=32, help="pairs per step (global: split over JAX's devices)")
-    p.add_argument("--max_length", type=int, default=128, help="tokens per text (fixed padding)")
-    p.add_argument("--layers", type=int, default=12, help="transformer layers (12: MiniLM-L12)")
-    p.add_argument("--cpu_devices", type=int, default=None,
-                   help="without an accelerator: JAX CPU devices (default: one per core, as benchmark.py)")
-    p.add_argument("train_script_flags", nargs="*", help="after --: flags for train_script's parser (JAX only)")
-    return p.parse_args()
 
 
 # ============================================================================================
@@ -131,7 +116,7 @@ def profile_torch(folder, columns):
 # ============================================================================================
 
 def main():
-    options = parse_args()
+    options = benchmark.step_parser(__doc__.split("\n\n")[0]).parse_args()
     benchmark.use_one_cpu_device_per_core(options)
     devices = jax.local_devices()
     if devices[0].platform != "cpu":

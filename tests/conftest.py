@@ -1,6 +1,7 @@
 """Shared fixtures and builders. Eight emulated CPU devices, so the real 8-way pmap runs in every
 test session; the tiny fixture (a 2-layer BERT and a small mixture); the command line of a run on
-it; train_script.py in a fresh process; gzip JSON-lines sources and data configs written for a test."""
+it; train_script.py in a fresh process; the runs that checkpoint (test_resume, test_faults,
+test_signals, test_output); gzip JSON-lines sources and data configs written for a test."""
 import collections
 import contextlib
 import functools
@@ -11,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import types
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -21,7 +23,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
@@ -97,6 +101,81 @@ def run_train_script(*argv, block_torch=False, block=(), timeout=300):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-c", "import sys; " + code], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs that checkpoint (test_resume, test_faults, test_signals, test_output): RUN on the fixture's
+# pairs, 12 steps, a checkpoint every 4, and the uninterrupted run they must end as
+# --------------------------------------------------------------------------------------------
+
+STEPS, SAVE_STEPS = 12, 4
+RUN = ("--steps", STEPS, "--save_steps", SAVE_STEPS, "--log_steps", SAVE_STEPS, *TINY_STEP,
+       "--lr", "1e-3", "--warmup_steps", "2")
+
+
+def tiny_args(tiny, output, *extra, config=None, **inputs):
+    """Every run of these files: RUN on the fixture's pairs (or the given config, data, model), then `extra`."""
+    return tiny_argv(tiny, output, *RUN, *extra, config=config or tiny / "data_config_pairs.json", **inputs)
+
+
+def final_params(output):
+    return load_file(os.path.join(output, "final", "model.safetensors"))
+
+
+def assert_same_params(got, expected):
+    assert got.keys() == expected.keys()
+    worst = max(float(np.max(np.abs(got[k] - expected[k]))) for k in expected)
+    assert worst <= 1e-6, f"parameters differ by up to {worst}"
+
+
+@pytest.fixture(scope="module")
+def compile_the_step_once(tmp_path_factory):
+    """Every run of a file that uses it compiles the same step: JAX's persistent cache, here and in
+    the subprocesses, compiles it once rather than a dozen times."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    folder = str(tmp_path_factory.mktemp("jax-cache"))
+    settings = {"jax_compilation_cache_dir": folder, "jax_persistent_cache_min_compile_time_secs": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in settings.items():
+            jax.config.update(name, value)
+            env.setenv(name.upper(), str(value))
+        compilation_cache.reset_cache()
+        yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny, tmp_path_factory):
+    """A run from step 0 to STEPS in one go: what every interrupted run must end with (one run for
+    the four files, which copy it or leave it as it is)."""
+    import train_script
+    output = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    train_script.main(tiny_args(tiny, output))
+    return output
+
+
+def start_script(args, log, **popen):
+    """train_script.py as its own process (the 8 emulated devices come with the environment)."""
+    import train_script
+    return subprocess.Popen([sys.executable, train_script.__file__, *args], stdout=log, stderr=log, **popen)
+
+
+def wait_for_checkpoint(process, output, step, log_path):
+    folder = output / "checkpoints" / str(step)
+    deadline = time.monotonic() + 600
+    while not folder.is_dir():
+        assert process.poll() is None, f"the run ended before checkpoint {step}:\n{log_path.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+        time.sleep(0.1)
+
+
+def file_bytes(folder):
+    """{path: content} of every file under `folder`, links followed."""
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 # --------------------------------------------------------------------------------------------
