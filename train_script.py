@@ -575,9 +575,8 @@ class Source:
 
 
 def open_sources(entries, args):
-    """Checks every file before training starts (exists, has a usable row) and learns its format;
-    refuses files kept in RAM (--cache_small_sources) beyond the machine's, estimated from the
-    config's lines and the size of their first lines (each process keeps its own share)."""
+    """Checks every file before training starts (exists, has a usable row) and learns its format; refuses to keep
+    files in RAM (--cache_small_sources) beyond the machine's, estimated from the config's lines and first lines."""
     urls = [source_url(args.data_folder, e["name"]) for e in entries]
     first = {}  # {a file, every link resolved: the entry that names it first}; one file twice weighs double
     for i, url in enumerate(urls):  # x, ./x, a/../x and a link to x are one file
@@ -798,8 +797,7 @@ def background_batches(texts, pool, shape, depth, timeout=None, interrupted=lamb
 
 
 class BatchProducer:
-    """background_batches' thread, which submits each text batch to the pool as soon as the queue
-    has room, and its queue; knows which worker took which batch, to name the one that holds a late one."""
+    """background_batches' thread and queue; knows which worker took which batch, to name the holder of a late one."""
 
     def __init__(self, texts, pool, shape, depth):
         # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
@@ -877,8 +875,7 @@ def dry_run(sources, args, tokenizer, global_batch):
             counts.update(batch.text.sources)
             if dump:
                 rows = [{"source": name, "texts": list(t)} for name, t in batch.text.rows]
-                dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources,
-                                       "rows": rows}) + "\n")
+                dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources, "rows": rows}) + "\n")
     seconds = time.perf_counter() - started
     print(f"{args.dry_run} batches of {global_batch} rows in {seconds:.1f}s: "
           f"{args.dry_run * global_batch / seconds:,.0f} rows/s")
