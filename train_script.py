@@ -2,17 +2,16 @@
 
     python train_script.py data_config.json OUTPUT [--flags]
 
-The published run is the default of every flag: microsoft/MiniLM-L12-H384-uncased, 540k steps,
-128 pairs per device on 8 devices (a global batch of 1024), 128 word pieces, AdamW at 2e-5 with
-500 warm-up steps, mean pooling, scale 20. Each step takes its global batch from one source of
-data_config.json, drawn with probability proportional to its weight (as the published script:
-`--mixing`), scores every anchor against every candidate of the global batch (embeddings are
-gathered over all devices) and minimises the cross-entropy of the true partner. OUTPUT/final is
-a sentence-transformers model.
+The published run is the default of every flag: microsoft/MiniLM-L12-H384-uncased, 540k steps, 128 pairs per
+device on 8 devices (a global batch of 1024), 128 word pieces, AdamW at 2e-5 with 500 warm-up steps, mean pooling,
+scale 20. Each step takes its global batch from one source of data_config.json, drawn with probability proportional
+to its weight (as the published script: `--mixing`), scores every anchor against every candidate of the global batch
+(embeddings are gathered over all devices) and minimises the cross-entropy of the true partner. OUTPUT/final is a
+sentence-transformers model.
 
-The file reads in the order of the work: arguments, devices, data, input pipeline, model & loss,
-update step, evals, export, OUTPUT, checkpoints, stopping, train loop, compiling for a TPU, main.
-A copy of it is left in OUTPUT as the record of how the model was made.
+The file reads in the order of the work: arguments, devices, data, input pipeline, model & loss, update step, evals,
+export, OUTPUT, checkpoints, stopping, train loop, compiling for a TPU, main. A copy of it is left in OUTPUT as the
+record of how the model was made.
 """
 
 import argparse
@@ -68,14 +67,12 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 
-# Dropout masks from the RBG generator rather than threefry: the same keys-in, bits-out contract
-# (splits and fold_ins stay safe), and on CPU the step is ~15% faster (scripts/benchmark.py);
-# on TPU the bits come from the hardware generator.
+# Dropout masks from the RBG generator rather than threefry: the same keys-in, bits-out contract (splits and
+# fold_ins stay safe), and on CPU the step is ~15% faster (scripts/benchmark.py); on TPU, the hardware generator's.
 jax.config.update("jax_default_prng_impl", "rbg")
 
-# transformers is pinned to 4.57.6 because its 4.x line is the last with Flax models (v5 removed
-# them); every Flax model it builds logs that they are deprecated, which is known and says nothing
-# about this run, so that one message, and only it, is dropped.
+# transformers is pinned to 4.57.6, the last 4.x with Flax models (v5 removed them); every Flax model it builds logs
+# that they are deprecated, known and saying nothing about this run: that one message, and only it, is dropped.
 logging.getLogger("transformers.modeling_flax_utils").addFilter(
     lambda record: not record.getMessage().startswith("TensorFlow and JAX classes are deprecated"))
 
@@ -131,8 +128,7 @@ def parse_args(argv=None):
 
     # A checkpoint records these, and --resume continues only a run that computes the same thing.
     run = p.add_argument_group("what the run computes (a resumed run must repeat these)")
-    run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased",
-                     help="starting checkpoint: a Hub name or a local folder")
+    run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased", help="Hub name or folder to start from")
     run.add_argument("--steps", type=COUNT, default=540_000,
                      help="training steps; a --resume may change it (and --schedule_steps): a finished run goes on")
     run.add_argument("--batch_size", type=COUNT, default=128, help="pairs per device; global batch = this x devices")
@@ -153,8 +149,7 @@ def parse_args(argv=None):
                      help="original (the published script): every file's first pass in file order, later passes "
                           "of the files kept in RAM shuffled whole, of the others in file order. shuffled: every "
                           "pass shuffled in blocks of --shuffle_buffer lines")
-    run.add_argument("--shuffle_buffer", type=COUNT, default=10_000,
-                     help="lines of a source read (and shuffled) together")
+    run.add_argument("--shuffle_buffer", type=COUNT, default=10_000, help="lines read (and shuffled) together")
     run.add_argument("--cache_small_sources", type=NATURAL, default=None,
                      help="keep files whose config \"lines\" is below this in RAM from their first pass on, and "
                           "reshuffle them whole every later pass (the RAM it takes is printed) (default: %(default)s, "
@@ -187,10 +182,8 @@ def parse_args(argv=None):
                    help="the Hub name the model card gives a local --model folder (a folder of the Hugging Face "
                         "cache names itself); None: the card names none")
     p.add_argument("--save_steps", type=COUNT, default=10_000,
-                   help="export a sentence-transformers model to OUTPUT/<step> and checkpoint the training state to "
-                        "OUTPUT/checkpoints/<step> every this many steps")
-    p.add_argument("--keep_checkpoints", type=COUNT, default=2,
-                   help="checkpoints kept (the newest); exports are all kept")
+                   help="export to OUTPUT/<step> and checkpoint to OUTPUT/checkpoints/<step> every this many steps")
+    p.add_argument("--keep_checkpoints", type=COUNT, default=2, help="newest checkpoints kept; exports are all kept")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from the newest readable checkpoint in OUTPUT (start afresh if there is none)")
@@ -203,8 +196,7 @@ def parse_args(argv=None):
                    help="score held-out rows of every source by in-batch retrieval every this many steps, at the "
                         "start and at the end; 0: off, and no row is held out")
     p.add_argument("--eval_rows", type=checked(int, lambda n: n >= 2, "at least 2 (a row is ranked against others)"),
-                   default=1000,
-                   help="with --eval_steps: the first this many lines of every file, held out of training")
+                   default=1000, help="with --eval_steps: the first this many lines of each file, held out of training")
     p.add_argument("--nprocs", type=COUNT, default=None, help="devices to use; None: all local devices")
     p.add_argument("--cpu_devices", type=COUNT, default=None,
                    help="without an accelerator, split the CPU into this many devices (one per core runs about cores "
@@ -214,8 +206,7 @@ def parse_args(argv=None):
                         "this host's cores but at most 4, which keeps a TPU v3-8 fed)")
     p.add_argument("--prefetch", type=COUNT, default=4, help="tokenized batches kept ready ahead of the step")
     p.add_argument("--batch_timeout", type=NON_NEGATIVE, default=300,
-                   help="seconds to wait for a batch before naming the stuck worker, checkpointing the last "
-                        "finished step and stopping (exit 1); 0: wait forever")
+                   help="seconds to wait for a batch, then name the stuck worker, checkpoint, exit 1; 0: wait forever")
     p.add_argument("--dry_run", type=COUNT, default=None, metavar="N",
                    help="stream N global batches without a model, print source counts and throughput, exit")
     p.add_argument("--compile_for", default=None, metavar="TPU",
@@ -223,8 +214,7 @@ def parse_args(argv=None):
                         "topology such as v3:2x2) on this machine, without one; print their HBM, FLOPs and a lower "
                         "bound on the run's time, exit (needs libtpu)")
     p.add_argument("--dump_batches", default=None, metavar="FILE",
-                   help="with --dry_run: write each global batch's texts and sources as a JSON line (never "
-                        "over an input of the run)")
+                   help="with --dry_run: each global batch's texts and sources as a JSON line (never over an input)")
     p.add_argument("--multihost", action="store_true",
                    help="join the other hosts (each runs the same command) with jax.distributed.initialize(), which "
                         "finds them on Cloud TPU pods, SLURM and Open MPI; elsewhere give the three flags below")
@@ -267,8 +257,8 @@ def check_combinations(args, parser):
         raise UserError("--dump_batches only works with --dry_run N")
     if args.resume_force and not args.resume:
         raise UserError("--resume_force only works with --resume")
-    if (args.num_processes is not None or args.process_id is not None) and not (
-            args.multihost or args.coordinator_address):
+    args.multihost = args.multihost or bool(args.coordinator_address)
+    if (args.num_processes is not None or args.process_id is not None) and not args.multihost:
         raise UserError("--num_processes and --process_id need --coordinator_address (or --multihost)")
     if args.num_processes and args.process_id is not None and args.process_id >= args.num_processes:
         raise UserError(f"--process_id {args.process_id} must be below --num_processes {args.num_processes}")
@@ -302,7 +292,7 @@ def bucket_lengths(buckets, max_length):
 
 def join_processes(args):
     """Multi-host: connects this process to the others; must run before anything asks jax for devices."""
-    if not (args.multihost or args.coordinator_address):
+    if not args.multihost:
         return
     # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -366,22 +356,18 @@ def check_batch_split(args, device_count, processes):
 
 
 def devices_of_all_processes(local_devices):
-    """The devices of the whole run: every process's first len(local_devices), grouped by process.
-
-    Grouped so that the pmap positions of process p's devices are the rows of the global batch
-    it reads (text_batches' local range); a single process gets its own devices back."""
+    """The devices of the whole run: every process's first len(local_devices), grouped by process so that the pmap
+    positions of process p's devices are the rows of the global batch it reads (text_batches' local range)."""
     count = len(local_devices)
     return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:count]]
 
 
 def device_sharding(devices):
-    """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices.
-
-    Inputs already in this layout (the state, every batch) never make the step recompile. With
-    several processes the mesh spans all their devices, each process supplies the rows of its own
-    devices, and pmap hands back this process's rows only; those go back in as they are."""
-    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                      jax.sharding.PartitionSpec(AXIS))
+    """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices. Inputs already
+    in this layout (the state, every batch) never make the step recompile. With several processes the mesh spans all
+    their devices, each process supplies the rows of its own devices, and pmap hands back this process's rows only;
+    those go back in as they are."""
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
 
 
 def to_devices(tree, sharding):
@@ -402,15 +388,12 @@ def replicate(tree, sharding, copies):
 # ============================================================================================
 # Data: the weighted mixture, streamed
 # ============================================================================================
-# Every source is a gzip'd JSON-lines file, read sequentially and cyclically. --data_order original
-# reads as the published script did: the first pass over a file in file order, later passes of the
-# files kept in RAM (--cache_small_sources) reshuffled whole, of the others in file order again;
-# --data_order shuffled shuffles every pass in blocks of --shuffle_buffer lines. Each block has an
-# RNG seeded from (seed, source, pass, block) for its order and the per-line draws, so a source's
-# stream is a pure function of the seed and the file, and its position is two integers (pass,
-# lines consumed in the pass). That makes batches reproducible and a resumed run exact.
-# With --eval_steps, the first --eval_rows lines of every file are held out for evaluation: the
-# stream starts after them (positions count from there), so no training batch ever sees them.
+# Every source is a gzip'd JSON-lines file, read sequentially and cyclically, in the order --data_order says. Each
+# block of lines has an RNG seeded from (seed, source, pass, block) for its order and the per-line draws, so a source's
+# stream is a pure function of the seed and the file, and its position is two integers (pass, lines consumed in the
+# pass). That makes batches reproducible and a resumed run exact. With --eval_steps, the first --eval_rows lines of
+# every file are held out for evaluation: the stream starts after them (positions count from there), so no training
+# batch ever sees them.
 
 def load_data_config(path):
     """The mixture, checked: a JSON list of {"name", "weight", "lines"}."""
@@ -442,16 +425,14 @@ def source_url(data_folder, name):
 
 
 def local_path(url):
-    """The local file a URL reads, None for gs://, hf://...; a chained URL (simplecache::gs://...) ends
-    with where the data lives."""
+    """The local file a URL reads, None for gs://, hf://...; of a chained URL (simplecache::gs://...), the last."""
     protocol, path = fsspec.core.split_protocol(url.split("::")[-1])
     return os.path.abspath(path) if protocol in (None, "file", "local") else None
 
 
 def parse_row(record, draws):
-    """One JSON record of any published format -> a tuple of texts, or None if unusable. `draws`,
-    two uniform numbers fixed per line, stand in for the original's random picks (two members of a
-    duplicate set, one positive and one negative of a query)."""
+    """One JSON record of any published format -> a tuple of texts, or None if unusable. `draws`, two uniform numbers
+    fixed per line, stand in for the original's random picks (two members of a set, a positive and a negative)."""
     if isinstance(record, dict):
         if "texts" in record:
             record = record["texts"]
@@ -488,9 +469,8 @@ def usable_row(line, draws, columns=None):
 
 
 def repeats_a_text(texts, seen, within_row=True):
-    """Whether a row repeats a text of `seen` (a text twice among the candidates is a false
-    negative), or with `within_row` one of its own texts; the original only compared a row with
-    earlier rows."""
+    """Whether a row repeats a text of `seen` (a text twice among the candidates is a false negative), or with
+    `within_row` one of its own texts; the original only compared a row with earlier rows."""
     return not seen.isdisjoint(texts) or (within_row and len(set(texts)) < len(texts))
 
 
@@ -499,12 +479,11 @@ def open_source(url):
 
 
 def read_lines(url, stride, skip=0):
-    """This process's lines of a file (every stride[1]-th from stride[0]) after the first `skip`. A
-    corrupt or truncated gzip stops the run with the file's name rather than wrapping around at the
-    damage: silently training on part of a source would change the mixture."""
+    """This process's lines of a file (every stride[1]-th from stride[0]) after the first `skip`. A corrupt or
+    truncated gzip stops the run, naming the file: wrapping around at the damage would change the mixture."""
     try:
         with open_source(url) as f:
-            yield from itertools.islice(itertools.islice(f, skip, None), stride[0], None, stride[1])
+            yield from itertools.islice(f, skip + stride[0], None, stride[1])
     except FileNotFoundError:
         raise UserError(f"{url}: no such file (check --data_folder)") from None
     except IsADirectoryError:
@@ -596,9 +575,8 @@ class Source:
 
 
 def open_sources(entries, args):
-    """Checks every file before training starts (exists, has a usable row) and learns its format;
-    refuses files kept in RAM (--cache_small_sources) beyond the machine's, estimated from the
-    config's lines and the size of their first lines (each process keeps its own share)."""
+    """Checks every file before training starts (exists, has a usable row) and learns its format; refuses to keep
+    files in RAM (--cache_small_sources) beyond the machine's, estimated from the config's lines and first lines."""
     urls = [source_url(args.data_folder, e["name"]) for e in entries]
     first = {}  # {a file, every link resolved: the entry that names it first}; one file twice weighs double
     for i, url in enumerate(urls):  # x, ./x, a/../x and a link to x are one file
@@ -639,12 +617,6 @@ class TextBatch:
     invalid: dict          # {source name: unusable lines skipped so far}, sources with any
 
 
-def steps_per_draw(args, device_count):
-    """--mixing original: the steps each drawn source fills (a round: --datasets_per_batch times this),
-    devices / --datasets_per_batch rounded down as the original, at least 1 (where it hung)."""
-    return max(1, device_count // args.datasets_per_batch)
-
-
 def choose_sources(rng, sources, count):
     """The first source by weight; the others by weight among those with the same columns (the
     original redrew each until its columns matched the first's: the same distribution)."""
@@ -683,14 +655,12 @@ def new_rows(source, count, seen, args, stride):
 
 
 def text_batches(sources, args, global_batch, local_range, stride, start_step=0):
-    """The text of every step's batch (this process's rows of it), forever. A step's sources are a
-    pure function of (seed, step): every process of a multi-host run picks the same ones, and a
-    resumed run continues the sequence. per_batch: --datasets_per_batch shares drawn anew every step,
-    a text once per batch. original: one source a step; a round draws --datasets_per_batch, each
-    filling steps_per_draw steps, a text once per round. A round that a checkpoint cut is replayed
-    from its first step on resume, so that the same rows are skipped: mid-round, a batch's
-    stream_state is the positions at the start of its round."""
-    per_draw = steps_per_draw(args, global_batch // args.batch_size)
+    """The text of every step's batch (this process's rows of it), forever, mixed as --mixing says. A step's sources
+    are a pure function of (seed, step): every process of a multi-host run picks the same ones, and a resumed run
+    continues the sequence. A round that a checkpoint cut is replayed from its first step on resume, so that the same
+    rows are skipped: mid-round, a batch's stream_state is the positions at the start of its round."""
+    # --mixing original: a drawn source fills devices // --datasets_per_batch steps as the original, at least 1 (0 hung)
+    per_draw = max(1, global_batch // args.batch_size // args.datasets_per_batch)
     period = per_draw * args.datasets_per_batch if args.mixing == "original" else 1  # steps sharing draw and seen texts
     local_start, local_stop = local_range
     for step in itertools.count(start_step - start_step % period):
@@ -716,11 +686,10 @@ def invalid_lines_report(invalid):
 # ============================================================================================
 # Input pipeline: texts tokenized in worker processes, batches ready ahead of the step
 # ============================================================================================
-
-# Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the
-# model's fast tokenizer, configured to truncate at --max_length and pad to a fixed length, then
-# cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
-# shapes (each compiled once), and short texts do not pay for 128 positions.
+# Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the model's fast
+# tokenizer, set to truncate at --max_length and pad to a fixed length, then cuts each column to the smallest of
+# --pad_to_buckets that fits it: every step has one of a few shapes (each compiled once), and short texts do not pay
+# for 128 positions.
 _tokenizer = _buckets = _taken = None  # _taken: a queue told (step, pid) as a worker takes a batch
 
 
@@ -766,16 +735,15 @@ class Batch:
 
 
 class PipelineError(RuntimeError):
-    """The input pipeline failed (a worker died, a reader raised) or gave no batch in --batch_timeout
-    seconds; the trainer checkpoints its last finished step and stops with this one line."""
+    """The input pipeline failed (a worker died, a reader raised) or gave no batch in --batch_timeout seconds; the
+    trainer checkpoints its last finished step and stops with this one line."""
 
 
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
-    """An executor whose workers tokenize: processes, or one thread with --num_workers 0 (`workers`
-    says how many tokenize at once). Leaving it kills the processes rather than waiting for them:
-    their pending batches are not needed, and a stuck one (stopped, spinning) would hold the trainer
-    forever."""
+    """An executor whose workers tokenize: processes, or one thread with --num_workers 0 (`workers` says how many
+    tokenize at once). Leaving it kills the processes rather than waiting for them: their pending batches are not
+    needed, and a stuck one (stopped, spinning) would hold the trainer forever."""
     spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX's threads is unsafe
     taken = spawn.Queue() if args.num_workers else queue.SimpleQueue()
     init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
@@ -784,10 +752,9 @@ def tokenizer_pool(tokenizer, args):
     else:
         pool = concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=spawn,
                                                       initializer=_init_tokenizer, initargs=(*init, os.getpid()))
-        # Every worker starts now, with STOP_SIGNALS blocked (a process inherits its creator's
-        # signal mask): a Ctrl-C sent to the whole process group (a terminal, a container's stop) never
-        # reaches a worker, even while it starts; the trainer alone decides what it means. Blocked in
-        # this thread only, such a signal still reaches the trainer, through its signal thread.
+        # Every worker starts now, with STOP_SIGNALS blocked (a process inherits its creator's signal mask): a Ctrl-C
+        # sent to the whole process group (a terminal, a container's stop) never reaches a worker, even while it
+        # starts; the trainer alone decides what it means. Blocked in this thread only, it still reaches the trainer.
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for _ in range(args.num_workers):  # each submit starts a process while none is idle
@@ -808,11 +775,10 @@ def end_workers():
 
 
 def background_batches(texts, pool, shape, depth, timeout=None, interrupted=lambda: False):
-    """Tokenized batches, in order; a BatchProducer thread reads the texts and submits them to the
-    pool ahead of the consumer: `depth` batches kept ready and pool.workers more tokenizing, at most.
-    A failure of the reader or a worker reaches the consumer as a PipelineError (a UserError as it
-    is), and so does a wait over `timeout` seconds, naming the batch and who has it: never a hang.
-    Ends early if `interrupted()` becomes true while the consumer waits."""
+    """Tokenized batches, in order; a BatchProducer thread reads the texts and submits them to the pool ahead of the
+    consumer: `depth` batches kept ready and pool.workers more tokenizing, at most. A failure of the reader or a worker
+    reaches the consumer as a PipelineError (a UserError as it is), and so does a wait over `timeout` seconds, naming
+    the batch and who has it: never a hang. Ends early if `interrupted()` becomes true while the consumer waits."""
     producer = BatchProducer(texts, pool, shape, depth)
     try:
         while item := producer.next_tokenized(timeout, interrupted):
@@ -831,8 +797,7 @@ def background_batches(texts, pool, shape, depth, timeout=None, interrupted=lamb
 
 
 class BatchProducer:
-    """background_batches' thread, which submits each text batch to the pool as soon as the queue
-    has room, and its queue; knows which worker took which batch, to name the one that holds a late one."""
+    """background_batches' thread and queue; knows which worker took which batch, to name the holder of a late one."""
 
     def __init__(self, texts, pool, shape, depth):
         # (text batch, future) pairs; with the pair the producer holds and the one the consumer waits for,
@@ -910,8 +875,7 @@ def dry_run(sources, args, tokenizer, global_batch):
             counts.update(batch.text.sources)
             if dump:
                 rows = [{"source": name, "texts": list(t)} for name, t in batch.text.rows]
-                dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources,
-                                       "rows": rows}) + "\n")
+                dump.write(json.dumps({"step": batch.text.step, "sources": batch.text.sources, "rows": rows}) + "\n")
     seconds = time.perf_counter() - started
     print(f"{args.dry_run} batches of {global_batch} rows in {seconds:.1f}s: "
           f"{args.dry_run * global_batch / seconds:,.0f} rows/s")
@@ -921,8 +885,7 @@ def dry_run(sources, args, tokenizer, global_batch):
 
 
 def open_dump(args, inputs):
-    """--dump_batches' file, open for writing; refused, before anything is truncated, if it is one of
-    the run's inputs (run_inputs) under any name."""
+    """--dump_batches' file, open for writing; refused before truncating it if it is a run_inputs file by any name."""
     dump = args.dump_batches
     for what, path in inputs:
         if os.path.exists(dump) and os.path.exists(path) and os.path.samefile(dump, path):
