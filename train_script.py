@@ -1066,8 +1066,8 @@ def cross_entropy_of_partners(queries, candidates, labels, scale):
 
 
 def in_batch_loss(embeddings, scale, symmetric):
-    """This device's share of the loss over the global batch, inside pmap over AXIS: its anchors (embeddings[0], each
-    [per_device, dim]) scored against the positives (and negatives: embeddings[1:]) of all devices."""
+    """This device's share of the global batch's loss, inside pmap over AXIS. embeddings: its anchors, positives (and
+    negatives), each [per_device, dim]; every anchor is scored against all devices' positives (and negatives)."""
     gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, tiled=True)
     anchors, positives = embeddings[:2]
     # the true partner of local anchor i is global row (device index * per_device + i)
