@@ -908,12 +908,11 @@ class ModelType(NamedTuple):
     shared_masks: str        # the module of its Flax model if that shares attention-dropout masks, else None
 
 
-# The model types the script trains and exports: their Flax parameter names mirror PyTorch's
-# (kernel/scale/embedding aside) and their Flax and PyTorch models compute the same outputs
-# (tests/test_export.py checks each; ELECTRA's names map too, but its two models disagree).
-# transformers' Flax BERT, RoBERTa, XLM-RoBERTa and ALBERT call flax's dot_product_attention_weights
-# with broadcast_dropout=True: one attention-dropout mask per layer, shared by every example and head
-# of a device. PyTorch's models, which trained the published weights, draw every element of the
+# The model types the script trains and exports: their Flax parameter names mirror PyTorch's (kernel/scale/embedding
+# aside) and their Flax and PyTorch models compute the same outputs (tests/test_export.py checks each; ELECTRA's names
+# map too, but its two models disagree). transformers' Flax BERT, RoBERTa, XLM-RoBERTa and ALBERT call flax's
+# dot_product_attention_weights with broadcast_dropout=True: one attention-dropout mask per layer, shared by every
+# example and head of a device. PyTorch's models, which trained the published weights, draw every element of the
 # attention probabilities independently, as Flax DistilBERT does too (an nn.Dropout of its own).
 MODEL_TYPES = {
     "bert": ModelType("BertModel", "transformers.models.bert.modeling_flax_bert"),
@@ -992,12 +991,11 @@ def load_model(args, config):
 
 @contextlib.contextmanager
 def attention_dropout_masks(model_type, masks):
-    """While tracing the model inside it, its attention dropout draws `masks`: "element" (PyTorch's
-    independent draws) or "shared" (transformers' Flax masks); and every dropout mask is kept for the
-    backward pass as the mask, a byte per element: left alone, XLA's TPU compiler may keep the 32
-    random bits it came from instead and compare them again, which made --dtype bfloat16 need more
-    HBM than float32 (docs/performance.md). transformers has no option for either, so the functions
-    its modules call are swapped while tracing, and put back on leaving."""
+    """While tracing the model inside it, its attention dropout draws `masks`: "element" (PyTorch's independent draws)
+    or "shared" (transformers' Flax masks); and every dropout mask is kept for the backward pass as the mask, a byte per
+    element: left alone, XLA's TPU compiler may keep the 32 random bits it came from instead and compare them again,
+    which made --dtype bfloat16 need more HBM than float32 (docs/performance.md). transformers has no option for
+    either, so the functions its modules call are swapped while tracing, and put back on leaving."""
     bernoulli = jax.random.bernoulli
     swapped = [(jax.random, "bernoulli", lambda *a, **k: jax.lax.optimization_barrier(bernoulli(*a, **k)))]
     if MODEL_TYPES[model_type].shared_masks:  # the others draw per element already ("shared" is refused up front)
@@ -1005,19 +1003,15 @@ def attention_dropout_masks(model_type, masks):
         library = module.dot_product_attention_weights
         swapped.append((module, "dot_product_attention_weights", lambda *args, broadcast_dropout, **kwargs: library(
             *args, broadcast_dropout=masks == "shared", **kwargs)))
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swapped]
-    for owner, name, function in swapped:
-        setattr(owner, name, function)
-    try:
-        yield
-    finally:
-        for owner, name, function in originals:
+    with contextlib.ExitStack() as originals:
+        for owner, name, function in swapped:
+            originals.callback(setattr, owner, name, getattr(owner, name))
             setattr(owner, name, function)
+        yield
 
 
 def embed(model, params, input_ids, attention_mask, dropout_key=None, attention_dropout="element"):
-    """Mean of the last hidden states over the attention mask, L2-normalised (dropout if a key, with
-    attention-dropout masks drawn as attention_dropout_masks says)."""
+    """Mean of the last hidden states over the attention mask, L2-normalised; dropout if given a key."""
     with attention_dropout_masks(model.config.model_type, attention_dropout):
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, params=params,
                        dropout_rng=dropout_key, train=dropout_key is not None)[0]
@@ -1035,11 +1029,8 @@ def cross_entropy_of_partners(queries, candidates, labels, scale):
 
 
 def in_batch_loss(embeddings, scale, symmetric):
-    """This device's share of the loss over the global batch; called inside pmap over AXIS.
-
-    embeddings: this device's [anchors, positives] or [anchors, positives, negatives], each
-    [per_device, dim]. Every anchor is scored against the positives (and negatives) of all devices.
-    """
+    """This device's share of the global batch's loss, inside pmap over AXIS. embeddings: its anchors, positives (and
+    negatives), each [per_device, dim]; every anchor is scored against all devices' positives (and negatives)."""
     gather = functools.partial(jax.lax.all_gather, axis_name=AXIS, tiled=True)
     anchors, positives = embeddings[:2]
     # the true partner of local anchor i is global row (device index * per_device + i)
@@ -1065,27 +1056,19 @@ def learning_rate_schedule(args):
 
 def decays(params):
     """Weight decay applies to weight matrices and embeddings, not to biases or LayerNorm."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({
-        path: path[-1] != "bias" and not any("layernorm" in p.lower().replace("_", "") for p in path)
-        for path in flat})
-
-
-class AdamWState(NamedTuple):
-    count: jax.Array  # updates made so far: the schedule's step, and Adam's t - 1
-    mu: optax.Updates
-    nu: optax.Updates
+    return traverse_util.path_aware_map(
+        lambda path, _: path[-1] != "bias" and not any("layernorm" in p.lower().replace("_", "") for p in path), params)
 
 
 def transformers_adamw(learning_rate, b1, b2, eps, weight_decay, mask):
-    """transformers.AdamW(correct_bias=True), the published script's optimizer, as an optax transformation.
-
-    It differs from optax.adamw in two places: eps is added to sqrt(v) before the bias correction
-    (step size lr * sqrt(1 - b2^t) / (1 - b1^t)), which changes the first updates; and the decoupled
-    decay multiplies the parameters already moved by Adam, p <- p' - lr * wd * p'."""
+    """transformers.AdamW(correct_bias=True), the published script's optimizer, as an optax transformation. It differs
+    from optax.adamw in two places: eps is added to sqrt(v) before the bias correction (step size
+    lr * sqrt(1 - b2^t) / (1 - b1^t)), which changes the first updates; and the decoupled decay multiplies the
+    parameters already moved by Adam, p <- p' - lr * wd * p'. Its state is optax's Adam state, whose count (the
+    updates made so far) is the schedule's step and Adam's t - 1."""
     def init(params):
-        zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)  # noqa: E731
-        return AdamWState(jnp.zeros([], jnp.int32), zeros(), zeros())
+        zeros = optax.tree.zeros_like
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
 
     def update(grads, state, params):
         mu = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
@@ -1097,7 +1080,7 @@ def transformers_adamw(learning_rate, b1, b2, eps, weight_decay, mask):
         updates = jax.tree_util.tree_map(
             lambda a, p, decayed: a - lr * weight_decay * (p + a) if decayed and weight_decay else a,
             moved, params, mask(params))
-        return updates, AdamWState(state.count + 1, mu, nu)
+        return updates, optax.ScaleByAdamState(state.count + 1, mu, nu)
 
     return optax.GradientTransformation(init, update)
 
@@ -1114,10 +1097,8 @@ def clip_to_norm_1(grads, norm):
 
 
 def loss_and_grads(model, args, params, columns, key):
-    """This device's loss over the global batch and its gradient w.r.t. params (before the pmean).
-
-    Each column is embedded with its own dropout key and scored by in_batch_loss; the gradient
-    comes in one pass, or with --mini_batch_size chunk by chunk (GradCache)."""
+    """This device's loss over the global batch and its gradient w.r.t. params (before the pmean), each column embedded
+    with its own dropout key: in one pass, or with --mini_batch_size chunk by chunk (GradCache)."""
     keys = jax.random.split(key, len(columns))
     # (params, ids, mask, dropout key) -> [rows, dim]
     embed_rows = functools.partial(embed, model, attention_dropout=args.attention_dropout)
@@ -1129,19 +1110,14 @@ def loss_and_grads(model, args, params, columns, key):
 
 
 def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch):
-    """GradCache (Gao et al., 2021): the loss and gradient of the one-pass step, with the
-    activations of only `mini_batch` rows alive at a time.
-
-    It is the chain rule split at the embeddings: (1) embed every chunk of rows, keeping no
-    activations; (2) the loss of the whole batch (in-batch negatives need all of it, all_gather
-    included) and its gradient w.r.t. the embeddings; (3) chunk by chunk, the forward again (with
-    the same dropout key, so the same function) and a vjp pulling that chunk's embedding gradient
-    back to the parameters, summed over chunks by a scan so one chunk's activations live at a time.
-    """
+    """GradCache (Gao et al., 2021): the one-pass step's loss and gradient with the activations of only `mini_batch`
+    rows alive at a time, by the chain rule split at the embeddings: (1) embed every chunk of rows, keeping no
+    activations; (2) the loss of the whole batch (in-batch negatives need all of it, all_gather included) and its
+    gradient w.r.t. the embeddings; (3) per chunk, the forward again (the same dropout key, so the same function) and a
+    vjp pulling that chunk's embedding gradient back to the parameters, summed by a scan over the chunks."""
     def chunks_of(column, key):  # ids, mask [B, L] -> [B / M, M, L] each, and a dropout key per chunk
-        ids, mask = column
-        return (ids.reshape(-1, mini_batch, ids.shape[-1]), mask.reshape(-1, mini_batch, mask.shape[-1]),
-                jax.random.split(key, len(ids) // mini_batch))
+        ids, mask = (tokens.reshape(-1, mini_batch, tokens.shape[-1]) for tokens in column)
+        return ids, mask, jax.random.split(key, len(ids))
 
     def add_chunk_grads(grads, chunk_and_cotangent):
         chunk, cotangent = chunk_and_cotangent
@@ -1150,8 +1126,7 @@ def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch
 
     chunks = [chunks_of(column, key) for column, key in zip(columns, keys)]
     embeddings = [jax.lax.map(lambda chunk: embed_rows(params, *chunk), c) for c in chunks]  # [B / M, M, dim]
-    loss, cotangents = jax.value_and_grad(
-        lambda e: loss_of([x.reshape(-1, x.shape[-1]) for x in e]))(embeddings)
+    loss, cotangents = jax.value_and_grad(lambda e: loss_of([x.reshape(-1, x.shape[-1]) for x in e]))(embeddings)
     grads = jax.tree_util.tree_map(jnp.zeros_like, params)
     for column_chunks, column_cotangents in zip(chunks, cotangents):
         grads, _ = jax.lax.scan(add_chunk_grads, grads, (column_chunks, column_cotangents))
@@ -1161,17 +1136,14 @@ def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch
 def make_train_step(model, args, devices):
     """The pmapped update: (state, columns, dropout key) -> (new state, measurements).
 
-    Gradient reduction: device d computes L_d, the mean loss of its own anchors against the
-    gathered global batch. The transpose of all_gather is a reduce-scatter, so the gradient
-    that reaches device d's embeddings is that of sum_d' L_d' (every device's loss that used
-    them), and device d's parameter gradient g_d is the gradient of sum_d' L_d' through its own
-    examples. So g_d / P (P devices) is the gradient of the global mean loss through device d's
-    rows, and these add up to the full gradient, whose norm --clip_scope global clips after a pmean.
-    --clip_scope device clips each g_d / P to norm 1 and then averages them (a pmean, so the update
-    follows (1 / P) sum_d clip(g_d / P)): the published script's cores each clipped the gradient
-    that reached them and all-reduced a mean. The measured grad_norm is the norm that was clipped:
-    with device scope the mean over devices of each device's norm.
-    """
+    Gradient reduction: device d computes L_d, the mean loss of its own anchors against the gathered global batch. The
+    transpose of all_gather is a reduce-scatter, so the gradient that reaches device d's embeddings is that of
+    sum_d' L_d' (every device's loss that used them), and device d's parameter gradient g_d is the gradient of
+    sum_d' L_d' through its own examples. So g_d / P (P devices) is the gradient of the global mean loss through device
+    d's rows, and these add up to the full gradient, whose norm --clip_scope global clips after a pmean. --clip_scope
+    device clips each g_d / P to norm 1, then averages them (a pmean: the update follows (1 / P) sum_d clip(g_d / P)),
+    as the published script's cores each clipped the gradient that reached them and all-reduced a mean. The measured
+    grad_norm is the norm that was clipped: with device scope, the mean over devices of each device's norm."""
     schedule = learning_rate_schedule(args)
 
     def train_step(state, columns, dropout_key):
@@ -1189,10 +1161,9 @@ def make_train_step(model, args, devices):
             grads = clip_to_norm_1(grads, grad_norm)
         loss = jax.lax.pmean(loss, AXIS)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves the whole state as it was: parameters, moments and the step
-        # counter, so that the schedule, Adam's bias correction and the dropout keys count the
-        # updates made. (optax.apply_if_finite would keep the optimizer's state only, and sees
-        # the gradients but not the loss.)
+        # A non-finite step leaves the whole state as it was: parameters, moments and the step counter, so that the
+        # schedule, Adam's bias correction and the dropout keys count the updates made. (optax.apply_if_finite would
+        # keep the optimizer's state only, and sees the gradients but not the loss.)
         updated = state.apply_gradients(grads=grads)
         state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
         return state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
@@ -1208,19 +1179,16 @@ def init_state(model, args, params=None):
 # ============================================================================================
 # Evals: the held-out rows of every source, ranked by the current model
 # ============================================================================================
-# Each anchor ranks the candidates (positives, and negatives for triplets) of all held-out rows of
-# its own source: an in-batch retrieval over a batch of --eval_rows rows drawn from that source
-# alone, fixed for the whole run, so scores at different steps are comparable. Accuracy is the
-# share of anchors that rank their own partner first; MRR@10 is the mean of 1/rank (0 past rank 10).
+# Each anchor ranks the candidates (positives, and negatives for triplets) of its own source's held-out rows: an
+# in-batch retrieval over --eval_rows rows drawn from that source alone, fixed for the run, so scores at different steps
+# compare. Accuracy: the share of anchors that rank their own partner first; MRR@10: the mean of 1/rank (0 past 10).
 
 MRR_CUTOFF = 10
 
 
 def held_out_rows(source, count):
-    """The usable rows among the first `count` lines of a source's file, rows repeating a text dropped.
-
-    Where a row format needs a random pick, the draws are seeded by the file name alone, so runs with
-    different --seed are scored on the same rows."""
+    """The usable rows among the first `count` lines of a source's file, rows repeating a text dropped; a row format's
+    random picks are seeded by the file name alone, so runs with different --seed are scored on the same rows."""
     lines = list(itertools.islice(read_lines(source.url, (0, 1)), count + 1))
     if len(lines) <= count:
         raise UserError(f"{source.url}: has only {len(lines)} lines, all held out by --eval_rows {count}; "
@@ -1251,14 +1219,13 @@ def held_out_texts(held_out):
 
 
 def make_evaluator(model, held_out, pool, local_devices, sharding, per_device):
-    """(params) -> the held-out scores. The texts are tokenized once, padded with empty texts to
-    whole global batches; every batch is dispatched before any is fetched, so the devices never
-    wait for the host."""
+    """(params) -> the held-out scores. The texts are tokenized once, padded with empty texts to whole global batches;
+    every batch is dispatched before any is fetched, so the devices never wait for the host."""
     texts = held_out_texts(held_out)
     chunk = len(local_devices) * per_device
     texts += [""] * (-len(texts) % chunk)
-    [(ids, mask)] = pool.submit(tokenize_columns, [texts], (len(texts) // chunk, len(local_devices),
-                                                            per_device)).result()
+    shape = (len(texts) // chunk, len(local_devices), per_device)
+    [(ids, mask)] = pool.submit(tokenize_columns, [texts], shape).result()
 
     @functools.partial(jax.pmap, axis_name=AXIS, devices=local_devices)
     def embed_step(params, input_ids, attention_mask):  # no dropout
@@ -1286,11 +1253,9 @@ def score_held_out(held_out, embeddings):
     """{source name: {accuracy, mrr@10}, ..., "overall": each score's mean over the sources}."""
     scores, start = {}, 0
     for name, rows in held_out.items():
-        columns = []
-        for _ in rows[0]:
-            columns.append(embeddings[start:start + len(rows)])
-            start += len(rows)
-        ranks = rank_of_partners(columns[0], np.concatenate(columns[1:]))
+        columns = embeddings[start:start + len(rows) * len(rows[0])]  # anchors, then positives (then negatives)
+        start += len(columns)
+        ranks = rank_of_partners(columns[:len(rows)], columns[len(rows):])
         scores[name] = {"accuracy": float(np.mean(ranks == 1)),
                         f"mrr@{MRR_CUTOFF}": float(np.mean(np.where(ranks <= MRR_CUTOFF, 1.0 / ranks, 0.0)))}
     scores["overall"] = {key: float(np.mean([s[key] for s in scores.values()])) for key in scores[name]}
@@ -1301,27 +1266,24 @@ def score_held_out(held_out, embeddings):
 # Export: a sentence-transformers folder, written from the Flax parameters (no torch needed)
 # ============================================================================================
 
-# sentence-transformers never runs here, so its "version" in the folder is that of the format:
-# the oldest release that reads every field written below (similarity_fn_name came with 3.0.0).
+# sentence-transformers never runs here, so its "version" in the folder is that of the format: the oldest release that
+# reads every field written below (similarity_fn_name came with 3.0.0).
 SENTENCE_TRANSFORMERS_FORMAT = "3.0.0"
 POOLING_MODES = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
 
 
 def torch_state_dict(params):
-    """Flax parameters -> PyTorch `AutoModel` names and layouts (a flax Dense kernel is [in, out], a torch
-    Linear weight [out, in]), as float32 numpy arrays."""
+    """Flax parameters -> PyTorch `AutoModel` names and layouts (flax kernels [in, out], torch weights [out, in])."""
     state = {}
     for (*module, leaf), value in traverse_util.flatten_dict(params).items():
-        value = np.asarray(value.T if leaf == "kernel" else value, dtype=np.float32)
         name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
-        state[".".join([*module, name])] = np.ascontiguousarray(value)
+        state[".".join([*module, name])] = np.ascontiguousarray(value.T if leaf == "kernel" else value, np.float32)
     return state
 
 
 def export_sentence_transformer(folder, params, config, tokenizer, args, run, step):
-    """Writes a folder that `SentenceTransformer(folder)` loads (Transformer -> mean Pooling -> Normalize),
-    with its model card and the run record. Written as FOLDER.partial and renamed when whole: whenever
-    a run stops, OUTPUT/<step> is a whole model or absent (and --resume writes it again)."""
+    """Writes a folder that `SentenceTransformer(folder)` loads (Transformer -> mean Pooling -> Normalize), with its
+    card and the run record, as FOLDER.partial renamed when whole: OUTPUT/<step> is a whole model or absent."""
     partial = folder + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
