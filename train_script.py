@@ -742,8 +742,9 @@ class PipelineError(RuntimeError):
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
     """An executor whose workers tokenize: processes, or one thread with --num_workers 0 (`workers` says how many
-    tokenize at once). Leaving it kills the processes rather than waiting for them: their pending batches are not
-    needed, and a stuck one (stopped, spinning) would hold the trainer forever."""
+    tokenize at once). Leaving it gives the processes WORKERS_GRACE seconds to finish the batch they hold and exit,
+    then kills the others: their pending batches are not needed, and a stuck one (stopped, spinning) would hold the
+    trainer forever. (Killed at once, one sending its batch leaves the pool's thread reading half a message forever.)"""
     spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX's threads is unsafe
     taken = spawn.Queue() if args.num_workers else queue.SimpleQueue()
     init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
@@ -765,8 +766,14 @@ def tokenizer_pool(tokenizer, args):
     try:
         yield pool
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + WORKERS_GRACE
+        for worker in multiprocessing.active_children():
+            worker.join(max(0.0, deadline - time.monotonic()))
         end_workers()
-        pool.shutdown(cancel_futures=True)
+
+
+WORKERS_GRACE = 5  # seconds
 
 
 def end_workers():
