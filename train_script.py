@@ -1997,8 +1997,8 @@ def train(args, model, tokenizer, sources, entries, held_out, local_devices, che
     """Trains from where initial_state says to --steps; process 0 alone writes what the run reports."""
     writer, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
     devices = devices_of_all_processes(local_devices)
-    sharding, global_batch, local_batch = (device_sharding(devices), args.batch_size * len(devices),
-                                           args.batch_size * len(local_devices))
+    sharding, global_batch = device_sharding(devices), args.batch_size * len(devices)
+    local_batch = args.batch_size * len(local_devices)
     identity = run_identity(args, entries, devices)
     state, first_step, batches_so_far, ended = initial_state(args, model, checkpoints, identity, sources)
     state, run = replicate(state, sharding, len(local_devices)), RunFacts(entries, global_batch, len(devices))
@@ -2048,18 +2048,22 @@ def train(args, model, tokenizer, sources, entries, held_out, local_devices, che
                 save_checkpoint(checkpoints, state, done, sources, identity, progress.batches)
             if writer and due(step, args.save_steps) and not last:
                 export(args, step, state, model.config, tokenizer, run)
-            if failed:
-                raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step} written; "
-                                  f"resume with: {resume_command(args)}", 1)
-            if signalled and not last:  # after the last step, the export is all that is left
-                raise Interrupted(f"{signalled.name} at step {step}, checkpoint written; resume with: "
-                                  f"{resume_command(args)}", 128 + signalled)
+            stop_for(args, step, failed, signalled)
             report.bar.update()
         stop.in_loop = False  # a signal from here stops at once: the last checkpoint is written
     if writer:
         export(args, args.steps, state, model.config, tokenizer, run)
         print(f"done: {args.steps} steps, {progress.skipped} skipped as non-finite, {len(progress.compiled)} "
               f"batch shape(s) compiled; model in {export_folder(args, args.steps)}")
+
+
+def stop_for(args, step, failed, signalled):
+    """Ends the run once the checkpoint of `step` is written, for a failed input pipeline or a signal."""
+    resume = f"resume with: {resume_command(args)}"
+    if failed:
+        raise Interrupted(f"{str(failed).rstrip('.')}; checkpoint of step {step} written; {resume}", 1)
+    if signalled and step < args.steps:  # after the last step, the export is all that is left
+        raise Interrupted(f"{signalled.name} at step {step}, checkpoint written; {resume}", 128 + signalled)
 
 
 def due(step, every):
