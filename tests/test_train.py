@@ -717,7 +717,8 @@ def test_readmes_one_gpu_command_trains_on_one_device(tiny, tmp_path, capsys):
                                 "2", "--max_length", "16", "--num_workers", "0", "--steps", "3"))
     assert "done: 3 steps" in capsys.readouterr().out
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
-    assert "a round of 2 steps draws 2 files" in (tmp_path / "out" / "final" / "README.md").read_text()
+    card = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert "| global batch | 8 (8 per device x 1 devices" in card and "--mixing original --datasets_per_batch 2" in card
 
 
 @pytest.mark.parametrize("second, message", [
