@@ -1297,7 +1297,8 @@ def export_sentence_transformer(folder, params, config, tokenizer, args, run, st
         os.makedirs(os.path.join(partial, "1_Pooling"))
         os.makedirs(os.path.join(partial, "2_Normalize"))  # Normalize has no parameters: an empty folder
         save_file(torch_state_dict(params), os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
-        config = type(config).from_dict({**config.to_dict(), "architectures": [MODEL_TYPES[config.model_type].torch_class]})
+        architecture = MODEL_TYPES[config.model_type].torch_class
+        config = type(config).from_dict({**config.to_dict(), "architectures": [architecture]})
         config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         write_json(os.path.join(partial, "modules.json"), [{
