@@ -1675,27 +1675,24 @@ def output_of_process_0(args, inputs):
 # ============================================================================================
 # Checkpoints: the whole training state, and where a run starts
 # ============================================================================================
-# OUTPUT/checkpoints/<step>/ holds two items: "state" (parameters, AdamW moments, step counter)
-# and "meta" (the position every data stream resumes from (text_batches), the batches drawn from
-# each source so far, and the flags that make the run what it is). Orbax writes a checkpoint into
-# a temporary folder and renames it when it is complete, so a kill at any moment leaves the whole
-# checkpoint or none. Nothing else is needed to continue exactly: the sources of a batch derive
-# from (seed, step), dropout keys from (seed, step, device).
+# OUTPUT/checkpoints/<step>/ holds "state" (parameters, AdamW moments, step counter) and "meta" (the position every
+# data stream resumes from, the batches drawn per source, the flags that make the run what it is). Orbax renames a
+# checkpoint's temporary folder when it is complete: a kill leaves the whole checkpoint or none. Nothing else is
+# needed to continue exactly: a batch's sources derive from (seed, step), dropout keys from (seed, step, device).
 
 def run_identity(args, entries, devices):
-    """What a checkpoint records and a resume must match: the flags above, the mixture, the devices
-    (of every process), the lines held out of training; as JSON reads it back (tuples become lists)."""
+    """What a checkpoint records and a resume must match: the run's flags, the mixture, the devices (of every
+    process), the lines held out of training; as JSON reads it back (tuples become lists)."""
     identity = {f"--{name}": getattr(args, name) for name in args.run_flags}
-    identity.update({"data config": entries, "devices": len(devices),
-                     "processes": jax.process_count(),
+    identity.update({"data config": entries, "devices": len(devices), "processes": jax.process_count(),
                      "--eval_rows held out": args.eval_rows if args.eval_steps else 0})
     return json.loads(json.dumps(identity))
 
 
 @contextlib.contextmanager
 def checkpoint_manager(args):
-    """Orbax's CheckpointManager, closed on leaving: its threads end before the interpreter does,
-    instead of failing by the hundred on a closed event loop after an error."""
+    """Orbax's CheckpointManager, closed on leaving: its threads end before the interpreter does, instead of failing
+    by the hundred on a closed event loop after an error."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=args.keep_checkpoints,
         enable_async_checkpointing=False,  # a save that fails (a full disk) fails at its own step
@@ -1708,11 +1705,10 @@ def checkpoint_manager(args):
 
 @contextlib.contextmanager
 def orbax_in_one_line(manager):
-    """Orbax's failures as the run reports them, in one line, without orbax's own reports: it logs
-    every failure of its threads, traceback and all, before raising it (its logger, absl's, is kept
-    quiet); the reads of a damaged checkpoint that tensorstore finishes after orbax gave up on it
-    find their event loop closed (nothing is lost, nothing to report); and when an error is on its
-    way out, closing the manager complains of the failed save's leftovers (not reported)."""
+    """Orbax's failures in the run's one line, without orbax's own reports: it logs each failure of its threads,
+    traceback and all, before raising it (its logger, absl's, is kept quiet); a damaged checkpoint's reads that
+    tensorstore finishes after orbax gave up find their event loop closed (nothing lost); and closing the manager
+    while an error is on its way out complains of the failed save's leftovers (not reported)."""
     absl, report = logging.getLogger("absl"), sys.unraisablehook
     level = absl.level
     absl.setLevel(logging.CRITICAL)
@@ -1730,8 +1726,8 @@ def orbax_in_one_line(manager):
 
 
 def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_source):
-    """Checkpoints the state after `text`'s batch, from process 0's copy of the replicated state,
-    with the stream positions and the batches drawn from each source so far (for metrics)."""
+    """Checkpoints the state after `text`'s batch (process 0's copy), the stream positions and the batches drawn from
+    each source so far (for metrics)."""
     step = text.step + 1
     first_copy = jax.device_get(first_local_replica(
         {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
@@ -1739,14 +1735,13 @@ def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_sou
     positions = multihost_utils.process_allgather(np.array([text.stream_state[s.name] for s in sources]))
     meta = {"step": step, "run": identity, "batches": dict(batches_per_source),
             "stream": [{s.name: [int(p), int(n)] for s, (p, n) in zip(sources, process)} for process in positions]}
-    intact = checkpoints.all_steps()
-    threads_before = set(threading.enumerate())
+    intact, threads_before = checkpoints.all_steps(), set(threading.enumerate())
     try:
         checkpoints.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(first_copy),
                                                        meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as e:
-        # The other writes of a failed save go on in orbax's threads; once they end, nothing writes
-        # into its temporary folder while the run stops, or when a resume cleans it up.
+        # A failed save's other writes go on in orbax's threads: once they end, nothing writes into its temporary
+        # folder while the run stops, or when a resume cleans it up.
         for thread in set(threading.enumerate()) - threads_before:
             if type(thread) is not threading.Thread:  # orbax's own threads, not idle executor workers
                 thread.join()
@@ -1756,13 +1751,10 @@ def save_checkpoint(checkpoints, state, text, sources, identity, batches_per_sou
 
 
 def initial_state(args, model, checkpoints, identity, sources):
-    """Where the run starts, decided here only, in this order:
-
-    1. with --resume, the newest checkpoint in OUTPUT that reads whole (newest_checkpoint): its
-       state and the positions of this process's streams, which `sources` take;
-    2. otherwise --model's weights with fresh AdamW moments at step 0, every stream at its start.
-    Returns (TrainState, its step, {source name: batches drawn from it before that step}, the
-    --steps its run had)."""
+    """Where the run starts, decided here only: 1. with --resume, the newest checkpoint in OUTPUT that reads whole
+    (newest_checkpoint): its state, and the positions of this process's streams, which `sources` take; 2. otherwise
+    --model's weights with fresh AdamW moments at step 0, every stream at its start. Returns (TrainState, its step,
+    {source name: batches drawn from it before that step}, the --steps its run had)."""
     fresh = init_state(model, args)
     restored = newest_checkpoint(args, checkpoints, identity, fresh) if args.resume else None
     if restored is None:
@@ -1787,9 +1779,8 @@ def initial_state(args, model, checkpoints, identity, sources):
 
 
 def newest_checkpoint(args, checkpoints, identity, fresh):
-    """(state, meta) of the newest checkpoint that reads whole; None if there is none. A damaged one
-    (truncated by a copy, a failing disk) is skipped with a warning for the one before, and renamed
-    <step>.unreadable so that the run can write that step again."""
+    """(state, meta) of the newest checkpoint that reads whole; None if there is none. A damaged one (truncated by a
+    copy, a failing disk) is skipped with a warning, and renamed <step>.unreadable so the run can write that step."""
     steps = sorted(checkpoints.all_steps(), reverse=True)
     if not steps:
         print(f"--resume: no checkpoint in {checkpoints.directory}; starting from --model {args.model}")
@@ -1850,8 +1841,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the ssh
 
 
 class Interrupted(Exception):
-    """A signal or the input pipeline stopped the run (after a checkpoint of its last finished step,
-    where there was one to write); exits with `status`."""
+    """A signal or the input pipeline stopped the run (after a checkpoint of its last step, where one could be
+    written); exits with `status`."""
 
     def __init__(self, message, status):
         super().__init__(message)
@@ -1860,12 +1851,17 @@ class Interrupted(Exception):
 
 @dataclasses.dataclass
 class StopRequests:
-    """What SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) asked.
-    While the train loop runs, the first signal asks it to finish its step, checkpoint and stop (the
-    loop reads `first`); any other signal, or one outside the loop, stops at once."""
+    """What SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session) asked. While the train
+    loop runs, the first signal asks it to finish its step, checkpoint and stop (the loop reads `first`); any other
+    signal, or one outside the loop, stops at once."""
     first: signal.Signals = None   # the signal the loop was asked to stop for
     in_loop: bool = False          # the loop runs: there is a step to checkpoint
     resume: str = None             # once OUTPUT is ready: the command that continues (or restarts) the run
+
+    def ends_a_wait(self):
+        """Whether the loop's wait for a batch ends: one process stops without it; several wait for the step at which
+        they all stop."""
+        return self.first is not None and jax.process_count() == 1
 
     def receive(self, signum):
         if signum == signal.SIGHUP:
@@ -1882,8 +1878,8 @@ class StopRequests:
 
 
 def leave_the_terminal():
-    """After SIGHUP, writes to the terminal or pipe (`| tee`) gone with the session fail: they go to
-    /dev/null, so that the step, its checkpoint and the exit status still come. Files go on."""
+    """After SIGHUP, writes to the terminal or pipe (`| tee`) gone with the session fail: they go to /dev/null, so
+    that the step, its checkpoint and the exit status still come. Files go on."""
     for fd in (1, 2):
         with contextlib.suppress(OSError):
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -1891,9 +1887,9 @@ def leave_the_terminal():
 
 
 class OutlivesTheTerminal:
-    """sys.stdout or sys.stderr, whose first write to a terminal or pipe gone with the session (EIO,
-    EPIPE) leaves it as SIGHUP does: the terminal closes before the signal comes, and a line printed
-    in between must not end the run. Other errors (a full disk under a log file) are raised."""
+    """sys.stdout or sys.stderr, whose first write to a terminal or pipe gone with the session (EIO, EPIPE) leaves it
+    as SIGHUP does: the terminal closes before the signal comes, and a line printed in between must not end the run.
+    Other errors (a full disk under a log file) are raised."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -1918,18 +1914,16 @@ class OutlivesTheTerminal:
 
 
 def handle_stop_signals():
-    """Takes SIGTERM, SIGINT and SIGHUP for the rest of the process; returns the StopRequests they feed.
-
-    A thread answers them, woken through signal.set_wakeup_fd: a Python signal handler runs only
-    in the main thread and between two bytecodes, so it would wait for an XLA compilation, a step
-    or a stuck call, where a second signal must stop at once."""
+    """Takes SIGTERM, SIGINT and SIGHUP for the rest of the process; returns the StopRequests they feed. A thread
+    answers them, woken through signal.set_wakeup_fd: a Python handler runs only in the main thread, between two
+    bytecodes: it would wait for an XLA compilation, a step or a stuck call, where a second signal must stop at once."""
     requests = StopRequests()
     sys.stdout, sys.stderr = OutlivesTheTerminal(sys.stdout), OutlivesTheTerminal(sys.stderr)
-    # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource
-    # tracker, which removes them and would warn about each; it takes its warning filters from here.
+    # Stopping at once leaves the semaphores of the workers' queues to multiprocessing's resource tracker, which
+    # removes them and would warn about each; it takes its warning filters from here.
     sys.warnoptions.append("ignore:resource_tracker:UserWarning")
-    # That tracker, a child in this process group, ignores SIGINT and SIGTERM but dies of SIGHUP (and
-    # relaunched, prints a traceback per semaphore): started now with SIGHUP blocked, it keeps it blocked.
+    # That tracker, a child in this process group, ignores SIGINT and SIGTERM but dies of SIGHUP (and relaunched,
+    # prints a traceback per semaphore): started now with SIGHUP blocked, it keeps it blocked.
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     multiprocessing.resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -1952,11 +1946,11 @@ def handle_stop_signals():
 STOP_CHECK_STEPS = 10  # multi-host: the processes share their stop requests every this many steps
 
 
-def agreed_stop(stop, step, processes):
-    """The signal the run stops for once `step` steps are made, the same on every process. Signals
-    reach the hosts of a multi-host run at different moments, so each process's request is shared
-    every STOP_CHECK_STEPS steps (an all-gather of one number) and all stop after the same step."""
-    if processes == 1:
+def agreed_stop(stop, step):
+    """The signal the run stops for once `step` steps are made, the same on every process. Signals reach the hosts at
+    different moments, so each process's request is shared every STOP_CHECK_STEPS steps (an all-gather of one
+    number) and all stop after the same step."""
+    if jax.process_count() == 1:
         return stop.first
     if not due(step, STOP_CHECK_STEPS):
         return None
@@ -1996,28 +1990,23 @@ class Progress:
 
 def train(args, model, tokenizer, sources, entries, held_out, local_devices, checkpoints, stop):
     """Trains from where initial_state says to --steps; process 0 alone writes what the run reports."""
-    writer, process, processes = jax.process_index() == 0, jax.process_index(), jax.process_count()
-    devices = devices_of_all_processes(local_devices)
-    sharding, global_batch = device_sharding(devices), args.batch_size * len(devices)
-    local_batch = args.batch_size * len(local_devices)
+    writer, devices = jax.process_index() == 0, devices_of_all_processes(local_devices)
+    sharding, run = device_sharding(devices), RunFacts(entries, args.batch_size * len(devices), len(devices))
     identity = run_identity(args, entries, devices)
     state, first_step, batches_so_far, ended = initial_state(args, model, checkpoints, identity, sources)
-    state, run = replicate(state, sharding, len(local_devices)), RunFacts(entries, global_batch, len(devices))
+    state = replicate(state, sharding, len(local_devices))
     if writer:
         catch_up_output(args, first_step, ended, state, model, tokenizer, run)
     if first_step == args.steps:  # a loop that restarts the command until it succeeds ends here
         return
     train_step = make_train_step(model, args, devices)
     dropout_key = replicate(jax.random.PRNGKey(args.seed), sharding, len(local_devices))
-    texts = text_batches(sources, args, global_batch, (process * local_batch, (process + 1) * local_batch),
-                         (process, processes), first_step)
+    texts = text_batches(sources, args, run.global_batch, local_rows(args, local_devices),
+                         (jax.process_index(), jax.process_count()), first_step)
     progress = Progress(collections.Counter(batches_so_far))
-    # a stop asked while the loop waits for a batch needs no batch; several processes wait for the
-    # step at which they all stop
-    stop_asked = (lambda: stop.first is not None) if processes == 1 else (lambda: False)
     with (tokenizer_pool(tokenizer, args) as pool,
-          contextlib.closing(background_batches(texts, pool, (len(local_devices), args.batch_size),
-                                                args.prefetch, args.batch_timeout, stop_asked)) as batches,
+          contextlib.closing(background_batches(texts, pool, (len(local_devices), args.batch_size), args.prefetch,
+                                                args.batch_timeout, stop.ends_a_wait)) as batches,
           contextlib.closing(Report(args, first_step, writer)) as report):
         evaluate = held_out and make_evaluator(model, held_out, pool, local_devices, sharding, args.batch_size)
         if evaluate:
@@ -2030,18 +2019,12 @@ def train(args, model, tokenizer, sources, entries, held_out, local_devices, che
                 drop_replaced(args.output)
             done, last = batch.text, step == args.steps
             if not last:  # the host prepares the next batch while the step runs
-                try:
-                    batch = next_batch(batches, sharding, progress)
-                except PipelineError as e:
-                    failed = e
-            if failed and processes > 1:  # the others wait in the next step: no checkpoint without them
-                raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
-                                  f"resume with: {resume_command(args)}", 1)
-            signalled = agreed_stop(stop, step, processes)
+                batch, failed = next_batch_or_failure(batches, sharding, progress, args)
+            signalled = agreed_stop(stop, step)
             checkpoint_now = due(step, args.save_steps) or last or bool(signalled or failed)
             # the window is checked before a checkpoint, so a run that must stop never writes one
             if due(step, args.log_steps) or checkpoint_now:
-                log_window(report, progress, global_batch, sources, checkpoints.latest_step())
+                log_window(report, progress, run.global_batch, sources, checkpoints.latest_step())
             if evaluate and (due(step, args.eval_steps) or last):
                 run.scores[step] = report_eval(report, step, evaluate, state)
                 progress.started = time.perf_counter()  # the eval is not training time
@@ -2056,6 +2039,12 @@ def train(args, model, tokenizer, sources, entries, held_out, local_devices, che
         export(args, args.steps, state, model.config, tokenizer, run)
         print(f"done: {args.steps} steps, {progress.skipped} skipped as non-finite, {len(progress.compiled)} "
               f"batch shape(s) compiled; model in {export_folder(args, args.steps)}")
+
+
+def local_rows(args, local_devices):
+    """(first, end) rows of the global batch that this process reads: those of its devices' pmap positions."""
+    local_batch = args.batch_size * len(local_devices)
+    return jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch
 
 
 def stop_for(args, step, failed, signalled):
@@ -2096,11 +2085,22 @@ def next_batch(batches, sharding, progress):
     return batch
 
 
+def next_batch_or_failure(batches, sharding, progress, args):
+    """(next_batch, None), or (None, the input pipeline's PipelineError) for the step just made to be checkpointed;
+    with several processes, a failure stops at once: the others wait in the next step, and a checkpoint needs them."""
+    try:
+        return next_batch(batches, sharding, progress), None
+    except PipelineError as failed:
+        if jax.process_count() == 1:
+            return None, failed
+        raise Interrupted(f"{str(failed).rstrip('.')}; no checkpoint written (it needs every process); "
+                          f"resume with: {resume_command(args)}", 1)
+
+
 def dispatch(train_step, state, batch, dropout_key, progress, args, report):
-    """Dispatches the step on `batch` (compiling it for a new batch shape) and returns the new state.
-    The host runs ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, it queues
-    hundreds between two logging steps, and XLA:CPU aborts when a collective of one of them waits
-    over 40 s for its devices (docs/performance.md)."""
+    """Dispatches the step on `batch` (compiling it for a new batch shape) and returns the new state. The host runs
+    ahead of the devices by STEPS_IN_FLIGHT steps at most: unbounded, it queues hundreds between two logging steps, and
+    XLA:CPU aborts when a collective of one of them waits over 40 s for its devices (docs/performance.md)."""
     shape = tuple(ids.shape for ids, _ in batch.columns)
     if shape in progress.compiled:
         state, measured = train_step(state, batch.columns, dropout_key)
@@ -2300,9 +2300,8 @@ def compile_for_tpu(args, entries):
 
 
 def step_cost(compiled, args, peaks):
-    """(A compiled step's needs per device, whether they fit): HBM for its buffers (the donated state
-    counted once) and code; time at least for its FLOPs at the peak FLOP/s, or its bytes at the
-    peak bandwidth."""
+    """(A compiled step's needs per device, whether they fit): HBM for its buffers (the donated state counted once) and
+    code; time at least for its FLOPs at the peak FLOP/s, or its bytes at the peak bandwidth."""
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
               + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
