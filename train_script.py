@@ -1976,8 +1976,8 @@ STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the devices: c
 
 @dataclasses.dataclass
 class Progress:
-    """The loop's bookkeeping. The steps since the last log line keep their measurements on the
-    devices until log_window fetches them; the host runs at most STEPS_IN_FLIGHT steps ahead."""
+    """The loop's bookkeeping. The steps since the last log line keep their measurements on the devices until
+    log_window fetches them; the host runs at most STEPS_IN_FLIGHT steps ahead."""
     batches: collections.Counter    # batches drawn per source, from the run's start
     window: list = dataclasses.field(default_factory=list)  # (text batch, measurements) since the last line
     started: float = dataclasses.field(default_factory=time.perf_counter)  # the window's start
@@ -2062,8 +2062,8 @@ def due(step, every):
 
 
 def catch_up_output(args, first_step, ended, state, model, tokenizer, run):
-    """OUTPUT as a resumed run leaves it before its first step: OUTPUT/final kept under its step if
-    --steps moved, the export that a kill or a full disk cut short written, the run record extended."""
+    """OUTPUT as a resumed run leaves it before its first step: OUTPUT/final kept under its step if --steps moved,
+    the export that a kill or a full disk cut short written, the run record extended."""
     if first_step:
         keep_final_model(args, ended)
         if (due(first_step, args.save_steps) or first_step in (args.steps, ended)) and not os.path.isdir(
@@ -2122,8 +2122,8 @@ def batch_kind(lengths):
 
 
 def compile_step(train_step, state, columns, dropout_key, args, report):
-    """Runs a step that compiles (a new batch shape) and waits for it, so that a batch too big
-    for the device fails here, as one line, rather than at the next fetch with a traceback."""
+    """Runs a step that compiles (a new batch shape) and waits for it: a batch too big for the device fails here, in
+    one line, rather than at the next fetch with a traceback."""
     kind = batch_kind([ids.shape[-1] for ids, _ in columns])
     started = time.perf_counter()
     try:
@@ -2138,9 +2138,8 @@ def compile_step(train_step, state, columns, dropout_key, args, report):
 
 
 def log_window(report, progress, global_batch, sources, last_checkpoint):
-    """Fetches the measurements of the steps since the last line (the loop's only host sync), stops
-    the run after MAX_BAD_STEPS non-finite steps in a row, and reports them. last_checkpoint: the
-    step of the newest checkpoint in OUTPUT, None if there is none."""
+    """Fetches the measurements of the steps since the last line (the loop's only host sync), stops the run after
+    MAX_BAD_STEPS non-finite steps in a row, and reports them. last_checkpoint: OUTPUT's newest checkpoint, or None."""
     window, seconds = progress.window, time.perf_counter() - progress.started
     measured = jax.device_get([m for _, m in window])
     for (text, _), m in zip(window, measured):
@@ -2184,9 +2183,9 @@ def export(args, step, state, config, tokenizer, run):
 
 
 class Report:
-    """What the run reports, written by process 0 alone (the others train the same steps in silence):
-    lines above the progress bar, OUTPUT/metrics.jsonl and OUTPUT/tensorboard/ (a record per log
-    line and per evaluation, nested keys joined by "/"; appended to, so a resumed run continues both)."""
+    """What the run reports, written by process 0 alone (the others train the same steps in silence): lines above
+    the progress bar, OUTPUT/metrics.jsonl and OUTPUT/tensorboard/ (a record per log line and per evaluation, nested
+    keys joined by "/"; appended to, so a resumed run continues both)."""
 
     def __init__(self, args, first_step, writer):
         self.writer = writer
@@ -2220,10 +2219,10 @@ class Report:
 # Compile for a TPU: the run's steps through the TPU compiler, before renting one
 # ============================================================================================
 
-# libtpu compiles for a TPU topology on a machine without its chips ("compile-only" devices), so
-# whether each step of a run fits a slice's HBM is known before paying for it. The peaks are Google
-# Cloud's published figures per chip (bf16 FLOP/s, HBM bytes/s, HBM GiB; jax gives no HBM size for
-# compile-only devices), here per device: a v3 chip is two devices, a v4 or v5p chip one "megacore".
+# libtpu compiles for a TPU topology on a machine without its chips ("compile-only" devices): whether each step of
+# a run fits a slice's HBM is known before paying for it. The peaks are Google Cloud's published figures (bf16
+# FLOP/s, HBM bytes/s, HBM GiB; jax gives no HBM size for compile-only devices) per device: a v3 chip is two
+# devices, a v4 or v5p chip one "megacore".
 TPU_PEAKS = {"TPU v3": (61.5e12, 450e9, 16), "TPU v4": (275e12, 1200e9, 32), "TPU v5 lite": (197e12, 819e9, 16),
              "TPU v5": (459e12, 2765e9, 95), "TPU v6 lite": (918e12, 1638e9, 32)}
 # Cloud TPU's slice names: v3, v4 and v5p count TensorCores (two per chip), v5e and v6e chips.
@@ -2260,8 +2259,8 @@ def tpu_devices(name):
 
 
 def compile_for_tpu(args, entries):
-    """--compile_for: the step for every batch shape the run can meet (each column count its files
-    give, both if they cannot be read here; each bucket length), compiled for the slice's devices."""
+    """--compile_for: the step for every batch shape the run can meet (each column count its files give, both if they
+    cannot be read here; each bucket length), compiled for the slice's devices."""
     devices = tpu_devices(args.compile_for)
     peaks, hosts = TPU_PEAKS[devices[0].device_kind], len({d.process_index for d in devices})
     check_batch_split(args, len(devices), hosts)
@@ -2318,8 +2317,8 @@ def step_cost(compiled, args, peaks):
 # ============================================================================================
 
 def main(argv=None, stop=None):
-    """The run; `stop`: the StopRequests of handle_stop_signals, which only the script's own process
-    installs (called as a function, main leaves the caller's signals alone)."""
+    """The run; `stop`: the StopRequests of handle_stop_signals, which only the script's own process installs
+    (called as a function, main leaves the caller's signals alone)."""
     stop = stop or StopRequests()
     args = parse_args(argv)
     if args.compile_for:  # runs nothing: needs no accelerator, no weights, no OUTPUT
