@@ -180,10 +180,12 @@ def test_a_second_signal_stops_at_once_in_one_line(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_sighup_with_the_terminal_gone_checkpoints_as_sigterm(tiny, tmp_path):
-    """An ssh session that drops: its terminal closes, the run goes on printing to it, then SIGHUP
-    reaches the process group. The run finishes its step, checkpoints and exits 129; its output to
-    the dead terminal is dropped, stderr in a file keeps the line (before, SIGHUP killed the run
-    with no checkpoint and no line; a line printed before the signal ended it with an OSError)."""
+    """An ssh session to a TPU VM that drops: its terminal closes, the run goes on printing to it, then SIGHUP
+    reaches the process group. The run finishes its step, checkpoints and exits 129; its output to the dead terminal
+    is dropped, stderr in a file keeps the line (before, SIGHUP killed the run with no checkpoint and no line; a
+    line printed before the signal ended it with an OSError). The run starts libtpu as on a TPU VM (JAX_PLATFORMS
+    unset: it finds no chip and runs on the CPU); libtpu's start sets SIGHUP to be ignored if it is at its default,
+    and leaves the script's handler, installed before, alone."""
     output, log_path = tmp_path / "run", tmp_path / "log"
     master, terminal = pty.openpty()
     read_on = threading.Event()
@@ -197,10 +199,16 @@ def test_sighup_with_the_terminal_gone_checkpoints_as_sigterm(tiny, tmp_path):
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
+    # as from a login shell, the run starts with SIGHUP at its default: libtpu, which test_compile_for.py starts in
+    # this process, leaves it ignored here behind Python's back, and the run would inherit that as under nohup (and
+    # keep it so: why this test, run after that file, saw no signal)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    as_on_a_tpu_vm = {name: value for name, value in os.environ.items() if name != "JAX_PLATFORMS"}
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, train_script.__file__, *tiny_args(tiny, output), "--steps", "400",
-                                    "--log_steps", "1", "--num_workers", "1"],
-                                   stdout=terminal, stderr=log, start_new_session=True)
+                                    "--log_steps", "1", "--num_workers", "1"], stdout=terminal, stderr=log,
+                                   start_new_session=True, env={**as_on_a_tpu_vm, "TPU_SKIP_MDS_QUERY": "1"})
+        signal.signal(signal.SIGHUP, hangup)
         os.close(terminal)
         try:
             deadline = time.monotonic() + 600
@@ -213,16 +221,11 @@ def test_sighup_with_the_terminal_gone_checkpoints_as_sigterm(tiny, tmp_path):
             reader.join()
             os.close(master)  # the terminal is gone: writes to it fail from here
             time.sleep(1)  # lines the run prints before SIGHUP comes go to the dead terminal (the window of a drop)
-            with open(f"/proc/{process.pid}/status") as status:  # for the skip below
-                masks = re.findall(r"^Sig(?:Blk|Ign|Cgt):.*$", status.read(), re.M)
             os.killpg(process.pid, signal.SIGHUP)
             returncode = process.wait(timeout=300)
         finally:
             process.kill()
     lines = log_path.read_text().strip().splitlines()
-    if returncode == 0 and not any(line.startswith("SIGHUP:") for line in lines):
-        # seen in runs of the whole suite, never of this file alone: the run never saw the signal
-        pytest.skip(f"SIGHUP was not delivered to the run (cause unknown; its signal masks then: {masks})")
     assert returncode == 128 + signal.SIGHUP, lines[-5:]
     stopped = re.fullmatch(r"stopped: SIGHUP at step (\d+), checkpoint written; resume with: .*--resume", lines[-1])
     assert stopped, lines[-5:]
