@@ -70,8 +70,7 @@ from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 # fold_ins stay safe), and on CPU the step is ~15% faster (scripts/benchmark.py); on TPU, the hardware generator's.
 jax.config.update("jax_default_prng_impl", "rbg")
 
-# transformers is pinned to 4.57.6, the last 4.x with Flax models (v5 removed them); every Flax model it builds logs
-# that they are deprecated, known and saying nothing about this run: that one message, and only it, is dropped.
+# transformers 4.57.6 (pinned; v5 has no Flax models) logs a deprecation for every Flax model: only that is dropped.
 logging.getLogger("transformers.modeling_flax_utils").addFilter(
     lambda record: not record.getMessage().startswith("TensorFlow and JAX classes are deprecated"))
 
@@ -397,8 +396,7 @@ def load_data_config(path):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise UserError(f"{where}: needs a \"name\" (a file relative to --data_folder)")
         where += f" ({entry['name']})"
-        unknown = sorted(set(entry) - {"name", "weight", "lines"})
-        if unknown:  # a misspelt "lines" would silently leave the file out of RAM
+        if unknown := sorted(set(entry) - {"name", "weight", "lines"}):  # a misspelt "lines" would leave it out of RAM
             raise UserError(f"{where}: unknown key {', '.join(map(repr, unknown))} (the keys are name, weight, lines)")
         weight, lines = entry.get("weight"), entry.get("lines", 0)
         if type(weight) is not int or not 1 <= weight <= 2**53:  # above, float64 probabilities lose it
@@ -435,9 +433,7 @@ def parse_row(record, draws):
             pos, neg = record.get("pos"), record.get("neg") or []
             if not isinstance(pos, list) or not pos or not isinstance(neg, list):
                 return None
-            record = [record["query"], pos[int(draws[0] * len(pos))]]
-            if neg:
-                record.append(neg[int(draws[1] * len(neg))])
+            record = [record["query"], pos[int(draws[0] * len(pos))]] + ([neg[int(draws[1] * len(neg))]] if neg else [])
         elif "context" in record and "response" in record:  # response first, as the original's Reddit reader
             record = [record["response"], record["context"]]
         else:
@@ -719,7 +715,7 @@ class Batch:
 
 
 class PipelineError(RuntimeError):
-    """A dead worker, a reader's exception, no batch in --batch_timeout s: the trainer checkpoints and stops with this."""
+    """A dead worker, a reader's exception, no batch in --batch_timeout s: the trainer checkpoints, stops with it."""
 
 
 @contextlib.contextmanager
@@ -833,8 +829,7 @@ class BatchProducer:
         """{step: pid of the worker that took its batch}, with the workers' latest notes."""
         with contextlib.suppress(queue.Empty):
             while True:
-                step, pid = self.pool.taken.get_nowait()
-                self.holder[step] = pid
+                self.holder.update([self.pool.taken.get_nowait()])  # a (step, pid) note
         return self.holder
 
     def late(self, text_batch, waited):
