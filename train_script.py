@@ -347,8 +347,7 @@ def check_batch_split(args, device_count, processes):
 
 
 def devices_of_all_processes(local_devices):
-    """The devices of the whole run: every process's first len(local_devices), grouped by process so that the pmap
-    positions of process p's devices are the rows of the global batch it reads (text_batches' local range)."""
+    """Every process's first len(local_devices) devices, by process: p's pmap positions are the rows p reads."""
     return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:len(local_devices)]]
 
 
@@ -672,6 +671,7 @@ def invalid_lines_report(invalid):
 # --max_length, then cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
 # shapes (each compiled once), and short texts do not pay for 128 positions.
 _tokenizer = _buckets = _taken = None  # _taken: a queue told (step, pid) as a worker takes a batch
+WORKERS_GRACE = 5  # seconds
 
 
 def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken, parent=None):
@@ -748,9 +748,6 @@ def tokenizer_pool(tokenizer, args):
         for worker in multiprocessing.active_children():
             worker.join(max(0.0, deadline - time.monotonic()))
         end_workers()
-
-
-WORKERS_GRACE = 5  # seconds
 
 
 def end_workers():
