@@ -120,8 +120,7 @@ def parse_args(argv=None):
     p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
     p.add_argument("output", help="folder for the exported models, checkpoints and logs")
 
-    # A checkpoint records these, and --resume continues only a run that computes the same thing.
-    run = p.add_argument_group("what the run computes (a resumed run must repeat these)")
+    run = p.add_argument_group("what the run computes (a resumed run must repeat these)")  # a checkpoint records them
     run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased", help="Hub name or folder to start from")
     run.add_argument("--steps", type=COUNT, default=540_000,
                      help="training steps; a --resume may change it (and --schedule_steps): a finished run goes on")
@@ -334,8 +333,7 @@ def choose_devices(args):
 
 def check_batch_split(args, device_count, processes):
     """Refuses a global batch without negatives or that --mixing cannot fill (`device_count`: every process's)."""
-    if len(args.pad_to_buckets) > 1 and processes > 1:
-        # each process tokenizes only its rows, so processes could choose different lengths
+    if len(args.pad_to_buckets) > 1 and processes > 1:  # each process tokenizes, and pads, only its own rows
         raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
     global_batch = args.batch_size * device_count
     if global_batch < 2:  # its loss and gradient would be 0
