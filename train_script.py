@@ -4,14 +4,13 @@
 
 The published run is the default of every flag: microsoft/MiniLM-L12-H384-uncased, 540k steps, 128 pairs per
 device on 8 devices (a global batch of 1024), 128 word pieces, AdamW at 2e-5 with 500 warm-up steps, mean pooling,
-scale 20. Each step takes its global batch from one source of data_config.json, drawn with probability proportional
-to its weight (as the published script: `--mixing`), scores every anchor against every candidate of the global batch
-(embeddings are gathered over all devices) and minimises the cross-entropy of the true partner. OUTPUT/final is a
-sentence-transformers model.
+scale 20. Each step takes its global batch from one source of data_config.json, drawn in proportion to its weight
+(as the published script: `--mixing`), scores every anchor against every candidate of the global batch (embeddings
+gathered over all devices) and minimises the cross-entropy of the true partner. OUTPUT/final is a sentence-transformers
+model.
 
-The file reads in the order of the work: arguments, devices, data, input pipeline, model & loss, update step, evals,
-export, OUTPUT, checkpoints, stopping, train loop, compiling for a TPU, main. A copy of it is left in OUTPUT as the
-record of how the model was made.
+Sections, in the order of the work: arguments, devices, data, input pipeline, model & loss, update step, evals, export,
+OUTPUT, checkpoints, stopping, train loop, compiling for a TPU, main. Its copy in OUTPUT records how the model was made.
 """
 
 import argparse
@@ -71,8 +70,7 @@ from transformers import AutoConfig, AutoTokenizer, FlaxAutoModel
 # fold_ins stay safe), and on CPU the step is ~15% faster (scripts/benchmark.py); on TPU, the hardware generator's.
 jax.config.update("jax_default_prng_impl", "rbg")
 
-# transformers is pinned to 4.57.6, the last 4.x with Flax models (v5 removed them); every Flax model it builds logs
-# that they are deprecated, known and saying nothing about this run: that one message, and only it, is dropped.
+# transformers 4.57.6 (pinned; v5 has no Flax models) logs a deprecation for every Flax model: only that is dropped.
 logging.getLogger("transformers.modeling_flax_utils").addFilter(
     lambda record: not record.getMessage().startswith("TensorFlow and JAX classes are deprecated"))
 
@@ -93,14 +91,10 @@ def first_line(error):
 def checked(kind, condition, requirement):
     """An argparse type: the flag's text as `kind`, refused unless finite and `condition` holds."""
     def parse(text):
-        try:
-            value = kind(text)
-            fine = math.isfinite(value) and condition(value)
-        except (ValueError, OverflowError):  # not a number; an integer past float's range
-            fine = False
-        if not fine:
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
+        with contextlib.suppress(ValueError, OverflowError):  # not a number; an integer past float's range
+            if math.isfinite(value := kind(text)) and condition(value):
+                return value
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
     return parse
 
 
@@ -126,8 +120,7 @@ def parse_args(argv=None):
     p.add_argument("data_config", help="JSON list of {name, lines, weight}: the sources and their weights")
     p.add_argument("output", help="folder for the exported models, checkpoints and logs")
 
-    # A checkpoint records these, and --resume continues only a run that computes the same thing.
-    run = p.add_argument_group("what the run computes (a resumed run must repeat these)")
+    run = p.add_argument_group("what the run computes (a resumed run must repeat these)")  # a checkpoint records them
     run.add_argument("--model", default="microsoft/MiniLM-L12-H384-uncased", help="Hub name or folder to start from")
     run.add_argument("--steps", type=COUNT, default=540_000,
                      help="training steps; a --resume may change it (and --schedule_steps): a finished run goes on")
@@ -235,10 +228,8 @@ def parse_args(argv=None):
 
 
 def check_combinations(args, parser):
-    """What the flags' types cannot see alone; fills the defaults that depend on other flags. The
-    flags checked against the run's devices are checked in check_batch_split."""
-    # A short run (a smoke test) may keep the card's warm-up; one typed beyond --steps would leave
-    # the learning rate short of --lr for the whole run.
+    """What the flags' types cannot see alone (against the devices: check_batch_split); fills dependent defaults."""
+    # A smoke test may keep the card's warm-up; one typed beyond --steps would leave the lr short of --lr all run.
     if args.warmup_steps > args.steps and args.warmup_steps != parser.get_default("warmup_steps"):
         raise UserError(f"--warmup_steps {args.warmup_steps} exceeds --steps {args.steps}")
     if args.cache_small_sources is None:
@@ -296,8 +287,7 @@ def join_processes(args):
         return
     # CPU devices need a collectives library to reach other processes; GPU and TPU ignore this
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # jax's preemption service would take SIGTERM from this script's handler (handle_stop_signals),
-    # which serves SIGINT too and lets the processes agree on the step to stop after (agreed_stop)
+    # jax's preemption service would take SIGTERM from handle_stop_signals, which agrees a stop step as for SIGINT
     jax.config.update("jax_enable_preemption_service", False)
     address, count, me = args.coordinator_address, args.num_processes, args.process_id
     if address:
@@ -343,8 +333,7 @@ def choose_devices(args):
 
 def check_batch_split(args, device_count, processes):
     """Refuses a global batch without negatives or that --mixing cannot fill (`device_count`: every process's)."""
-    if len(args.pad_to_buckets) > 1 and processes > 1:
-        # each process tokenizes only its rows, so processes could choose different lengths
+    if len(args.pad_to_buckets) > 1 and processes > 1:  # each process tokenizes, and pads, only its own rows
         raise UserError("--pad_to_buckets works on one process only (processes would pad to different lengths)")
     global_batch = args.batch_size * device_count
     if global_batch < 2:  # its loss and gradient would be 0
@@ -356,17 +345,14 @@ def check_batch_split(args, device_count, processes):
 
 
 def devices_of_all_processes(local_devices):
-    """The devices of the whole run: every process's first len(local_devices), grouped by process so that the pmap
-    positions of process p's devices are the rows of the global batch it reads (text_batches' local range)."""
-    count = len(local_devices)
-    return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:count]]
+    """Every process's first len(local_devices) devices, by process: p's pmap positions are the rows p reads."""
+    return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:len(local_devices)]]
 
 
 def device_sharding(devices):
-    """The layout pmap takes its inputs and gives its outputs in: the leading axis over the devices. Inputs already
-    in this layout (the state, every batch) never make the step recompile. With several processes the mesh spans all
-    their devices, each process supplies the rows of its own devices, and pmap hands back this process's rows only;
-    those go back in as they are."""
+    """pmap's layout of inputs and outputs: the leading axis over the devices. Inputs in it (the state, every batch)
+    never make the step recompile. Over several processes the mesh spans all their devices, each process supplies its
+    own devices' rows, and pmap hands back this process's rows only, which go back in as they are."""
     return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
 
 
@@ -388,12 +374,10 @@ def replicate(tree, sharding, copies):
 # ============================================================================================
 # Data: the weighted mixture, streamed
 # ============================================================================================
-# Every source is a gzip'd JSON-lines file, read sequentially and cyclically, in the order --data_order says. Each
-# block of lines has an RNG seeded from (seed, source, pass, block) for its order and the per-line draws, so a source's
-# stream is a pure function of the seed and the file, and its position is two integers (pass, lines consumed in the
-# pass). That makes batches reproducible and a resumed run exact. With --eval_steps, the first --eval_rows lines of
-# every file are held out for evaluation: the stream starts after them (positions count from there), so no training
-# batch ever sees them.
+# Every source is a gzip'd JSON-lines file, read cyclically in the order --data_order says. Each block of lines has an
+# RNG seeded from (seed, source, pass, block) for its order and per-line draws: a source's stream is a pure function of
+# seed and file, its position two integers (pass, lines consumed in it), batches reproducible, a resumed run exact.
+# With --eval_steps, the first --eval_rows lines of every file are held out: the stream and its positions start after.
 
 def load_data_config(path):
     """The mixture, checked: a JSON list of {"name", "weight", "lines"}."""
@@ -409,8 +393,7 @@ def load_data_config(path):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise UserError(f"{where}: needs a \"name\" (a file relative to --data_folder)")
         where += f" ({entry['name']})"
-        unknown = sorted(set(entry) - {"name", "weight", "lines"})
-        if unknown:  # a misspelt "lines" would silently leave the file out of RAM
+        if unknown := sorted(set(entry) - {"name", "weight", "lines"}):  # a misspelt "lines" would leave it out of RAM
             raise UserError(f"{where}: unknown key {', '.join(map(repr, unknown))} (the keys are name, weight, lines)")
         weight, lines = entry.get("weight"), entry.get("lines", 0)
         if type(weight) is not int or not 1 <= weight <= 2**53:  # above, float64 probabilities lose it
@@ -447,9 +430,7 @@ def parse_row(record, draws):
             pos, neg = record.get("pos"), record.get("neg") or []
             if not isinstance(pos, list) or not pos or not isinstance(neg, list):
                 return None
-            record = [record["query"], pos[int(draws[0] * len(pos))]]
-            if neg:
-                record.append(neg[int(draws[1] * len(neg))])
+            record = [record["query"], pos[int(draws[0] * len(pos))]] + ([neg[int(draws[1] * len(neg))]] if neg else [])
         elif "context" in record and "response" in record:  # response first, as the original's Reddit reader
             record = [record["response"], record["context"]]
         else:
@@ -618,8 +599,7 @@ class TextBatch:
 
 
 def choose_sources(rng, sources, count):
-    """The first source by weight; the others by weight among those with the same columns (the
-    original redrew each until its columns matched the first's: the same distribution)."""
+    """The first source by weight; the others by weight among those of its columns, as the original's redraws gave."""
     weights = np.array([s.weight for s in sources], dtype=np.float64)
     first = sources[rng.choice(len(sources), p=weights / weights.sum())]
     same = [s for s in sources if s.columns == first.columns]
@@ -629,8 +609,8 @@ def choose_sources(rng, sources, count):
 
 
 def new_rows(source, count, seen, args, stride):
-    """The next `count` rows of a source with no text in `seen`, which their texts join. A row that
-    repeats a text within itself is kept with --mixing original, as the original did."""
+    """The next `count` rows of a source with no text in `seen`, which their texts join; one repeating a text within
+    itself is kept with --mixing original, as the original did."""
     rows, rejecting_since = [], None  # the pass in which the current run of rejected rows began
     while len(rows) < count:
         texts = source.next_row(args.seed, stride)
@@ -655,10 +635,9 @@ def new_rows(source, count, seen, args, stride):
 
 
 def text_batches(sources, args, global_batch, local_range, stride, start_step=0):
-    """The text of every step's batch (this process's rows of it), forever, mixed as --mixing says. A step's sources
-    are a pure function of (seed, step): every process of a multi-host run picks the same ones, and a resumed run
-    continues the sequence. A round that a checkpoint cut is replayed from its first step on resume, so that the same
-    rows are skipped: mid-round, a batch's stream_state is the positions at the start of its round."""
+    """Every step's texts (this process's rows), forever, mixed as --mixing says. A step's sources are a pure function
+    of (seed, step): the same on every process, continued on resume. A round a checkpoint cut is replayed from its
+    first step on resume, so that the same rows are skipped: mid-round, stream_state is the positions at its start."""
     # --mixing original: a drawn source fills devices // --datasets_per_batch steps as the original, at least 1 (0 hung)
     per_draw = max(1, global_batch // args.batch_size // args.datasets_per_batch)
     period = per_draw * args.datasets_per_batch if args.mixing == "original" else 1  # steps sharing draw and seen texts
@@ -686,18 +665,17 @@ def invalid_lines_report(invalid):
 # ============================================================================================
 # Input pipeline: texts tokenized in worker processes, batches ready ahead of the step
 # ============================================================================================
-# Tokenization runs in worker processes (or a thread with --num_workers 0). Each worker holds the model's fast
-# tokenizer, set to truncate at --max_length and pad to a fixed length, then cuts each column to the smallest of
-# --pad_to_buckets that fits it: every step has one of a few shapes (each compiled once), and short texts do not pay
-# for 128 positions.
+# Each worker (a process, or a thread with --num_workers 0) holds the model's fast tokenizer, truncating and padding to
+# --max_length, then cuts each column to the smallest of --pad_to_buckets that fits it: every step has one of a few
+# shapes (each compiled once), and short texts do not pay for 128 positions.
 _tokenizer = _buckets = _taken = None  # _taken: a queue told (step, pid) as a worker takes a batch
+WORKERS_GRACE = 5  # seconds
 
 
 def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken, parent=None):
     global _tokenizer, _buckets, _taken
     if parent:  # a worker process
-        # One thread per worker: --num_workers is the number of cores tokenizing, and the Rust
-        # tokenizer's own thread pool does not compete with the trainer's threads for the others.
+        # One thread per worker: --num_workers is the cores tokenizing; the Rust pool would compete with the trainer's
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
         def exit_with_parent():
@@ -735,16 +713,14 @@ class Batch:
 
 
 class PipelineError(RuntimeError):
-    """The input pipeline failed (a worker died, a reader raised) or gave no batch in --batch_timeout seconds; the
-    trainer checkpoints its last finished step and stops with this one line."""
+    """A dead worker, a reader's exception, no batch in --batch_timeout s: the trainer checkpoints, stops with it."""
 
 
 @contextlib.contextmanager
 def tokenizer_pool(tokenizer, args):
-    """An executor whose workers tokenize: processes, or one thread with --num_workers 0 (`workers` says how many
-    tokenize at once). Leaving it gives the processes WORKERS_GRACE seconds to finish the batch they hold and exit,
-    then kills the others: their pending batches are not needed, and a stuck one (stopped, spinning) would hold the
-    trainer forever. (Killed at once, one sending its batch leaves the pool's thread reading half a message forever.)"""
+    """The tokenizing executor: processes, or one thread with --num_workers 0 (`workers`: how many at once). On exit
+    the processes get WORKERS_GRACE seconds to finish their batch, then are killed: pending batches are not needed, a
+    stuck worker would hold the trainer forever, and one killed mid-send leaves the pool's thread reading forever."""
     spawn = multiprocessing.get_context("spawn")  # forking a process that runs JAX's threads is unsafe
     taken = spawn.Queue() if args.num_workers else queue.SimpleQueue()
     init = (tokenizer.backend_tokenizer.to_str(), args.max_length, tokenizer.pad_token_id, args.pad_to_buckets, taken)
@@ -753,9 +729,8 @@ def tokenizer_pool(tokenizer, args):
     else:
         pool = concurrent.futures.ProcessPoolExecutor(args.num_workers, mp_context=spawn,
                                                       initializer=_init_tokenizer, initargs=(*init, os.getpid()))
-        # Every worker starts now, with STOP_SIGNALS blocked (a process inherits its creator's signal mask): a Ctrl-C
-        # sent to the whole process group (a terminal, a container's stop) never reaches a worker, even while it
-        # starts; the trainer alone decides what it means. Blocked in this thread only, it still reaches the trainer.
+        # Every worker starts now with STOP_SIGNALS blocked (inherited from this thread's mask): a Ctrl-C sent to the
+        # process group (a terminal, a container's stop) never reaches one, even while it starts; the trainer decides.
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for _ in range(args.num_workers):  # each submit starts a process while none is idle
@@ -773,19 +748,15 @@ def tokenizer_pool(tokenizer, args):
         end_workers()
 
 
-WORKERS_GRACE = 5  # seconds
-
-
 def end_workers():
     for worker in multiprocessing.active_children():
         worker.kill()
 
 
 def background_batches(texts, pool, shape, depth, timeout=None, interrupted=lambda: False):
-    """Tokenized batches, in order; a BatchProducer thread reads the texts and submits them to the pool ahead of the
-    consumer: `depth` batches kept ready and pool.workers more tokenizing, at most. A failure of the reader or a worker
-    reaches the consumer as a PipelineError (a UserError as it is), and so does a wait over `timeout` seconds, naming
-    the batch and who has it: never a hang. Ends early if `interrupted()` becomes true while the consumer waits."""
+    """Tokenized batches in order, read and submitted ahead by a BatchProducer thread (at most `depth` ready and
+    pool.workers more tokenizing). A reader's or worker's failure, or a wait over `timeout` seconds (naming the batch
+    and who has it), raises PipelineError (a UserError as is): never a hang. Ends if `interrupted()` during a wait."""
     producer = BatchProducer(texts, pool, shape, depth)
     try:
         while item := producer.next_tokenized(timeout, interrupted):
@@ -853,8 +824,7 @@ class BatchProducer:
         """{step: pid of the worker that took its batch}, with the workers' latest notes."""
         with contextlib.suppress(queue.Empty):
             while True:
-                step, pid = self.pool.taken.get_nowait()
-                self.holder[step] = pid
+                self.holder.update([self.pool.taken.get_nowait()])  # a (step, pid) note
         return self.holder
 
     def late(self, text_batch, waited):
