@@ -1474,10 +1474,9 @@ Framework versions:
 
 
 def write_run_record(args, entries, step):
-    """As the original did: OUTPUT/train_script.py is a copy of this script with the command appended, and
-    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record.
-    A resume with another config (--resume_force) keeps the one before as data_config.before_step_<step>.json
-    (unless a resume at that step kept one already: the config between trained no step that counts)."""
+    """As the original did: OUTPUT/train_script.py is this script with the command appended (a resumed run appends its
+    own), OUTPUT/data_config.json the config used. A resume with another config (--resume_force) keeps the one before
+    as data_config.before_step_<step>.json, unless a resume at that step kept one (it trained no step that counts)."""
     config, earlier = (os.path.join(args.output, f"data_config{name}.json") for name in ("", f".before_step_{step}"))
     changed = False
     if step == 0:
@@ -1519,10 +1518,9 @@ def run_inputs(args, sources):
 
 
 def prepare_output(args, inputs):
-    """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
-    a kill or a full disk left unfinished (--resume writes them again). One in use is only emptied
-    with --overwrite, and never if it holds an input, as written or with every link resolved; its run
-    goes to OUTPUT/.replaced, returned, until the new run has made its first step."""
+    """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of exports a kill or a full disk
+    left unfinished (--resume writes them again). One in use is emptied only with --overwrite, never if it holds an
+    input (as written or links resolved); its run goes to OUTPUT/.replaced, returned, until the new run's first step."""
     aside = replaced_run(args.output)
     existing = [name for name in os.listdir(args.output) if name not in (".lock", REPLACED)]
     if args.resume:
@@ -1552,10 +1550,9 @@ def prepare_output(args, inputs):
     return aside
 
 
-# --overwrite moves OUTPUT's run to OUTPUT/.replaced; train deletes it once the new run has made its
-# first step (drop_replaced), a failure before puts it back (put_back). A kill in between leaves it to
-# the next run on OUTPUT: with --overwrite or --resume, that run keeps it the same way (what else OUTPUT
-# holds is the killed run's, which made no step); a put-back that a kill cut short is finished first.
+# --overwrite moves OUTPUT's run to OUTPUT/.replaced; train deletes it after the new run's first step (drop_replaced),
+# a failure before puts it back (put_back). A kill in between leaves it to the next run on OUTPUT, which keeps it so if
+# run with --overwrite or --resume (the rest is the killed run's, no step made); a put-back cut short is finished first.
 REPLACED, PUTTING_BACK = ".replaced", ".putting_back"  # the latter in REPLACED: OUTPUT holds its run again
 
 
