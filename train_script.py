@@ -885,12 +885,11 @@ class ModelType(NamedTuple):
     shared_masks: str        # the module of its Flax model if that shares attention-dropout masks, else None
 
 
-# The model types the script trains and exports: their Flax parameter names mirror PyTorch's (kernel/scale/embedding
-# aside) and their Flax and PyTorch models compute the same outputs (tests/test_export.py checks each; ELECTRA's names
-# map too, but its two models disagree). transformers' Flax BERT, RoBERTa, XLM-RoBERTa and ALBERT call flax's
-# dot_product_attention_weights with broadcast_dropout=True: one attention-dropout mask per layer, shared by every
-# example and head of a device. PyTorch's models, which trained the published weights, draw every element of the
-# attention probabilities independently, as Flax DistilBERT does too (an nn.Dropout of its own).
+# The model types the script trains and exports: Flax and PyTorch share their parameter names (kernel/scale/embedding
+# aside) and outputs (tests/test_export.py checks each; ELECTRA's names map too, its outputs differ). transformers' Flax
+# BERT, RoBERTa, XLM-RoBERTa and ALBERT pass broadcast_dropout=True to dot_product_attention_weights: one dropout
+# mask per layer for all of a device's examples and heads. PyTorch (which trained the published weights) and Flax
+# DistilBERT (an nn.Dropout of its own) draw every element of the attention probabilities independently.
 MODEL_TYPES = {
     "bert": ModelType("BertModel", "transformers.models.bert.modeling_flax_bert"),
     "roberta": ModelType("RobertaModel", "transformers.models.roberta.modeling_flax_roberta"),
@@ -933,9 +932,8 @@ def load_tokenizer_and_config(args):
     if args.max_length > positions:
         raise UserError(f"--max_length {args.max_length} exceeds the {positions} positions of {args.model}")
     if args.dropout is not None:
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
-            if hasattr(config, name):
-                setattr(config, name, args.dropout)
+        names = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+        config.update({name: args.dropout for name in names if hasattr(config, name)})
     if config.model_type not in MODEL_TYPES:
         raise UserError(f"--model {args.model}: export supports {', '.join(MODEL_TYPES)}, not {config.model_type}")
     if args.attention_dropout == "shared" and not MODEL_TYPES[config.model_type].shared_masks:
@@ -968,11 +966,10 @@ def load_model(args, config):
 
 @contextlib.contextmanager
 def attention_dropout_masks(model_type, masks):
-    """While tracing the model inside it, its attention dropout draws `masks`: "element" (PyTorch's independent draws)
-    or "shared" (transformers' Flax masks); and every dropout mask is kept for the backward pass as the mask, a byte per
-    element: left alone, XLA's TPU compiler may keep the 32 random bits it came from instead and compare them again,
-    which made --dtype bfloat16 need more HBM than float32 (docs/performance.md). transformers has no option for
-    either, so the functions its modules call are swapped while tracing, and put back on leaving."""
+    """While tracing inside it, attention dropout draws `masks` ("element", PyTorch's, or "shared", transformers' Flax
+    masks), and every dropout mask is kept for the backward pass as a byte per element: XLA's TPU compiler may keep
+    its 32 random bits instead and compare them again, which made --dtype bfloat16 need more HBM than float32
+    (docs/performance.md). transformers has no option for either: the functions it calls are swapped meanwhile."""
     bernoulli = jax.random.bernoulli
     swapped = [(jax.random, "bernoulli", lambda *a, **k: jax.lax.optimization_barrier(bernoulli(*a, **k)))]
     if MODEL_TYPES[model_type].shared_masks:  # the others draw per element already ("shared" is refused up front)
@@ -1038,11 +1035,10 @@ def decays(params):
 
 
 def transformers_adamw(learning_rate, b1, b2, eps, weight_decay, mask):
-    """transformers.AdamW(correct_bias=True), the published script's optimizer, as an optax transformation. It differs
-    from optax.adamw in two places: eps is added to sqrt(v) before the bias correction (step size
-    lr * sqrt(1 - b2^t) / (1 - b1^t)), which changes the first updates; and the decoupled decay multiplies the
-    parameters already moved by Adam, p <- p' - lr * wd * p'. Its state is optax's Adam state, whose count (the
-    updates made so far) is the schedule's step and Adam's t - 1."""
+    """transformers.AdamW(correct_bias=True), the published script's optimizer, as an optax transformation. Unlike
+    optax.adamw it adds eps to sqrt(v) before the bias correction (step size lr * sqrt(1 - b2^t) / (1 - b1^t)), which
+    changes the first updates, and decays the parameters already moved by Adam, p <- p' - lr * wd * p'. Its state is
+    optax's Adam state, whose count (the updates made so far) is the schedule's step and Adam's t - 1."""
     def init(params):
         zeros = optax.tree.zeros_like
         return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
@@ -1077,7 +1073,6 @@ def loss_and_grads(model, args, params, columns, key):
     """This device's loss over the global batch and its gradient w.r.t. params (before the pmean), each column embedded
     with its own dropout key: in one pass, or with --mini_batch_size chunk by chunk (GradCache)."""
     keys = jax.random.split(key, len(columns))
-    # (params, ids, mask, dropout key) -> [rows, dim]
     embed_rows = functools.partial(embed, model, attention_dropout=args.attention_dropout)
     loss_of = functools.partial(in_batch_loss, scale=args.scale, symmetric=args.symmetric_loss)
     if args.mini_batch_size is None:
@@ -1087,11 +1082,10 @@ def loss_and_grads(model, args, params, columns, key):
 
 
 def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch):
-    """GradCache (Gao et al., 2021): the one-pass step's loss and gradient with the activations of only `mini_batch`
-    rows alive at a time, by the chain rule split at the embeddings: (1) embed every chunk of rows, keeping no
-    activations; (2) the loss of the whole batch (in-batch negatives need all of it, all_gather included) and its
-    gradient w.r.t. the embeddings; (3) per chunk, the forward again (the same dropout key, so the same function) and a
-    vjp pulling that chunk's embedding gradient back to the parameters, summed by a scan over the chunks."""
+    """GradCache (Gao et al., 2021): the one-pass step's loss and gradient with only `mini_batch` rows' activations
+    alive at a time, the chain rule split at the embeddings: (1) embed every chunk, keeping no activations; (2) the
+    whole batch's loss (in-batch negatives need all of it) and its gradient w.r.t. the embeddings; (3) per chunk, the
+    forward again (same dropout key, same function) and a vjp back to the parameters, summed by a scan."""
     def chunks_of(column, key):  # ids, mask [B, L] -> [B / M, M, L] each, and a dropout key per chunk
         ids, mask = (tokens.reshape(-1, mini_batch, tokens.shape[-1]) for tokens in column)
         return ids, mask, jax.random.split(key, len(ids))
@@ -1113,14 +1107,12 @@ def cached_loss_and_grads(embed_rows, loss_of, params, columns, keys, mini_batch
 def make_train_step(model, args, devices):
     """The pmapped update: (state, columns, dropout key) -> (new state, measurements).
 
-    Gradient reduction: device d computes L_d, the mean loss of its own anchors against the gathered global batch. The
-    transpose of all_gather is a reduce-scatter, so the gradient that reaches device d's embeddings is that of
-    sum_d' L_d' (every device's loss that used them), and device d's parameter gradient g_d is the gradient of
-    sum_d' L_d' through its own examples. So g_d / P (P devices) is the gradient of the global mean loss through device
-    d's rows, and these add up to the full gradient, whose norm --clip_scope global clips after a pmean. --clip_scope
-    device clips each g_d / P to norm 1, then averages them (a pmean: the update follows (1 / P) sum_d clip(g_d / P)),
-    as the published script's cores each clipped the gradient that reached them and all-reduced a mean. The measured
-    grad_norm is the norm that was clipped: with device scope, the mean over devices of each device's norm."""
+    Gradient reduction: device d computes L_d, the mean loss of its anchors against the gathered global batch. The
+    transpose of all_gather is a reduce-scatter, so device d's parameter gradient g_d is that of sum_d' L_d' through
+    its own examples, and g_d / P (P devices) that of the global mean loss: the g_d / P add up to the full gradient,
+    whose norm --clip_scope global clips after a pmean. --clip_scope device clips each g_d / P to norm 1, then averages
+    them ((1 / P) sum_d clip(g_d / P)), as the published script's cores each clipped their gradient and all-reduced a
+    mean. grad_norm is the norm clipped: with device scope, the mean over devices of each device's norm."""
     schedule = learning_rate_schedule(args)
 
     def train_step(state, columns, dropout_key):
@@ -1452,10 +1444,9 @@ Framework versions:
 
 
 def write_run_record(args, entries, step):
-    """As the original did: OUTPUT/train_script.py is a copy of this script with the command appended, and
-    OUTPUT/data_config.json the config used; a resumed run (step > 0) appends its command to the record.
-    A resume with another config (--resume_force) keeps the one before as data_config.before_step_<step>.json
-    (unless a resume at that step kept one already: the config between trained no step that counts)."""
+    """As the original did: OUTPUT/train_script.py is this script with the command appended (a resumed run appends its
+    own), OUTPUT/data_config.json the config used. A resume with another config (--resume_force) keeps the one before
+    as data_config.before_step_<step>.json, unless a resume at that step kept one (it trained no step that counts)."""
     config, earlier = (os.path.join(args.output, f"data_config{name}.json") for name in ("", f".before_step_{step}"))
     changed = False
     if step == 0:
@@ -1481,13 +1472,11 @@ def run_record(output):
 # ============================================================================================
 # OUTPUT: one run at a time, and nothing lost in replacing one
 # ============================================================================================
-# OUTPUT belongs to one run at a time. Process 0 holds an exclusive lock (flock) on OUTPUT/.lock
-# from before anything in OUTPUT is deleted until the run ends; the file names the holder. The
-# kernel drops the lock when its holder dies, so a killed run's lock is simply taken over.
+# Process 0 holds an exclusive lock (flock) on OUTPUT/.lock from before anything in OUTPUT is deleted until the run
+# ends; the file names the holder. The kernel drops the lock when its holder dies: a killed run's lock is taken over.
 
 def run_inputs(args, sources):
-    """(what, local path) of everything the run reads: --overwrite must not delete any of them, nor
-    --dump_batches write over one."""
+    """(what, local path) of all the run reads: --overwrite must delete none, nor --dump_batches write over one."""
     inputs = [("the data config", args.data_config), ("this script", __file__)]
     if os.path.isdir(args.model):  # a folder, not a Hub name; its files may be links to elsewhere
         files = [os.path.join(args.model, name) for name in os.listdir(args.model)]
@@ -1499,10 +1488,9 @@ def run_inputs(args, sources):
 
 
 def prepare_output(args, inputs):
-    """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of the exports that
-    a kill or a full disk left unfinished (--resume writes them again). One in use is only emptied
-    with --overwrite, and never if it holds an input, as written or with every link resolved; its run
-    goes to OUTPUT/.replaced, returned, until the new run has made its first step."""
+    """Under the lock: an empty OUTPUT, or with --resume the one to continue, rid of exports a kill or a full disk
+    left unfinished (--resume writes them again). One in use is emptied only with --overwrite, never if it holds an
+    input (as written or links resolved); its run goes to OUTPUT/.replaced, returned, until the new run's first step."""
     aside = replaced_run(args.output)
     existing = [name for name in os.listdir(args.output) if name not in (".lock", REPLACED)]
     if args.resume:
@@ -1532,10 +1520,9 @@ def prepare_output(args, inputs):
     return aside
 
 
-# --overwrite moves OUTPUT's run to OUTPUT/.replaced; train deletes it once the new run has made its
-# first step (drop_replaced), a failure before puts it back (put_back). A kill in between leaves it to
-# the next run on OUTPUT: with --overwrite or --resume, that run keeps it the same way (what else OUTPUT
-# holds is the killed run's, which made no step); a put-back that a kill cut short is finished first.
+# --overwrite moves OUTPUT's run to OUTPUT/.replaced; train deletes it after the new run's first step (drop_replaced),
+# a failure before puts it back (put_back). A kill in between leaves it to the next run on OUTPUT, which keeps it so if
+# run with --overwrite or --resume (the rest is the killed run's, no step made); a put-back cut short is finished first.
 REPLACED, PUTTING_BACK = ".replaced", ".putting_back"  # the latter in REPLACED: OUTPUT holds its run again
 
 
@@ -1578,8 +1565,8 @@ def remove(path):
 
 @contextlib.contextmanager
 def claim_output(args, inputs):
-    """OUTPUT created, locked (a run holding it already is named and refused) and prepared; the lock
-    held until the run ends. A run that fails before its first step puts back the run it replaced."""
+    """OUTPUT created, locked (a run holding it is named and refused) and prepared; the lock held until the run ends.
+    A run that fails before its first step puts back the run it replaced."""
     if os.path.lexists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"{args.output} exists and is not a folder")
     try:
