@@ -349,6 +349,12 @@ def devices_of_all_processes(local_devices):
     return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)[:len(local_devices)]]
 
 
+def local_rows(args, local_devices):
+    """(first, end) rows of the global batch that this process reads: those of its devices' pmap positions."""
+    local_batch = args.batch_size * len(local_devices)
+    return jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch
+
+
 def device_sharding(devices):
     """pmap's layout of inputs and outputs: the leading axis over the devices. Inputs in it (the state, every batch)
     never make the step recompile. Over several processes the mesh spans all their devices, each process supplies its
@@ -430,7 +436,9 @@ def parse_row(record, draws):
             pos, neg = record.get("pos"), record.get("neg") or []
             if not isinstance(pos, list) or not pos or not isinstance(neg, list):
                 return None
-            record = [record["query"], pos[int(draws[0] * len(pos))]] + ([neg[int(draws[1] * len(neg))]] if neg else [])
+            record = [record["query"], pos[int(draws[0] * len(pos))]]
+            if neg:
+                record.append(neg[int(draws[1] * len(neg))])
         elif "context" in record and "response" in record:  # response first, as the original's Reddit reader
             record = [record["response"], record["context"]]
         else:
@@ -675,7 +683,8 @@ WORKERS_GRACE = 5  # seconds
 def _init_tokenizer(tokenizer_json, max_length, pad_id, buckets, taken, parent=None):
     global _tokenizer, _buckets, _taken
     if parent:  # a worker process
-        # One thread per worker: --num_workers is the cores tokenizing; the Rust pool would compete with the trainer's
+        # One thread per worker: --num_workers is the number of cores tokenizing (the Rust tokenizer's own thread
+        # pool would compete with the trainer's threads for the others)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
         def exit_with_parent():
@@ -713,7 +722,8 @@ class Batch:
 
 
 class PipelineError(RuntimeError):
-    """A dead worker, a reader's exception, no batch in --batch_timeout s: the trainer checkpoints, stops with it."""
+    """The input pipeline failed (a worker died, a reader raised) or gave no batch in --batch_timeout seconds: the
+    trainer checkpoints its last step and stops with this one line."""
 
 
 @contextlib.contextmanager
@@ -824,7 +834,8 @@ class BatchProducer:
         """{step: pid of the worker that took its batch}, with the workers' latest notes."""
         with contextlib.suppress(queue.Empty):
             while True:
-                self.holder.update([self.pool.taken.get_nowait()])  # a (step, pid) note
+                step, pid = self.pool.taken.get_nowait()
+                self.holder[step] = pid
         return self.holder
 
     def late(self, text_batch, waited):
@@ -1996,12 +2007,6 @@ def train(args, model, tokenizer, sources, entries, held_out, local_devices, che
         export(args, args.steps, state, model.config, tokenizer, run)
         print(f"done: {args.steps} steps, {progress.skipped} skipped as non-finite, {len(progress.compiled)} "
               f"batch shape(s) compiled; model in {export_folder(args, args.steps)}")
-
-
-def local_rows(args, local_devices):
-    """(first, end) rows of the global batch that this process reads: those of its devices' pmap positions."""
-    local_batch = args.batch_size * len(local_devices)
-    return jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch
 
 
 def stop_for(args, step, failed, signalled):
