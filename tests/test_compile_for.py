@@ -4,6 +4,7 @@ compiler's own, read here from a compile of the same step, and against the analy
 import os
 import re
 import shutil
+import signal
 
 import pytest
 
@@ -20,6 +21,15 @@ import train_script  # noqa: E402
 TINY_SHAPES = ("--batch_size", "2", "--max_length", "16")
 STEP_LINE = re.compile(r"^(pairs|triplets) of ([\d + ]+) tokens: compiled in [\d.]+s; per device ([\d,.]+) MiB of "
                        r"16,384 MiB HBM \(arguments ([\d,.]+), temporaries ([\d,.]+)\), ([\d.e+-]+) TFLOP", re.M)
+
+
+@pytest.fixture(autouse=True)
+def sighup_as_python_has_it():
+    """libtpu, started in this process by these tests, sets SIGHUP to be ignored behind Python's back when it is at
+    its default (/proc/PID/status: SigIgn); every run a later test starts would inherit that, and keep it as under
+    nohup. After each test, the kernel's disposition is set back to Python's view."""
+    yield
+    signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGHUP))
 
 
 def compile_for(capsys, argv):
